@@ -1,0 +1,113 @@
+"""Strict construction of nested frozen dataclasses from plain dicts (YAML/JSON).
+
+Shared by ``BinaryDMConfig`` and the study-file types so that every bad value is
+reported the same way: one line naming the dotted key, the value, and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A config value out of its allowed set; the message names key, value and what is allowed."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: allowed {allowed}")
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, recursing into dataclass-typed fields."""
+    where = prefix.rstrip(".") or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}={data!r} is invalid: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}={data[unknown[0]]!r} is invalid: unknown key; "
+            f"allowed: {', '.join(fields)}"
+        )
+    kwargs = {name: coerce(f"{prefix}{name}", hints[name], value) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field missing
+        raise ConfigError(f"{where} is invalid: {exc}") from None
+
+
+def coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check ``value`` against a type annotation; ints are accepted for floats, never bools."""
+    origin = get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, f"{key}.")
+    if origin is Literal:
+        allowed = get_args(annotation)
+        require(value in allowed, key, value, "one of " + ", ".join(repr(a) for a in allowed))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(key, option, value)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}={value!r} is invalid")
+    if origin in (list, tuple):
+        require(isinstance(value, list | tuple), key, value, "a list")
+        (item_type, *_) = get_args(annotation) or (Any,)
+        items = [coerce(f"{key}[{i}]", item_type, v) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        require(isinstance(value, dict), key, value, "a mapping")
+        return dict(value)
+    if annotation is bool:
+        require(isinstance(value, bool), key, value, "true or false")
+    elif annotation is int:
+        require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    elif annotation is float:
+        require(
+            isinstance(value, int | float) and not isinstance(value, bool), key, value, "a number"
+        )
+        return float(value)
+    elif annotation is str:
+        require(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key = "a.b"``; unknown keys are an error."""
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            here = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{key}={value!r} is invalid: unknown key {here!r}")
+        node = node[part]
+    if parts[-1] not in node:
+        allowed = ", ".join(sorted(node))
+        raise ConfigError(f"{key}={value!r} is invalid: unknown key; allowed here: {allowed}")
+    node[parts[-1]] = value

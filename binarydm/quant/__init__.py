@@ -1,0 +1,44 @@
+"""Weight binarizers, LSQ quantizers, quantized layers and the ``binarize_`` verb.
+
+Imports torch and diffusers only (never ray, mlflow, optuna).
+"""
+
+from binarydm.quant.apply import binarize_, ebb_penalty, level_of, num_levels, stage_of
+from binarydm.quant.attention import QuantAttnProcessor
+from binarydm.quant.binarizer import MultiBasisBinarizer
+from binarydm.quant.config import (
+    ActivationQuantConfig,
+    BinaryDMConfig,
+    ConfigError,
+    EBBConfig,
+    LRMConfig,
+    ProgressiveConfig,
+    WeightQuantConfig,
+)
+from binarydm.quant.layers import QuantConv2d, QuantLinear, QuantMixin, quant_layers
+from binarydm.quant.lsq import LSQQuantizer
+from binarydm.quant.ste import sign_pm1, sign_ste
+
+__all__ = [
+    "ActivationQuantConfig",
+    "BinaryDMConfig",
+    "ConfigError",
+    "EBBConfig",
+    "LRMConfig",
+    "LSQQuantizer",
+    "MultiBasisBinarizer",
+    "ProgressiveConfig",
+    "QuantAttnProcessor",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMixin",
+    "WeightQuantConfig",
+    "binarize_",
+    "ebb_penalty",
+    "level_of",
+    "num_levels",
+    "quant_layers",
+    "sign_pm1",
+    "sign_ste",
+    "stage_of",
+]

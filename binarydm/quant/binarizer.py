@@ -1,0 +1,77 @@
+"""Weight binarizers: the 1-basis XNOR baseline, the learnable multi-basis LMB, and EBB.
+
+``w_b = sum_i s_i * sign(r_{i-1})`` with ``r_0 = w`` and ``r_i = r_{i-1} - s_i b_i``;
+each ``s_i`` is a learnable per-output-channel scale initialised once to
+``mean(|r_{i-1}|)`` from the FP weights. All state (scales, the init flag and the
+number of bases still computed after an EBB switch) lives in the state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from binarydm.quant.ste import sign_pm1, sign_ste
+
+
+class MultiBasisBinarizer(nn.Module):
+    """k residual sign bases with learnable per-output-channel scales (k=1 is the baseline)."""
+
+    def __init__(self, weight_shape: torch.Size | tuple[int, ...], bases: int) -> None:
+        super().__init__()
+        if not 1 <= bases <= 3:
+            raise ValueError(f"bases={bases} is invalid: allowed 1..3")
+        self.bases = bases
+        scale_shape = (bases, weight_shape[0]) + (1,) * (len(weight_shape) - 1)
+        self.scales = nn.Parameter(torch.ones(scale_shape))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Bases still computed: drops to 1 at the EBB switch and stays there.
+        self.register_buffer("active_bases", torch.tensor(bases, dtype=torch.long))
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor) -> None:
+        residual = weight.detach().float()
+        reduce_dims = tuple(range(1, weight.dim()))
+        for i in range(self.bases):
+            scale = residual.abs().mean(dim=reduce_dims, keepdim=True)
+            self.scales[i].copy_(scale)
+            residual = residual - scale * sign_pm1(residual)
+        self.initialized.fill_(True)
+
+    @property
+    def num_active(self) -> int:
+        return int(self.active_bases)
+
+    def set_active_bases(self, count: int) -> None:
+        self.active_bases.fill_(max(1, min(self.bases, count)))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.initialize(weight)
+        residual = weight
+        out = None
+        for i in range(self.num_active):
+            term = self.scales[i].to(weight.dtype) * sign_ste(residual)
+            out = term if out is None else out + term
+            residual = residual - term
+        return out
+
+    @torch.no_grad()
+    def signs(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """The {-1,+1} sign tensor of each active basis (for packing)."""
+        residual = weight.detach()
+        signs = []
+        for i in range(self.num_active):
+            b = sign_pm1(residual)
+            signs.append(b)
+            residual = residual - self.scales[i].to(weight.dtype) * b
+        return signs
+
+    def ebb_penalty(self) -> torch.Tensor:
+        """mean(s_2) while the second basis is computed, else 0 (EBB's regulariser term)."""
+        if self.num_active < 2:
+            return self.scales.new_zeros(())
+        return self.scales[1].mean()
+
+    def extra_repr(self) -> str:
+        return f"bases={self.bases}, active={self.num_active}"

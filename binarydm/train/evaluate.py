@@ -1,0 +1,119 @@
+"""End-of-trial evaluation: DDIM samples, FID, held-out loss, OPs/size, grid, packed model.
+
+Runs on Ray Train's rank 0 (so it uses that worker's GPU). Writes its artifacts
+(``samples.png``, ``model.bdm``, ``eval.json``) into ``out_dir``, which becomes
+part of the final checkpoint, and returns the contract's metrics plus the
+settings an FID is only comparable under.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from binarydm.train.diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
+from binarydm.train.settings import TrialSettings
+
+
+def _test_images(settings: TrialSettings, data_root, cache_dir, count: int) -> torch.Tensor:
+    from binarydm.data import load_images
+
+    data = settings.data
+    array = load_images(
+        data.source, "test", data.resolution, data.channels,
+        data_root=data_root, cache_dir=cache_dir, limit=count, path=data.path,
+    )  # fmt: skip
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def fid_reference_name(settings: TrialSettings) -> str:
+    data = settings.data
+    name = data.source if data.source in ("mnist", "cifar10") else f"{data.source}:{data.path}"
+    return f"{name}/{settings.evaluation.reference_split}/{data.resolution}px"
+
+
+def save_grid(images_uint8, path: Path, nrow: int = 8) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    tensor = torch.from_numpy(images_uint8).permute(0, 3, 1, 2)
+    grid = make_grid(tensor, nrow=nrow, padding=2, pad_value=255)
+    array = grid.permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    Image.fromarray(array).save(path)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, settings: TrialSettings, out_dir: Path, *, data_root=None, cache_dir=None
+) -> dict[str, Any]:
+    from binarydm.export import save_packed
+    from binarydm.metrics.efficiency import efficiency_report
+    from binarydm.metrics.fid import score_fid
+    from binarydm.schedule import apply_schedule
+
+    evaluation, data = settings.evaluation, settings.data
+    device = next(model.parameters()).device
+    model.eval()
+    if getattr(model, "binarydm_config", None) is not None:
+        apply_schedule(model, settings.training.steps, model.binarydm_config)
+    t0 = time.perf_counter()
+    test_images = _test_images(settings, data_root, cache_dir, evaluation.test_loss_images)
+    test_loss = held_out_loss(
+        model, test_images, noise_scheduler(settings.training.num_train_timesteps), seed=1234
+    )
+    example = (
+        torch.zeros(1, data.channels, data.resolution, data.resolution, device=device),
+        torch.zeros(1, dtype=torch.long, device=device),
+    )
+    report = efficiency_report(model, example).to_dict()
+
+    _freeze(model, True)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    t_sample = time.perf_counter()
+    samples = ddim_sample(
+        model, evaluation.fid_samples, steps=evaluation.sampling_steps, seed=settings.seed,
+        batch_size=evaluation.sample_batch_size, autocast_dtype=autocast,
+        num_train_timesteps=settings.training.num_train_timesteps,
+    )  # fmt: skip
+    sample_s = time.perf_counter() - t_sample
+    _freeze(model, False)
+    samples_uint8 = to_uint8(samples)
+    save_grid(samples_uint8[: evaluation.grid_images], out_dir / "samples.png")
+    fid = score_fid(
+        samples_uint8, settings, data_root=data_root, cache_dir=cache_dir, device=device
+    )
+    if getattr(model, "binarydm_config", None) is not None:
+        save_packed(model, out_dir / "model.bdm")
+    metrics = {
+        "fid": fid,
+        "test_loss": test_loss,
+        **{k: report[k] for k in ("ops_g", "bops_g", "flops_g", "size_mib")},
+        **{k: report[k] for k in ("ops_saving", "size_saving")},
+        "eval_s": time.perf_counter() - t0,
+        "sample_images_per_s": evaluation.fid_samples / sample_s,
+        "fid_dims": evaluation.fid_dims,
+        "fid_samples": evaluation.fid_samples,
+        "sampling_steps": evaluation.sampling_steps,
+        "fid_reference": fid_reference_name(settings),
+    }
+    (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _freeze(model: nn.Module, frozen: bool) -> None:
+    """Binarize weights once for sampling rather than on every denoising step."""
+    from binarydm.quant import QuantMixin
+
+    for module in model.modules():
+        if isinstance(module, QuantMixin):
+            if frozen:
+                module.freeze_weights()
+            else:
+                module.unfreeze_weights()

@@ -1,0 +1,286 @@
+"""The per-worker training loop that Ray Train runs: FP teacher pretraining or BinaryDM QAT.
+
+One function serves both modes so they share data order, checkpoints and
+resume. Under ``TorchTrainer`` every worker runs it with DDP (gloo on CPU, NCCL on
+GPU); the progressive schedule and EBB switch are applied from the step number on
+every rank. Rank 0 writes checkpoints and, at the end of QAT, evaluates.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from binarydm.train.batches import batch_indices
+from binarydm.train.checkpoint import load_latest_valid, save_state
+from binarydm.train.diffusion import noise_scheduler, noisy_batch
+from binarydm.train.ema import ModelEMA
+from binarydm.train.settings import TrialSettings
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: the trial stops and is recorded FAILED with this reason."""
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _load_training_images(settings: TrialSettings, data_root: str | None, cache_dir: str | None):
+    from binarydm.data import load_images
+
+    data = settings.data
+    array = load_images(
+        data.source, "train", data.resolution, data.channels,
+        data_root=data_root, cache_dir=cache_dir, limit=data.train_limit, path=data.path,
+    )  # fmt: skip
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _build_models(settings: TrialSettings, mode: str, teacher_dir: str | None):
+    from binarydm.models import build_unet, load_unet
+
+    if mode == "teacher":
+        torch.manual_seed(settings.seed)
+        model = build_unet(
+            settings.teacher.preset,
+            in_channels=settings.data.channels,
+            sample_size=settings.data.resolution,
+        )
+        return model, None
+    from binarydm.quant import binarize_
+
+    student = load_unet(teacher_dir)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    binarize_(student, settings.method)
+    return student, teacher
+
+
+def _world() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: settings (dict), mode, teacher_dir, data_root, cache_dir."""
+    import ray.train
+    import ray.train.torch
+
+    settings = TrialSettings.from_dict(config["settings"])
+    mode = config["mode"]
+    rank, world = _world()
+    device = ray.train.torch.get_device()
+    if config.get("pid_file") and rank == config.get("pid_rank", 0):
+        Path(config["pid_file"]).write_text(str(os.getpid()))
+    images = _load_training_images(settings, config.get("data_root"), config.get("cache_dir"))
+    model, teacher = _build_models(settings, mode, config.get("teacher_dir"))
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+
+    train = settings.training if mode == "qat" else None
+    steps = train.steps if train else settings.teacher.steps
+    batch_size = train.batch_size if train else settings.teacher.batch_size
+    lr = train.lr if train else settings.teacher.lr
+    method = settings.method if mode == "qat" else None
+
+    lrm = None
+    if method is not None and method.lrm.enabled:
+        from binarydm.distill import LowRankMimicking
+
+        lrm = LowRankMimicking(model, teacher, method.lrm).to(device)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=train.weight_decay if train else 0.0
+    )
+    scheduler_lr = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_lambda(
+            s,
+            warmup=train.warmup_steps if train else 0,
+            total=steps,
+            schedule=train.lr_schedule if train else "constant",
+        ),
+    )
+    ema_decay = train.ema_decay if train else 0.0
+    ema = None
+    start_step, resume_notes, curve_tail = 0, [], {}
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        state, resume_notes = load_latest_valid(checkpoint.path)
+    if state is not None:
+        start_step = state["step"]
+        if method is not None:
+            from binarydm.schedule import apply_schedule
+
+            # Quantizer on/off and basis count must match the saved step before loading.
+            apply_schedule(model, max(0, start_step - 1), method)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler_lr.load_state_dict(state["lr_scheduler"])
+        if lrm is not None and state.get("lrm") is not None:
+            lrm.load_state_dict(state["lrm"])
+        if ema_decay and state.get("ema") is not None:
+            ema = ModelEMA(model, ema_decay)
+            ema.load_state_dict(state["ema"])
+        curve_tail = state.get("metrics", {})
+
+    ddp_model = ray.train.torch.prepare_model(
+        model,
+        move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": True},
+    )  # find_unused: inactive progressive stages and dropped EBB bases get no gradient
+    noise_sched = noise_scheduler(train.num_train_timesteps if train else 1000)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    log_every = train.log_every if train else 100
+    checkpoint_every = train.checkpoint_every if train else max(1, steps // 4)
+    tau = method.ebb.tau if method is not None and method.ebb.enabled else 0.0
+
+    model.train()
+    window = {"loss": 0.0, "loss_noise": 0.0, "loss_lrm": 0.0, "loss_ebb": 0.0, "n": 0}
+    t_start, images_seen = time.perf_counter(), 0
+    metrics: dict[str, Any] = dict(curve_tail)
+    for step in range(start_step, steps):
+        if method is not None:
+            from binarydm.quant import ebb_penalty
+            from binarydm.schedule import apply_schedule
+
+            apply_schedule(model, step, method)
+        idx = batch_indices(
+            step, rank=rank, world_size=world, batch_size=batch_size,
+            num_items=images.shape[0], seed=settings.seed,
+        )  # fmt: skip
+        clean = images[idx].to(device, non_blocking=True)
+        generator = torch.Generator().manual_seed((settings.seed * 7919 + step) * 131 + rank)
+        x_t, t, noise = noisy_batch(clean, noise_sched, generator)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pred = ddp_model(x_t, t).sample
+            if lrm is not None:
+                with torch.no_grad():
+                    teacher(x_t, t)
+        loss_noise = F.mse_loss(pred.float(), noise.float())
+        loss = loss_noise
+        loss_lrm = torch.zeros((), device=device)
+        if lrm is not None:
+            loss_lrm = lrm.loss(step)
+            loss = loss + loss_lrm
+        loss_ebb = torch.zeros((), device=device)
+        if tau:
+            loss_ebb = tau * ebb_penalty(model)
+            loss = loss + loss_ebb
+        if not _all_finite(loss):
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train is None or train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip if train else 1.0)
+        optimizer.step()
+        scheduler_lr.step()
+        if ema_decay:
+            ema = ema or ModelEMA(model, ema_decay)
+            ema.update(model)
+        images_seen += clean.shape[0] * world
+        window["loss"] += loss.item()
+        window["loss_noise"] += loss_noise.item()
+        window["loss_lrm"] += loss_lrm.item()
+        window["loss_ebb"] += loss_ebb.item()
+        window["n"] += 1
+        done = step + 1
+        is_ckpt = done % checkpoint_every == 0 or done == steps
+        if done % log_every == 0 or is_ckpt:
+            n = window.pop("n")
+            metrics = {k: v / n for k, v in window.items()}
+            metrics.update(step=done, lr=scheduler_lr.get_last_lr()[0], mode=mode)
+            elapsed = time.perf_counter() - t_start
+            metrics["train_images_per_s"] = images_seen / elapsed if elapsed else 0.0
+            window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
+            if resume_notes:
+                metrics["resume_note"] = "; ".join(resume_notes)
+        if is_ckpt:
+            _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, done, metrics, rank)
+        elif done % log_every == 0:
+            ray.train.report(metrics)
+    _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank)
+
+
+def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank):
+    """Final report: the teacher's diffusers folder, or the QAT evaluation (rank 0)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        final = dict(metrics)
+        if rank == 0:
+            if mode == "teacher":
+                model.save_pretrained(Path(tmp) / "unet")
+            else:
+                from binarydm.train.evaluate import evaluate
+
+                eval_model = ema.module if ema is not None and settings.evaluation.use_ema else model
+                final.update(
+                    evaluate(
+                        eval_model, settings, Path(tmp),
+                        data_root=config.get("data_root"), cache_dir=config.get("cache_dir"),
+                    )
+                )  # fmt: skip
+            state = {
+                "step": steps,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler_lr.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "lrm": lrm.state_dict() if lrm is not None else None,
+                "metrics": final,
+            }
+            save_state(tmp, state, step=steps)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        final["final"] = True
+        ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="checkpoint_final")
+
+
+def metrics_keys() -> tuple[str, ...]:
+    return ("loss", "loss_noise", "loss_lrm", "loss_ebb")
+
+
+def _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, step, metrics, rank) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            state = {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler_lr.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "lrm": lrm.state_dict() if lrm is not None else None,
+                "metrics": metrics,
+            }
+            save_state(tmp, state, step=step)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")

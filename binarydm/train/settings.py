@@ -1,0 +1,162 @@
+"""Typed settings of one trial: data, teacher, QAT, evaluation and Ray Train workers.
+
+A study file's fixed part is exactly a ``TrialSettings``; a search space addresses
+its fields by dotted keys (``training.lr``, ``method.lrm.weight``). Everything is
+a frozen dataclass built strictly by ``binarydm._typed.build`` so bad values fail
+with one line naming the key, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from binarydm._typed import build, flatten, require, set_dotted
+from binarydm.quant.config import BinaryDMConfig
+
+DataSource = Literal["mnist", "cifar10", "npz", "image-folder"]
+FID_DIMS = (64, 192, 768, 2048)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which images, at which resolution. ``root`` overrides BINARYDM_DATA_ROOT."""
+
+    source: DataSource = "mnist"
+    path: str | None = None  # the file/folder for npz and image-folder
+    root: str | None = None
+    resolution: int = 16
+    channels: int = 1
+    train_limit: int | None = None  # use the first N (shuffled) training images
+
+    def __post_init__(self) -> None:
+        require(self.resolution in (8, 16, 32, 64, 128, 256), "data.resolution", self.resolution,
+                "a power of two in 8..256")  # fmt: skip
+        require(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
+        if self.source in ("npz", "image-folder"):
+            require(self.path is not None, "data.path", self.path,
+                    f"a file or folder path when data.source is {self.source!r}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """The FP teacher: a preset pretrained here (cached) or a diffusers model to load."""
+
+    preset: str = "tiny"
+    pretrained: str | None = None  # a diffusers model directory or hub id; skips pretraining
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "teacher.steps", self.steps, "an integer >= 1")
+        require(self.batch_size >= 1, "teacher.batch_size", self.batch_size, "an integer >= 1")
+        require(self.lr > 0, "teacher.lr", self.lr, "a float > 0")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """QAT optimisation. ``batch_size`` is per worker; steps count optimizer updates."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 = no EMA
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    num_train_timesteps: int = 1000
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "training.steps", self.steps, "an integer >= 1")
+        require(self.batch_size >= 1, "training.batch_size", self.batch_size, "an integer >= 1")
+        require(self.lr > 0, "training.lr", self.lr, "a float > 0")
+        require(0 <= self.ema_decay < 1, "training.ema_decay", self.ema_decay, "a float in [0, 1)")
+        require(self.checkpoint_every >= 1, "training.checkpoint_every", self.checkpoint_every,
+                "an integer >= 1")  # fmt: skip
+        require(self.keep_checkpoints >= 2, "training.keep_checkpoints", self.keep_checkpoints,
+                "an integer >= 2 (a corrupt newest checkpoint falls back to the previous)")  # fmt: skip
+        require(self.max_failures >= -1, "training.max_failures", self.max_failures,
+                "an integer >= -1 (-1 = retry forever)")  # fmt: skip
+        require(self.grad_clip >= 0, "training.grad_clip", self.grad_clip, "a float >= 0")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Sampling and scoring. FIDs are comparable only at equal settings (logged with each)."""
+
+    fid_samples: int = 1000
+    fid_dims: int = 192
+    sampling_steps: int = 100
+    sample_batch_size: int = 250
+    reference_split: Literal["train", "test"] = "test"
+    test_loss_images: int = 512
+    grid_images: int = 64
+    use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.fid_dims in FID_DIMS, "evaluation.fid_dims", self.fid_dims,
+                f"one of {FID_DIMS}")  # fmt: skip
+        require(self.fid_samples > self.fid_dims, "evaluation.fid_samples", self.fid_samples,
+                f"more samples than fid_dims={self.fid_dims} (else the covariance is singular)")  # fmt: skip
+        require(self.sampling_steps >= 1, "evaluation.sampling_steps", self.sampling_steps,
+                "an integer >= 1")  # fmt: skip
+        require(self.test_loss_images >= 1, "evaluation.test_loss_images",
+                self.test_loss_images, "an integer >= 1")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Ray Train workers of one trial (DDP): gloo on CPU, NCCL on GPU."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # fractional GPUs let small trials share a card
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "workers.num_workers", self.num_workers, "an integer >= 1")
+        require(self.cpus_per_worker > 0, "workers.cpus_per_worker", self.cpus_per_worker,
+                "a number > 0")  # fmt: skip
+        require(0 < self.gpus_per_worker <= 8, "workers.gpus_per_worker", self.gpus_per_worker,
+                "a number in (0, 8]")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything one trial needs: FP teacher -> BinaryDM QAT -> samples -> FID/OPs/size."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    method: BinaryDMConfig = field(default_factory=BinaryDMConfig)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialSettings:
+        return build(cls, data)
+
+    def replace(self, **dotted: Any) -> TrialSettings:
+        """A copy with dotted keys overridden, validated again."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            set_dotted(data, key, value)
+        return TrialSettings.from_dict(data)
