@@ -56,7 +56,7 @@ def attention_stage(levels: int) -> int:
 
 
 def _layer_role(name: str) -> str:
-    if name == _FIRST or name == _LAST:
+    if name in (_FIRST, _LAST):
         return "first_last"
     if name.startswith(_FP_PREFIXES):
         return "fp"

@@ -29,8 +29,16 @@ class QuantAttnProcessor(nn.Module):
     def _q(self, quantizer: LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
         return quantizer(x) if self.active else x
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):  # fmt: skip
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

@@ -12,8 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from binarydm._typed import ConfigError, build, flatten, require, set_dotted
-
+from binarydm._typed import build, flatten, require, set_dotted
 
 WeightKind = Literal["binary", "lsq"]
 FirstLastMode = Literal["fp", "int8"]

@@ -73,13 +73,15 @@ def ddim_sample(
         count = min(batch_size, num_images - start)
         x = torch.randn((count, *shape), generator=generator).to(device)
         for t in sampler.timesteps:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
                 eps = model(x, t.to(device).expand(count)).sample
             x = sampler.step(eps.float(), t, x).prev_sample
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
-def to_uint8(images: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
+def to_uint8(images: torch.Tensor) -> numpy.ndarray:  # noqa: F821
     """[-1, 1] NCHW float -> uint8 NHWC numpy (what FID and the PNG grid take)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -42,8 +42,10 @@ class ModelEMA:
         fresh = []
         for name, module in model.named_modules():
             flag = getattr(module, "initialized", None)
-            if isinstance(flag, torch.Tensor) and bool(flag) and not bool(
-                ema_modules[name].initialized
+            if (
+                isinstance(flag, torch.Tensor)
+                and bool(flag)
+                and not bool(ema_modules[name].initialized)
             ):
                 fresh.append(f"{name}." if name else "")
         return fresh

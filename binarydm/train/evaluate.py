@@ -25,9 +25,15 @@ def _test_images(settings: TrialSettings, data_root, cache_dir, count: int) -> t
 
     data = settings.data
     array = load_images(
-        data.source, "test", data.resolution, data.channels,
-        data_root=data_root, cache_dir=cache_dir, limit=count, path=data.path,
-    )  # fmt: skip
+        data.source,
+        "test",
+        data.resolution,
+        data.channels,
+        data_root=data_root,
+        cache_dir=cache_dir,
+        limit=count,
+        path=data.path,
+    )
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -49,13 +55,51 @@ def save_grid(images_uint8, path: Path, nrow: int = 8) -> None:
     Image.fromarray(array).save(path)
 
 
+def score_fid(samples_uint8, settings: TrialSettings, *, data_root, cache_dir, device) -> float:
+    """FID of generated uint8 NHWC samples against cached statistics of the reference split."""
+    from binarydm.data import cache_dir as resolve_cache_dir
+    from binarydm.data import load_images
+    from binarydm.metrics.fid import FIDScorer, reference_statistics
+
+    evaluation, data = settings.evaluation, settings.data
+    count = evaluation.fid_samples
+    scorer = FIDScorer(evaluation.fid_dims, device=device, batch_size=100)
+
+    def reference_images():
+        images = load_images(
+            data.source,
+            evaluation.reference_split,
+            data.resolution,
+            data.channels,
+            data_root=data_root,
+            cache_dir=cache_dir,
+            limit=count,
+            path=data.path,
+        )
+        if len(images) < count:
+            raise ValueError(
+                f"evaluation.fid_samples={count} exceeds the {len(images)} images of the "
+                f"{evaluation.reference_split!r} split of {data.source!r}"
+            )
+        return images
+
+    reference = reference_statistics(
+        fid_reference_name(settings),
+        reference_images,
+        evaluation.fid_dims,
+        Path(resolve_cache_dir(cache_dir)) / "fid_stats",
+        count=count,
+        scorer=scorer,
+    )
+    return scorer.fid(samples_uint8, reference)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, settings: TrialSettings, out_dir: Path, *, data_root=None, cache_dir=None
 ) -> dict[str, Any]:
     from binarydm.export import save_packed
     from binarydm.metrics.efficiency import efficiency_report
-    from binarydm.metrics.fid import score_fid
     from binarydm.schedule import apply_schedule
 
     evaluation, data = settings.evaluation, settings.data
@@ -78,10 +122,14 @@ def evaluate(
     autocast = torch.bfloat16 if device.type == "cuda" else None
     t_sample = time.perf_counter()
     samples = ddim_sample(
-        model, evaluation.fid_samples, steps=evaluation.sampling_steps, seed=settings.seed,
-        batch_size=evaluation.sample_batch_size, autocast_dtype=autocast,
+        model,
+        evaluation.fid_samples,
+        steps=evaluation.sampling_steps,
+        seed=settings.seed,
+        batch_size=evaluation.sample_batch_size,
+        autocast_dtype=autocast,
         num_train_timesteps=settings.training.num_train_timesteps,
-    )  # fmt: skip
+    )
     sample_s = time.perf_counter() - t_sample
     _freeze(model, False)
     samples_uint8 = to_uint8(samples)

@@ -45,9 +45,15 @@ def _load_training_images(settings: TrialSettings, data_root: str | None, cache_
 
     data = settings.data
     array = load_images(
-        data.source, "train", data.resolution, data.channels,
-        data_root=data_root, cache_dir=cache_dir, limit=data.train_limit, path=data.path,
-    )  # fmt: skip
+        data.source,
+        "train",
+        data.resolution,
+        data.channels,
+        data_root=data_root,
+        cache_dir=cache_dir,
+        limit=data.train_limit,
+        path=data.path,
+    )
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -55,7 +61,7 @@ def _build_models(settings: TrialSettings, mode: str, teacher_dir: str | None):
     from binarydm.models import build_unet, load_unet
 
     if mode == "teacher":
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(settings.teacher.seed)
         model = build_unet(
             settings.teacher.preset,
             in_channels=settings.data.channels,
@@ -85,12 +91,14 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: settings (dict), mode, teacher_dir, data_root, cache_dir."""
+    """Ray Train entry point; ``config``: settings, mode, teacher_dir, data_root, cache_dir."""
     import ray.train
     import ray.train.torch
 
     settings = TrialSettings.from_dict(config["settings"])
     mode = config["mode"]
+    # The teacher's data order and noise follow the teacher's seed, QAT's the trial's.
+    seed = settings.teacher.seed if mode == "teacher" else settings.seed
     rank, world = _world()
     device = ray.train.torch.get_device()
     if config.get("pid_file") and rank == config.get("pid_rank", 0):
@@ -160,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint_every = train.checkpoint_every if train else max(1, steps // 4)
     tau = method.ebb.tau if method is not None and method.ebb.enabled else 0.0
 
+    progress = _progress_bar(mode, start_step, steps) if rank == 0 else None
     model.train()
     window = {"loss": 0.0, "loss_noise": 0.0, "loss_lrm": 0.0, "loss_ebb": 0.0, "n": 0}
     t_start, images_seen = time.perf_counter(), 0
@@ -171,29 +180,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             apply_schedule(model, step, method)
         idx = batch_indices(
-            step, rank=rank, world_size=world, batch_size=batch_size,
-            num_items=images.shape[0], seed=settings.seed,
-        )  # fmt: skip
+            step,
+            rank=rank,
+            world_size=world,
+            batch_size=batch_size,
+            num_items=images.shape[0],
+            seed=seed,
+        )
         clean = images[idx].to(device, non_blocking=True)
-        generator = torch.Generator().manual_seed((settings.seed * 7919 + step) * 131 + rank)
+        generator = torch.Generator().manual_seed((seed * 7919 + step) * 131 + rank)
         x_t, t, noise = noisy_batch(clean, noise_sched, generator)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             pred = ddp_model(x_t, t).sample
             if lrm is not None:
-                with torch.no_grad():
-                    teacher(x_t, t)
+                lrm.teacher_forward(x_t, t)
         loss_noise = F.mse_loss(pred.float(), noise.float())
         loss = loss_noise
-        loss_lrm = torch.zeros((), device=device)
+        loss_lrm = torch.zeros((), device=device)  # logged unweighted, trained weighted
         if lrm is not None:
-            loss_lrm = lrm.loss(step)
-            loss = loss + loss_lrm
+            terms = lrm.loss(step)
+            loss_lrm = terms.unweighted.detach()
+            loss = loss + terms.weighted
         loss_ebb = torch.zeros((), device=device)
         if tau:
             loss_ebb = tau * ebb_penalty(model)
             loss = loss + loss_ebb
         if not _all_finite(loss):
-            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step}")
+            # Stop without raising: Ray Train would retry a deterministic failure. Every
+            # rank saw the same all-reduced flag, so all report once and return.
+            reason = (
+                f"{NonFiniteLossError.__name__}: non-finite loss ({loss.item()}) at step {step}"
+            )
+            ray.train.report({"error": reason, "step": step, "final": False, "mode": mode})
+            return
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train is None or train.grad_clip:
@@ -204,6 +223,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema = ema or ModelEMA(model, ema_decay)
             ema.update(model)
         images_seen += clean.shape[0] * world
+        if progress is not None:
+            progress.update(1)
         window["loss"] += loss.item()
         window["loss_noise"] += loss_noise.item()
         window["loss_lrm"] += loss_lrm.item()
@@ -217,6 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(step=done, lr=scheduler_lr.get_last_lr()[0], mode=mode)
             elapsed = time.perf_counter() - t_start
             metrics["train_images_per_s"] = images_seen / elapsed if elapsed else 0.0
+            metrics["train_s"] = elapsed + curve_tail.get("train_s", 0.0)
             window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
             if resume_notes:
                 metrics["resume_note"] = "; ".join(resume_notes)
@@ -224,6 +246,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, done, metrics, rank)
         elif done % log_every == 0:
             ray.train.report(metrics)
+    if progress is not None:
+        progress.close()
     _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank)
 
 
@@ -240,13 +264,18 @@ def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, st
             else:
                 from binarydm.train.evaluate import evaluate
 
-                eval_model = ema.module if ema is not None and settings.evaluation.use_ema else model
+                eval_model = (
+                    ema.module if ema is not None and settings.evaluation.use_ema else model
+                )
                 final.update(
                     evaluate(
-                        eval_model, settings, Path(tmp),
-                        data_root=config.get("data_root"), cache_dir=config.get("cache_dir"),
+                        eval_model,
+                        settings,
+                        Path(tmp),
+                        data_root=config.get("data_root"),
+                        cache_dir=config.get("cache_dir"),
                     )
-                )  # fmt: skip
+                )
             state = {
                 "step": steps,
                 "model": model.state_dict(),
@@ -260,6 +289,16 @@ def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, st
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         final["final"] = True
         ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="checkpoint_final")
+
+
+def _progress_bar(mode: str, start: int, total: int):
+    """A progress bar that Ray forwards from the worker to the driver's terminal."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    label = "FP teacher pretraining" if mode == "teacher" else "BinaryDM QAT"
+    bar = tqdm(total=total, desc=label)
+    bar.update(start)
+    return bar
 
 
 def metrics_keys() -> tuple[str, ...]:

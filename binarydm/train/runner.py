@@ -96,22 +96,35 @@ def ensure_teacher(
         return Path(settings.teacher.pretrained)
     cache = Path(resolve_cache_dir(cache_dir))
     teacher = settings.teacher
+    data = settings.data
     key = teacher_cache_key(
-        teacher.preset, settings.data.source, _dataset_identity(settings), settings.data.resolution,
-        teacher.steps, settings.seed, teacher.batch_size, teacher.lr,
-    )  # fmt: skip
+        teacher.preset,
+        data.source,
+        dataset_sha256(settings, data_root, str(cache)),
+        data.resolution,
+        teacher.steps,
+        teacher.seed,
+        extra={"batch_size": teacher.batch_size, "lr": teacher.lr, "channels": data.channels},
+    )
     target = cache / "teachers" / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
         trainer = _trainer(
-            settings, mode="teacher", name=f"teacher-{key}", storage_path=storage_path,
-            teacher_dir=None, data_root=data_root, cache_dir=str(cache),
-        )  # fmt: skip
+            settings,
+            mode="teacher",
+            name=f"teacher-{key}",
+            storage_path=storage_path,
+            teacher_dir=None,
+            data_root=data_root,
+            cache_dir=str(cache),
+        )
         result = trainer.fit()
-        if result.error is not None:
-            raise TrialError(f"teacher pretraining failed: {result.error}")
+        try:
+            final_metrics(result)
+        except TrialError as exc:
+            raise TrialError(f"teacher pretraining failed: {exc}") from None
         with result.checkpoint.as_directory() as ckpt:
             staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
             shutil.copytree(Path(ckpt) / "unet", staging, dirs_exist_ok=True)
@@ -119,9 +132,21 @@ def ensure_teacher(
     return target
 
 
-def _dataset_identity(settings: TrialSettings) -> str:
+def dataset_sha256(settings: TrialSettings, data_root=None, cache_dir=None) -> str:
+    """sha256 of the training images as read (the run param ``data.sha256``)."""
+    from binarydm.data import load_split
+
     data = settings.data
-    return f"{data.source}:{data.path or ''}:{data.channels}:{data.train_limit}"
+    split = load_split(
+        data.source,
+        "train",
+        data_root=data_root,
+        cache_dir=cache_dir,
+        limit=data.train_limit,
+        path=data.path,
+        image_size=data.resolution,
+    )
+    return split.sha256
 
 
 def fit_qat(
@@ -137,10 +162,16 @@ def fit_qat(
 ):
     """Run (or resume) the QAT of one trial; returns Ray Train's ``Result``."""
     trainer = _trainer(
-        settings, mode="qat", name=name, storage_path=str(storage_path),
-        teacher_dir=str(teacher_dir), data_root=data_root, cache_dir=cache_dir,
-        callbacks=callbacks, extra_config=extra_config,
-    )  # fmt: skip
+        settings,
+        mode="qat",
+        name=name,
+        storage_path=str(storage_path),
+        teacher_dir=str(teacher_dir),
+        data_root=data_root,
+        cache_dir=cache_dir,
+        callbacks=callbacks,
+        extra_config=extra_config,
+    )
     return trainer.fit()
 
 
@@ -149,6 +180,8 @@ def final_metrics(result) -> dict[str, Any]:
     if result.error is not None:
         raise TrialError(str(result.error))
     metrics = dict(result.metrics or {})
+    if metrics.get("error"):
+        raise TrialError(metrics["error"])
     if not metrics.get("final"):
         raise TrialError("training ended without its final evaluation report")
     return metrics

@@ -32,12 +32,20 @@ class DataSettings:
     train_limit: int | None = None  # use the first N (shuffled) training images
 
     def __post_init__(self) -> None:
-        require(self.resolution in (8, 16, 32, 64, 128, 256), "data.resolution", self.resolution,
-                "a power of two in 8..256")  # fmt: skip
+        require(
+            self.resolution in (8, 16, 32, 64, 128, 256),
+            "data.resolution",
+            self.resolution,
+            "a power of two in 8..256",
+        )
         require(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
         if self.source in ("npz", "image-folder"):
-            require(self.path is not None, "data.path", self.path,
-                    f"a file or folder path when data.source is {self.source!r}")  # fmt: skip
+            require(
+                self.path is not None,
+                "data.path",
+                self.path,
+                f"a file or folder path when data.source is {self.source!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class TeacherSettings:
 
     preset: str = "tiny"
     pretrained: str | None = None  # a diffusers model directory or hub id; skips pretraining
+    seed: int = 0  # its own seed: every QAT seed of a study distils the same teacher
     steps: int = 3000
     batch_size: int = 64
     lr: float = 2e-4
@@ -79,12 +88,24 @@ class TrainingSettings:
         require(self.batch_size >= 1, "training.batch_size", self.batch_size, "an integer >= 1")
         require(self.lr > 0, "training.lr", self.lr, "a float > 0")
         require(0 <= self.ema_decay < 1, "training.ema_decay", self.ema_decay, "a float in [0, 1)")
-        require(self.checkpoint_every >= 1, "training.checkpoint_every", self.checkpoint_every,
-                "an integer >= 1")  # fmt: skip
-        require(self.keep_checkpoints >= 2, "training.keep_checkpoints", self.keep_checkpoints,
-                "an integer >= 2 (a corrupt newest checkpoint falls back to the previous)")  # fmt: skip
-        require(self.max_failures >= -1, "training.max_failures", self.max_failures,
-                "an integer >= -1 (-1 = retry forever)")  # fmt: skip
+        require(
+            self.checkpoint_every >= 1,
+            "training.checkpoint_every",
+            self.checkpoint_every,
+            "an integer >= 1",
+        )
+        require(
+            self.keep_checkpoints >= 2,
+            "training.keep_checkpoints",
+            self.keep_checkpoints,
+            "an integer >= 2 (a corrupt newest checkpoint falls back to the previous)",
+        )
+        require(
+            self.max_failures >= -1,
+            "training.max_failures",
+            self.max_failures,
+            "an integer >= -1 (-1 = retry forever)",
+        )
         require(self.grad_clip >= 0, "training.grad_clip", self.grad_clip, "a float >= 0")
 
 
@@ -102,14 +123,27 @@ class EvalSettings:
     use_ema: bool = True
 
     def __post_init__(self) -> None:
-        require(self.fid_dims in FID_DIMS, "evaluation.fid_dims", self.fid_dims,
-                f"one of {FID_DIMS}")  # fmt: skip
-        require(self.fid_samples > self.fid_dims, "evaluation.fid_samples", self.fid_samples,
-                f"more samples than fid_dims={self.fid_dims} (else the covariance is singular)")  # fmt: skip
-        require(self.sampling_steps >= 1, "evaluation.sampling_steps", self.sampling_steps,
-                "an integer >= 1")  # fmt: skip
-        require(self.test_loss_images >= 1, "evaluation.test_loss_images",
-                self.test_loss_images, "an integer >= 1")  # fmt: skip
+        require(
+            self.fid_dims in FID_DIMS, "evaluation.fid_dims", self.fid_dims, f"one of {FID_DIMS}"
+        )
+        require(
+            self.fid_samples > self.fid_dims,
+            "evaluation.fid_samples",
+            self.fid_samples,
+            f"more samples than fid_dims={self.fid_dims} (else the covariance is singular)",
+        )
+        require(
+            self.sampling_steps >= 1,
+            "evaluation.sampling_steps",
+            self.sampling_steps,
+            "an integer >= 1",
+        )
+        require(
+            self.test_loss_images >= 1,
+            "evaluation.test_loss_images",
+            self.test_loss_images,
+            "an integer >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -123,10 +157,18 @@ class WorkerSettings:
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "workers.num_workers", self.num_workers, "an integer >= 1")
-        require(self.cpus_per_worker > 0, "workers.cpus_per_worker", self.cpus_per_worker,
-                "a number > 0")  # fmt: skip
-        require(0 < self.gpus_per_worker <= 8, "workers.gpus_per_worker", self.gpus_per_worker,
-                "a number in (0, 8]")  # fmt: skip
+        require(
+            self.cpus_per_worker > 0,
+            "workers.cpus_per_worker",
+            self.cpus_per_worker,
+            "a number > 0",
+        )
+        require(
+            0 < self.gpus_per_worker <= 8,
+            "workers.gpus_per_worker",
+            self.gpus_per_worker,
+            "a number in (0, 8]",
+        )
 
 
 @dataclass(frozen=True)

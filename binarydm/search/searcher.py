@@ -1,0 +1,75 @@
+"""OptunaSearch with the study semantics BinaryDM needs.
+
+Out of the box ``OptunaSearch`` tells Optuna COMPLETE for an errored trial that
+had reported metrics, and leaves a trial RUNNING forever when an objective is
+missing. Here a trial is COMPLETE only with every objective finite; otherwise it
+is FAILED with the reason in its user attrs. The Optuna trial number is passed to
+the trainable (``TRIAL_NUMBER_KEY``): it is the stable ``trial_id`` of MLflow runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+TRIAL_NUMBER_KEY = "__optuna_trial_number"
+log = logging.getLogger(__name__)
+
+
+def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: bool) -> str | None:
+    """Why a finished Tune trial must count as FAILED in Optuna, or None if it succeeded."""
+    if error:
+        detail = (result or {}).get("error")
+        return f"trial raised an error{': ' + str(detail) if detail else ''}"
+    if not result:
+        return "trial reported no result"
+    if result.get("error"):
+        return str(result["error"])
+    for metric in metrics:
+        value = result.get(metric)
+        if value is None:
+            return f"objective {metric!r} missing from the final result"
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            return f"objective {metric!r} is not finite: {value!r}"
+    return None
+
+
+class BinaryDMOptunaSearch(OptunaSearch):
+    """OptunaSearch that records failures as FAILED and exposes the Optuna trial number."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if params is None:
+            return None
+        ot_trial = self._ot_trials[trial_id]
+        params[TRIAL_NUMBER_KEY] = ot_trial.number
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Multi-objective studies have no intermediate values; nothing to prune.
+        return
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        from optuna.trial import TrialState
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        reason = failure_reason(result, metrics, error)
+        try:
+            if reason is None:
+                values = [float(result[m]) for m in metrics]
+                self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0])
+            else:
+                ot_trial.set_user_attr("fail_reason", reason)
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        except (RuntimeError, ValueError) as exc:
+            # Already told (e.g. by a previous driver before a restore): never tell twice.
+            log.warning("Optuna trial %s not told again: %s", ot_trial.number, exc)
+        self._completed_trials.add(trial_id)
