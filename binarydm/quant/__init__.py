@@ -3,13 +3,13 @@
 Imports torch and diffusers only (never ray, mlflow, optuna).
 """
 
+from binarydm._typed import ConfigError
 from binarydm.quant.apply import binarize_, ebb_penalty, level_of, num_levels, stage_of
 from binarydm.quant.attention import QuantAttnProcessor
 from binarydm.quant.binarizer import MultiBasisBinarizer
 from binarydm.quant.config import (
     ActivationQuantConfig,
     BinaryDMConfig,
-    ConfigError,
     EBBConfig,
     LRMConfig,
     ProgressiveConfig,

@@ -140,6 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = None
     if checkpoint is not None:
         state, resume_notes = load_latest_valid(checkpoint.path)
+        print(f"[binarydm] rank {rank}: resuming from {checkpoint.path}", flush=True)
     if state is not None:
         start_step = state["step"]
         if method is not None:
@@ -195,6 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if lrm is not None:
                 lrm.teacher_forward(x_t, t)
         loss_noise = F.mse_loss(pred.float(), noise.float())
+        if step == config.get("nan_at_step"):  # fault injection for the failure tests
+            loss_noise = loss_noise * float("nan")
         loss = loss_noise
         loss_lrm = torch.zeros((), device=device)  # logged unweighted, trained weighted
         if lrm is not None:
@@ -211,7 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reason = (
                 f"{NonFiniteLossError.__name__}: non-finite loss ({loss.item()}) at step {step}"
             )
-            ray.train.report({"error": reason, "step": step, "final": False, "mode": mode})
+            _report_error(reason, step, mode, rank)
             return
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,6 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             n = window.pop("n")
             metrics = {k: v / n for k, v in window.items()}
             metrics.update(step=done, lr=scheduler_lr.get_last_lr()[0], mode=mode)
+            metrics["resumed_from_step"] = start_step
             elapsed = time.perf_counter() - t_start
             metrics["train_images_per_s"] = images_seen / elapsed if elapsed else 0.0
             metrics["train_s"] = elapsed + curve_tail.get("train_s", 0.0)
@@ -289,6 +293,22 @@ def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, st
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         final["final"] = True
         ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="checkpoint_final")
+
+
+def _report_error(reason: str, step: int, mode: str, rank: int) -> None:
+    """Report a terminal error with a marker checkpoint: Ray Train's Result keeps only the
+    metrics that came with a checkpoint, and the driver must see why the run stopped."""
+    import json
+
+    import ray.train
+
+    metrics = {"error": reason, "step": step, "final": False, "mode": mode}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            Path(tmp, "error.json").write_text(json.dumps(metrics))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"error_{step:08d}")
 
 
 def _progress_bar(mode: str, start: int, total: int):

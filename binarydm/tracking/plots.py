@@ -1,0 +1,203 @@
+"""Pareto plots of a study: a static PNG (matplotlib) and an offline interactive HTML (plotly).
+
+Each objective pair gets one scatter panel; Pareto members are highlighted, and
+with exactly two objectives they are joined into the front. Points missing an
+objective (failed or pruned trials) are left out. The HTML embeds plotly.js, so
+it opens without network access (MLflow's own plotly logging links a CDN).
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from binarydm.tracking.runs import StudyTracker
+
+PNG_NAME = "pareto.png"
+HTML_NAME = "pareto.html"
+MAX_HOVER_PARAMS = 24
+DOMINATED_COLOR = "#9e9e9e"
+PARETO_COLOR = "#d62728"
+
+
+def _complete(points: Sequence[Mapping[str, Any]], metrics: list[str]) -> list[Mapping[str, Any]]:
+    def finite(value: Any) -> bool:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+
+    return [p for p in points if all(finite(p.get(m)) for m in metrics)]
+
+
+def _panels(metrics: list[str]) -> list[tuple[str, str]]:
+    # One objective has no pair: plot it against the trial number instead.
+    if len(metrics) == 1:
+        return [("trial_id", metrics[0])]
+    return list(itertools.combinations(metrics, 2))
+
+
+def _axis_label(metric: str, directions: dict[str, str]) -> str:
+    if metric not in directions:
+        return metric
+    better = "lower" if directions[metric] == "minimize" else "higher"
+    return f"{metric} ({better} is better)"
+
+
+def _grid(n_panels: int) -> tuple[int, int]:
+    cols = min(3, n_panels)
+    return math.ceil(n_panels / cols), cols
+
+
+def _front(points: list[Mapping[str, Any]], x: str, y: str) -> list[Mapping[str, Any]]:
+    return sorted((p for p in points if p.get("pareto")), key=lambda p: (p[x], p[y]))
+
+
+def _matplotlib_figure(
+    points: list[Mapping[str, Any]], panels: list[tuple[str, str]], directions: dict[str, str]
+) -> Figure:
+    rows, cols = _grid(len(panels))
+    figure = Figure(figsize=(4.8 * cols, 4.2 * rows), layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (x, y) in zip(axes, panels, strict=False):
+        rest = [p for p in points if not p.get("pareto")]
+        front = _front(points, x, y)
+        ax.scatter(
+            [p[x] for p in rest], [p[y] for p in rest], c=DOMINATED_COLOR, s=24, label="dominated"
+        )
+        ax.scatter(
+            [p[x] for p in front],
+            [p[y] for p in front],
+            c=PARETO_COLOR,
+            s=42,
+            edgecolors="black",
+            linewidths=0.6,
+            label="Pareto",
+            zorder=3,
+        )
+        # In more than two dimensions a 2-D projection of the front is not a curve: join only
+        # when the panel shows the whole objective space.
+        if len(panels) == 1 and x != "trial_id":
+            ax.plot([p[x] for p in front], [p[y] for p in front], c=PARETO_COLOR, lw=1.2)
+        for p in front:
+            ax.annotate(
+                str(p["trial_id"]),
+                (p[x], p[y]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xlabel(_axis_label(x, directions))
+        ax.set_ylabel(_axis_label(y, directions))
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if not points:
+        axes[0].text(
+            0.5,
+            0.5,
+            "no trial has every objective",
+            ha="center",
+            va="center",
+            transform=axes[0].transAxes,
+        )
+    axes[0].legend(loc="best", fontsize=8)
+    figure.suptitle(f"Pareto front: {len(_front(points, *panels[0]))} of {len(points)} trials")
+    return figure
+
+
+def _hover_text(point: Mapping[str, Any], metrics: list[str]) -> str:
+    lines = [f"<b>trial {point['trial_id']}</b>" + (" (Pareto)" if point.get("pareto") else "")]
+    lines += [f"{m} = {point[m]:.6g}" for m in metrics]
+    params = sorted((point.get("params") or {}).items())
+    lines += [html.escape(f"{k} = {v}") for k, v in params[:MAX_HOVER_PARAMS]]
+    if len(params) > MAX_HOVER_PARAMS:
+        lines.append(f"... {len(params) - MAX_HOVER_PARAMS} more params")
+    return "<br>".join(lines)
+
+
+def _plotly_html(
+    points: list[Mapping[str, Any]],
+    panels: list[tuple[str, str]],
+    directions: dict[str, str],
+    metrics: list[str],
+) -> str:
+    from plotly import graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows, cols = _grid(len(panels))
+    figure = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.08, vertical_spacing=0.12)
+    for index, (x, y) in enumerate(panels):
+        row, col = divmod(index, cols)
+        groups = (
+            ("dominated", [p for p in points if not p.get("pareto")], DOMINATED_COLOR, 7),
+            ("Pareto", _front(points, x, y), PARETO_COLOR, 10),
+        )
+        for name, members, color, size in groups:
+            mode = (
+                "lines+markers"
+                if name == "Pareto" and len(panels) == 1 and x != "trial_id"
+                else "markers"
+            )
+            figure.add_trace(
+                go.Scatter(
+                    x=[p[x] for p in members],
+                    y=[p[y] for p in members],
+                    mode=mode,
+                    name=name,
+                    legendgroup=name,
+                    showlegend=index == 0,
+                    marker={"color": color, "size": size, "line": {"width": 0.5, "color": "black"}},
+                    hovertext=[_hover_text(p, metrics) for p in members],
+                    hoverinfo="text",
+                ),
+                row=row + 1,
+                col=col + 1,
+            )
+        figure.update_xaxes(title_text=_axis_label(x, directions), row=row + 1, col=col + 1)
+        figure.update_yaxes(title_text=_axis_label(y, directions), row=row + 1, col=col + 1)
+    figure.update_layout(
+        title=f"Pareto front: {sum(bool(p.get('pareto')) for p in points)} of {len(points)} trials",
+        height=420 * rows,
+        width=480 * cols + 120,
+        template="plotly_white",
+    )
+    # Self-contained: the artifact must open from MLflow's UI or a laptop without network.
+    return figure.to_html(include_plotlyjs=True, full_html=True)
+
+
+def pareto_plots(
+    points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]
+) -> tuple[Figure, str]:
+    """The PNG-ready matplotlib figure and the interactive HTML of a study's trials.
+
+    ``points``: one dict per trial with every objective metric, ``trial_id``,
+    ``pareto`` (bool) and optionally ``params`` (shown on hover).
+    ``objectives``: ``[(metric, "minimize"|"maximize"), ...]``.
+    """
+    if not objectives:
+        raise ValueError("objectives is empty: need at least one (metric, direction)")
+    metrics = [metric for metric, _ in objectives]
+    directions = dict(objectives)
+    complete = _complete(points, metrics)
+    panels = _panels(metrics)
+    return (
+        _matplotlib_figure(complete, panels, directions),
+        _plotly_html(complete, panels, directions, metrics),
+    )
+
+
+def log_pareto_plots(
+    tracker: StudyTracker,
+    parent_run_id: str,
+    points: Sequence[Mapping[str, Any]],
+    objectives: Sequence[tuple[str, str]],
+) -> None:
+    """Log ``pareto.png`` and ``pareto.html`` on the study's parent run."""
+    figure, page = pareto_plots(points, objectives)
+    tracker.log_figure(parent_run_id, figure, PNG_NAME)
+    tracker.log_text(parent_run_id, page, HTML_NAME)

@@ -1,0 +1,142 @@
+"""Read a finished (or running) study back from MLflow alone, without creating anything.
+
+``bdm-search pareto EXPERIMENT`` recomputes the Pareto front, the hypervolume and
+the plots from these records, so nothing here may depend on Ray or Optuna state.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from binarydm.tracking.runs import (
+    OBJECTIVES_ARTIFACT,
+    ROLE_PARENT,
+    ROLE_TRIAL,
+    TAG_ATTEMPT,
+    TAG_PARETO,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL_ID,
+    oldest_run,
+    quote_filter_value,
+    search_all_runs,
+)
+
+
+def _experiment_id(client: MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        raise LookupError(
+            f"no active MLflow experiment named {experiment!r} at {client.tracking_uri}; "
+            "check the name and MLFLOW_TRACKING_URI (or pass tracking_uri)"
+        )
+    return found.experiment_id
+
+
+def _parent_run(client: MlflowClient, experiment_id: str, experiment: str, study: str) -> Run:
+    query = (
+        f"tags.{TAG_STUDY} = {quote_filter_value(study)} AND tags.`{TAG_ROLE}` = '{ROLE_PARENT}'"
+    )
+    parents = search_all_runs(client, experiment_id, query)
+    if not parents:
+        known = ", ".join(list_studies(experiment, client.tracking_uri)) or "none"
+        raise LookupError(
+            f"experiment {experiment!r} has no study {study!r}; studies there: {known}"
+        )
+    return oldest_run(parents)
+
+
+def list_studies(experiment: str, tracking_uri: str | None = None) -> list[str]:
+    """Names of the studies (parent runs) in ``experiment``, sorted."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    parents = search_all_runs(client, experiment_id, f"tags.`{TAG_ROLE}` = '{ROLE_PARENT}'")
+    return sorted({run.data.tags[TAG_STUDY] for run in parents})
+
+
+def _trial_record(run: Run) -> dict[str, Any]:
+    tags = run.data.tags
+    pareto = tags.get(TAG_PARETO)
+    return {
+        "trial_id": int(tags[TAG_TRIAL_ID]),
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "attempt": int(tags.get(TAG_ATTEMPT, "0")),
+        "pareto": None if pareto is None else pareto == "true",
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(tags),
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+    }
+
+
+def load_study_results(
+    experiment: str, study: str, tracking_uri: str | None = None
+) -> list[dict[str, Any]]:
+    """One record per trial of ``study``, sorted by ``trial_id``.
+
+    Keys: ``trial_id``, ``run_id``, ``status``, ``attempt``, ``pareto`` (None before the
+    study tagged it), ``params``, ``metrics`` (latest value of each), ``tags``,
+    ``start_time``, ``end_time``. ``tracking_uri`` None means MLflow's default
+    (``MLFLOW_TRACKING_URI``).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    parent = _parent_run(client, experiment_id, experiment, study)
+    query = (
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
+        f"AND tags.`{TAG_ROLE}` = '{ROLE_TRIAL}'"
+    )
+    by_trial: dict[int, list[Run]] = {}
+    for run in search_all_runs(client, experiment_id, query):
+        by_trial.setdefault(int(run.data.tags[TAG_TRIAL_ID]), []).append(run)
+    return [_trial_record(oldest_run(runs)) for _, runs in sorted(by_trial.items())]
+
+
+def plot_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``load_study_results`` records in the shape ``plots.pareto_plots`` takes."""
+    return [
+        {
+            **record["metrics"],
+            "trial_id": record["trial_id"],
+            "pareto": bool(record["pareto"]),
+            "params": record["params"],
+        }
+        for record in records
+    ]
+
+
+def load_study_summary(
+    experiment: str, study: str, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """The parent run's summary: ``objectives.json`` content plus ``run_id``, tags and metrics.
+
+    ``objectives``/``reference_point``/... are absent when the study has not been
+    summarised yet (``log_study_summary`` not called).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    parent = _parent_run(client, experiment_id, experiment, study)
+    summary: dict[str, Any] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(parent.info.run_id, OBJECTIVES_ARTIFACT, tmp)
+            summary = json.loads(Path(path).read_text())
+    except (MlflowException, OSError):  # not summarised yet
+        summary = {}
+    summary.update(
+        run_id=parent.info.run_id,
+        status=parent.info.status,
+        tags=dict(parent.data.tags),
+        metrics=dict(parent.data.metrics),
+    )
+    return summary

@@ -1,0 +1,108 @@
+"""QAT on a real local Ray cluster: one trial end to end, worker death, NaN loss, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_settings
+
+from binarydm.train.runner import TrialError, final_metrics, fit_qat
+
+
+def _fit(settings, name, workspace, teacher, **extra):
+    return fit_qat(
+        settings,
+        name=name,
+        storage_path=workspace["storage"],
+        teacher_dir=teacher,
+        data_root=workspace["data_root"],
+        cache_dir=workspace["cache_dir"],
+        extra_config=extra or None,
+    )
+
+
+def test_teacher_is_cached_and_loadable(tiny_teacher, workspace):
+    from binarydm.models import load_unet
+    from binarydm.train.runner import ensure_teacher
+
+    assert (tiny_teacher / "config.json").exists()
+    again = ensure_teacher(
+        tiny_settings(),
+        storage_path=workspace["storage"],
+        data_root=workspace["data_root"],
+        cache_dir=workspace["cache_dir"],
+    )
+    assert again == tiny_teacher  # cached: no second pretraining
+    model = load_unet(tiny_teacher)
+    assert model.config.sample_size == 16 and model.config.in_channels == 1
+
+
+def test_qat_trial_end_to_end(tiny_teacher, workspace):
+    settings = tiny_settings(**{"method.progressive.stage_steps": 2, "training.ema_decay": 0.9})
+    result = _fit(settings, "e2e", workspace, tiny_teacher)
+    metrics = final_metrics(result)
+    for key in ("fid", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib"):
+        assert metrics[key] > 0, key
+    assert metrics["ops_saving"] > 4 and metrics["size_saving"] > 4
+    assert metrics["fid_dims"] == 64 and metrics["fid_samples"] == 100
+    assert metrics["fid_reference"] == "mnist/test/16px"
+    assert metrics["step"] == 20 and metrics["loss_lrm"] > 0
+    with result.checkpoint.as_directory() as ckpt:
+        files = set(os.listdir(ckpt))
+        assert {"samples.png", "model.bdm", "eval.json", "state.pt", "manifest.json"} <= files
+        assert Path(ckpt, "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert json.loads(Path(ckpt, "eval.json").read_text())["fid"] == metrics["fid"]
+    # keep_checkpoints=2: older checkpoints were deleted.
+    kept = [
+        p for p in Path(result.path).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")
+    ]
+    assert len(kept) == 2
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_teacher, workspace, tmp_path):
+    settings = tiny_settings(**{"training.steps": 80, "training.max_failures": 2})
+    pid_file = tmp_path / "worker.pid"
+    run_dir = Path(workspace["storage"]) / "killed"
+    outcome = {}
+
+    def run():
+        outcome["result"] = _fit(
+            settings, "killed", workspace, tiny_teacher, pid_file=str(pid_file)
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # Kill only once the controller has registered a checkpoint: Ray Train resumes from
+    # registered checkpoints, and it registers them a moment after they are uploaded.
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and _registered_step(snapshot) < 20:
+        time.sleep(0.2)
+    assert _registered_step(snapshot) >= 20, "no checkpoint was registered"
+    killed_pid = int(pid_file.read_text())
+    os.kill(killed_pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    metrics = final_metrics(outcome["result"])
+    assert metrics["step"] == 80
+    assert int(pid_file.read_text()) != killed_pid  # a new worker process finished the run
+    assert metrics["resumed_from_step"] >= 20  # resumed from its checkpoint, not step 0
+
+
+def _registered_step(snapshot: Path) -> int:
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return -1
+    return max((r["metrics"].get("step", -1) for r in results), default=-1)
+
+
+def test_nan_loss_stops_trial_with_reason(tiny_teacher, workspace):
+    result = _fit(tiny_settings(), "nan", workspace, tiny_teacher, nan_at_step=3)
+    with pytest.raises(TrialError, match="non-finite loss .* at step 3"):
+        final_metrics(result)
