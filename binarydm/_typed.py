@@ -8,6 +8,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -27,7 +28,7 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     where = prefix.rstrip(".") or cls.__name__
     if not isinstance(data, dict):
         raise ConfigError(f"{where}={data!r} is invalid: expected a mapping")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -40,6 +41,27 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as exc:  # a required field missing
         raise ConfigError(f"{where} is invalid: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(_qualify(str(exc), prefix)) from None
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # get_type_hints re-evaluates string annotations on every call: most of a load's time.
+    return typing.get_type_hints(cls)
+
+
+def _qualify(message: str, prefix: str) -> str:
+    """Give a nested class's own error its full dotted key (``weight.bases`` under ``method.``)."""
+    key, sep, rest = message.partition("=")
+    if not prefix or not sep or " " in key or key.startswith(prefix):
+        return message
+    outer = prefix.rstrip(".").split(".")
+    inner = key.split(".")
+    overlap = next(
+        (n for n in range(min(len(outer), len(inner)), 0, -1) if outer[-n:] == inner[:n]), 0
+    )
+    return ".".join(outer + inner[overlap:]) + sep + rest
 
 
 def coerce(key: str, annotation: Any, value: Any) -> Any:

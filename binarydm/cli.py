@@ -1,0 +1,300 @@
+"""``bdm-search``: run BinaryDM studies, single trials, Pareto analysis and sampling.
+
+    bdm-search search_spaces/lrm_rank.yaml                  # run a study (quick profile)
+    bdm-search search_spaces/lrm_rank.yaml --profile gpu --address auto
+    bdm-search search_spaces/lrm_rank.yaml --resume         # continue an interrupted study
+    bdm-search validate search_spaces/joint.yaml            # check a study file, nothing else
+    bdm-search search_spaces/joint.yaml --dry-run           # resolved space, trial count, cost
+    bdm-search trial search_spaces/lrm_rank.yaml            # one trial of the fixed settings
+    bdm-search pareto lrm_rank                              # recompute the front from MLflow
+    bdm-search sample RUN_ID --out samples.png              # images from a trial's checkpoint
+
+Every error in the input is one line naming the key, the value and what is allowed,
+with exit code 2; nothing is written before the input is valid.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+KNOWN_TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql",
+                          "databricks", "")  # fmt: skip
+
+
+class DefaultRunGroup(TyperGroup):
+    """A click group whose first argument, if it is not a command, is a study file for `run`.
+
+    (A typer callback taking FILE would swallow the subcommand names.)
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultRunGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    help="BinaryDM search platform: 1-bit diffusion UNets, searched with Ray Tune + Optuna.",
+)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a key: --set training.lr=2e-5 (repeatable)"),
+]
+ProfileOption = Annotated[
+    str | None, typer.Option(help="profile of the study file (default: its default_profile)")
+]
+TrackingOption = Annotated[
+    str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (overrides the file)")
+]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg="red")
+    raise typer.Exit(2)
+
+
+def _load(file: Path, profile: str | None, sets: list[str] | None, **extra):
+    from binarydm._typed import ConfigError
+    from binarydm.search import load_study
+
+    overrides = list(sets or [])
+    for key, value in extra.items():
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        spec = load_study(file, profile=profile, overrides=overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _check_tracking_uri(spec.tracking.uri)
+    return spec
+
+
+def _check_tracking_uri(uri: str | None) -> None:
+    if uri is None:
+        return
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in KNOWN_TRACKING_SCHEMES:
+        _fail(
+            f"tracking.uri={uri!r} is invalid: unknown scheme {scheme!r}; allowed sqlite:///PATH, "
+            "file:///PATH, http(s)://HOST:PORT, postgresql://..., or a local path"
+        )
+
+
+def _guarded(action):
+    """Turn the platform's expected errors into one line and exit code 2."""
+    from binarydm._typed import ConfigError
+    from binarydm.data import DatasetError
+    from binarydm.models import ModelLoadError
+    from binarydm.search.driver import StudyError
+    from binarydm.train.runner import TrialError
+
+    try:
+        return action()
+    except (ConfigError, DatasetError, ModelLoadError, StudyError) as exc:
+        _fail(str(exc))
+    except TrialError as exc:
+        _fail(f"trial failed: {exc}")
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="study file (YAML)")],
+    sets: SetOption = None,
+    profile: ProfileOption = None,
+    tracking_uri: TrackingOption = None,
+    address: Annotated[
+        str | None, typer.Option(help="existing Ray cluster (HOST:PORT or auto); default local")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted study")] = False,
+    trials: Annotated[int | None, typer.Option(help="override search.trials")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the space, trial count, cost")] = False,
+    verbose: Annotated[bool, typer.Option(help="forward Ray worker logs")] = False,
+) -> None:
+    """Run a study: every trial a BinaryDM QAT run on Ray Train, tracked in MLflow."""
+    from rich.console import Console
+
+    spec = _load(file, profile, sets, **{"tracking.uri": tracking_uri, "search.trials": trials})
+    console = Console()
+    if dry_run:
+        _print_dry_run(spec, console)
+        return
+    _warn_remote_paths(spec, address, console)
+    from binarydm.search.analysis import pareto_table
+    from binarydm.search.driver import run_study
+
+    summary = _guarded(lambda: run_study(spec, address=address, resume=resume, verbose=verbose))
+    console.print(pareto_table(summary))
+    counts = ", ".join(f"{k.lower()}: {v}" for k, v in sorted(summary["counts"].items()))
+    console.print(f"trials {counts}; MLflow experiment {spec.tracking.experiment or spec.name!r}")
+
+
+def _warn_remote_paths(spec, address: str | None, console) -> None:
+    """On a remote cluster, relative/local stores vanish with the job's temporary directory."""
+    if not address or address.startswith(("127.", "localhost")):
+        return
+    local = []
+    for key, value in (
+        ("tracking.uri", spec.tracking.uri),
+        ("storage.optuna", spec.storage.optuna),
+        ("storage.ray_results", spec.storage.ray_results),
+        ("data.root", spec.settings.data.root),
+    ):
+        if value is None or value.startswith(("sqlite", "file:")) or not _is_remote(value):
+            local.append(key)
+    if local:
+        console.print(
+            f"[yellow]warning:[/] on a cluster, {', '.join(local)} must be remote or on shared "
+            "storage (an mlflow server, a Postgres URL, s3:// or an NFS path); local paths "
+            "vanish with the job's working directory"
+        )
+
+
+def _is_remote(value: str) -> bool:
+    return "://" in value and not value.startswith(("sqlite", "file"))
+
+
+def _print_dry_run(spec, console) -> None:
+    from binarydm.search import describe_space, estimate_cost
+
+    console.print(describe_space(spec))
+    cost = estimate_cost(spec)
+    for key, value in cost.items():
+        console.print(f"{key}: {value}")
+
+
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Argument(help="study file (YAML)")],
+    sets: SetOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Check a study file (and overrides); prints `ok` or one line saying what is wrong."""
+    spec = _load(file, profile, sets)
+    typer.echo(f"ok: study {spec.name!r}, profile {spec.profile or 'none'}, "
+               f"{spec.search.trials} trials x {len(spec.search.seeds)} seeds")  # fmt: skip
+
+
+@app.command()
+def trial(
+    file: Annotated[Path, typer.Argument(help="study file (YAML)")],
+    sets: SetOption = None,
+    profile: ProfileOption = None,
+    tracking_uri: TrackingOption = None,
+    address: Annotated[str | None, typer.Option(help="existing Ray cluster")] = None,
+) -> None:
+    """Run one trial of the file's fixed settings; print its metrics; log one MLflow run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    spec = _load(file, profile, sets, **{"tracking.uri": tracking_uri})
+    metrics = _guarded(lambda: _single_trial(spec, address))
+    table = Table(title=f"trial of {spec.name} ({spec.profile or 'no'} profile)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _single_trial(spec, address: str | None) -> dict:
+    import dataclasses
+
+    from binarydm.data import cache_dir as resolve_cache_dir
+    from binarydm.search.driver import connect_ray
+    from binarydm.search.trainable import StudyContext, execute_trial
+    from binarydm.tracking import StudyTracker
+
+    spec = spec.resolve_paths()
+    # Only the fixed settings run: the search space is not sampled.
+    spec = dataclasses.replace(
+        spec, search=dataclasses.replace(spec.search, seeds=spec.search.seeds[:1])
+    )
+    connect_ray(address)
+    tracker = StudyTracker(
+        spec.tracking.uri, spec.tracking.experiment, spec.name, spec.tracking.artifact_location
+    )
+    run = tracker.client.create_run(
+        tracker.experiment_id,
+        run_name=f"{spec.name}-trial",
+        tags={"study": spec.name, "bdm.role": "single-trial"},
+    )
+    context = StudyContext(spec, None, str(resolve_cache_dir(None)), "", "")
+    metrics = execute_trial(context, {}, tracker, run.info.run_id, 1, name=f"{spec.name}-single")
+    metrics["mlflow_run_id"] = run.info.run_id
+    return metrics
+
+
+@app.command()
+def pareto(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment of the study")],
+    study: Annotated[str | None, typer.Option(help="study name (default: the experiment)")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Recompute a study's Pareto front, hypervolume and plots from MLflow alone."""
+    from rich.console import Console
+
+    from binarydm.search.analysis import pareto_table, summarize
+    from binarydm.tracking import StudyTracker, load_study_summary
+
+    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    _check_tracking_uri(uri)
+    name = study or experiment
+    try:
+        saved = load_study_summary(experiment, name, uri)
+    except (LookupError, ValueError) as exc:
+        _fail(str(exc))
+    objectives = [(o["metric"], o["direction"]) for o in saved["objectives"]["objectives"]]
+    tracker = StudyTracker(uri, experiment, name)
+    summary = summarize(tracker, objectives, reference_point=saved["objectives"].get(
+        "reference_point"), study_file_text=saved.get("study_file_text", ""))  # fmt: skip
+    Console().print(pareto_table(summary))
+
+
+@app.command()
+def sample(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a trial")],
+    out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
+    num: Annotated[int, typer.Option(help="number of images")] = 64,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 100,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Generate images from a trial's packed 1-bit checkpoint."""
+    import mlflow
+
+    from binarydm.export import load_packed
+    from binarydm.train.diffusion import ddim_sample, to_uint8
+    from binarydm.train.evaluate import save_grid
+
+    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    _check_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        _fail(f"run {run_id!r} not found in {uri}: {exc.message}")
+    packed = Path(run.data.tags.get("checkpoint", "")) / "model.bdm"
+    if not packed.is_file():
+        _fail(f"run {run_id} has no packed checkpoint at {packed} (trial not finished?)")
+    model = load_packed(packed).eval()
+    images = to_uint8(ddim_sample(model, num, steps=steps, seed=seed))
+    save_grid(images, out)
+    typer.echo(f"wrote {num} samples ({steps} DDIM steps) to {out}")
+
+
+def main() -> None:
+    app(prog_name="bdm-search")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Callbacks of a study: live training curves to MLflow, live trial table in the terminal.
+
+``MlflowCurveCallback`` is a Ray Train callback: it runs in the Train controller
+and logs every report (loss, loss_lrm, ... at its step) to the trial's MLflow run
+through the durable buffer, so an MLflow outage never stops training.
+``StudyProgress`` is a Ray Tune callback in the driver that keeps a rich table of
+trials (state, parameters, latest metrics).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.train.v2.api.callback import UserCallback
+from ray.tune import Callback
+
+CURVE_METRICS = ("loss", "loss_noise", "loss_lrm", "loss_ebb", "lr", "train_images_per_s")
+
+
+class MlflowCurveCallback(UserCallback):
+    """Log each Ray Train report's training metrics to an MLflow run, at its step."""
+
+    def __init__(self, tracker, run_id: str, prefix: str = "") -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.prefix = prefix
+        self._logger = None
+
+    def _buffered(self):
+        if self._logger is None:
+            self._logger = curve_buffer(self.tracker, self.run_id, self.prefix)
+        return self._logger
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics or "step" not in metrics[0]:
+            return
+        report = metrics[0]
+        values = {
+            f"{self.prefix}{k}": float(report[k])
+            for k in CURVE_METRICS
+            if isinstance(report.get(k), int | float) and math.isfinite(report[k])
+        }
+        if values:
+            self._buffered().log_metrics(self.run_id, values, step=int(report["step"]))
+
+
+def curve_buffer(tracker, run_id: str, prefix: str = ""):
+    """The durable MLflow buffer of one trial's curve (one writer per file, named by run)."""
+    from binarydm.tracking import BufferedLogger
+
+    path = Path(tempfile.gettempdir()) / f"bdm-mlflow-{run_id}{prefix.rstrip('.')}.jsonl"
+    return BufferedLogger(tracker, path)
+
+
+class StudyProgress(Callback):
+    """A live table: one row per trial with its state, sampled parameters and metrics."""
+
+    def __init__(self, dimensions: list[str], metrics: list[str], *, enabled: bool = True) -> None:
+        self.dimensions = dimensions
+        self.metrics = metrics
+        self.enabled = enabled
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._live = None
+        self._last = 0.0
+
+    def _row(self, trial) -> dict[str, Any]:
+        return self.rows.setdefault(trial.trial_id, {"state": "PENDING", "metrics": {}})
+
+    def _table(self):
+        from rich.table import Table
+
+        table = Table(title="BinaryDM study", expand=False)
+        table.add_column("trial")
+        table.add_column("state")
+        for dim in self.dimensions:
+            table.add_column(dim.split(".", 1)[-1], overflow="fold")
+        for metric in ["step", "loss", *self.metrics]:
+            table.add_column(metric, justify="right")
+        for row in self.rows.values():
+            config = row.get("config", {})
+            cells = [str(row.get("number", "?")), row["state"]]
+            cells += [_fmt(config.get(dim)) for dim in self.dimensions]
+            cells += [_fmt(row["metrics"].get(m)) for m in ["step", "loss", *self.metrics]]
+            table.add_row(*cells)
+        return table
+
+    def _refresh(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self._live is None:
+            from rich.live import Live
+
+            self._live = Live(self._table(), refresh_per_second=2, transient=False)
+            self._live.start()
+        if force or time.monotonic() - self._last > 0.5:
+            self._live.update(self._table())
+            self._last = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        from binarydm.search.searcher import TRIAL_NUMBER_KEY
+
+        row = self._row(trial)
+        row.update(state="RUNNING", config=trial.config, number=trial.config.get(TRIAL_NUMBER_KEY))
+        self._refresh(force=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self._row(trial)
+        row["metrics"].update({k: v for k, v in result.items() if isinstance(v, int | float)})
+        self._refresh()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._row(trial)["state"] = "DONE"
+        self._refresh(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial)["state"] = "FAILED"
+        self._refresh(force=True)
+
+    def on_experiment_end(self, trials, **info):
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.stop()
+            self._live = None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,151 @@
+"""The Ray Tune function trainable of a study: one Optuna trial = one MLflow run.
+
+For each seed of the study it fits one Ray Train QAT run (Train V2 pattern:
+build and fit a ``TorchTrainer`` inside the trainable, results forwarded to Tune
+by ``TuneReportCallback``), then reports the mean over seeds (and the spread) as
+the trial's objectives. The MLflow run is found by the Optuna trial number, so
+retries and restored studies reuse it; ``attempt`` counts the starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import traceback
+from pathlib import Path
+from typing import Any
+
+from binarydm.search.searcher import TRIAL_NUMBER_KEY
+
+# Metrics averaged over seeds (the rest are identical across seeds or per-run details).
+AVERAGED = (
+    "fid", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib", "ops_saving", "size_saving",
+    "loss", "loss_noise", "loss_lrm", "loss_ebb", "train_s", "eval_s", "train_images_per_s",
+    "sample_images_per_s",
+)  # fmt: skip
+COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyContext:
+    """What every trial of a study needs from the driver (picklable, absolute paths)."""
+
+    spec: Any  # StudySpec with resolved paths
+    teacher_dir: str | None
+    cache_dir: str
+    parent_run_id: str
+    study_file_text: str
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each averaged metric over seeds, plus ``<metric>_std`` when there are several."""
+    out: dict[str, Any] = {}
+    for key in AVERAGED:
+        values = [float(m[key]) for m in per_seed if isinstance(m.get(key), int | float)]
+        if not values:
+            continue
+        out[key] = statistics.fmean(values)
+        if len(values) > 1:
+            out[f"{key}_std"] = statistics.stdev(values)
+    for key in COMPARABILITY:
+        if key in per_seed[0]:
+            out[key] = per_seed[0][key]
+    return out
+
+
+def trial_params(context: StudyContext, params: dict[str, Any]) -> dict[str, Any]:
+    """The run's params: flattened resolved settings, seeds, profile and sampled values."""
+    spec = context.spec
+    settings = spec.trial_settings(params, spec.search.seeds[0]).flat()
+    settings.pop("seed")
+    return {
+        **settings,
+        "seeds": list(spec.search.seeds),
+        "seed": spec.search.seeds[0] if len(spec.search.seeds) == 1 else "per-seed",
+        "profile": spec.profile or "none",
+        "study": spec.name,
+    }
+
+
+def run_trial(config: dict[str, Any], context: StudyContext) -> None:
+    """Tune entry point (wrapped with ``tune.with_parameters(context=...)``)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from binarydm.tracking import StudyTracker
+
+    config = dict(config)
+    number = int(config.pop(TRIAL_NUMBER_KEY))
+    spec = context.spec
+    tracker = StudyTracker(
+        spec.tracking.uri, spec.tracking.experiment, spec.name, spec.tracking.artifact_location
+    )
+    run_id, attempt = tracker.start_attempt(number)
+    metrics = execute_trial(
+        context, config, tracker, run_id, attempt,
+        name=f"{spec.name}-trial{number:04d}", extra_callbacks=[TuneReportCallback()],
+    )  # fmt: skip
+    ray.tune.report({**metrics, "trial_id": number, "final": True})
+
+
+def execute_trial(
+    context: StudyContext,
+    config: dict[str, Any],
+    tracker,
+    run_id: str,
+    attempt: int,
+    *,
+    name: str,
+    extra_callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Fit every seed of one configuration, log the run, return the seed-averaged metrics.
+
+    The MLflow run ends FINISHED, or FAILED with the traceback before the error propagates.
+    """
+    from binarydm.search.callbacks import MlflowCurveCallback, curve_buffer
+    from binarydm.tracking import reproducibility_params
+    from binarydm.train.runner import dataset_sha256, ensure_teacher, final_metrics, fit_qat
+
+    spec = context.spec
+    try:
+        tracker.set_tags(run_id, {"profile": spec.profile or "none", "attempt": attempt})
+        settings0 = spec.trial_settings(config, spec.search.seeds[0])
+        data_root = settings0.data.root
+        params = trial_params(context, config)
+        params.update(reproducibility_params())
+        params["data.sha256"] = dataset_sha256(settings0, data_root, context.cache_dir)
+        tracker.log_params(run_id, params)
+        tracker.log_artifact_json(run_id, "config.json", {"params": config, **settings0.to_dict()})
+        per_seed, checkpoints = [], []
+        storage = str(Path(spec.storage.ray_results) / "trials")
+        for seed in spec.search.seeds:
+            settings = spec.trial_settings(config, seed)
+            teacher = context.teacher_dir or ensure_teacher(
+                settings, storage_path=storage, data_root=data_root, cache_dir=context.cache_dir
+            )
+            prefix = f"seed{seed}." if len(spec.search.seeds) > 1 else ""
+            result = fit_qat(
+                settings,
+                name=f"{name}-seed{seed}",
+                storage_path=storage,
+                teacher_dir=teacher,
+                data_root=data_root,
+                cache_dir=context.cache_dir,
+                callbacks=[*(extra_callbacks or []), MlflowCurveCallback(tracker, run_id, prefix)],
+            )
+            # The Train controller has finished: replay any curve points an outage held back.
+            curve_buffer(tracker, run_id, prefix).flush()
+            per_seed.append(final_metrics(result))
+            checkpoints.append(result.checkpoint.path)
+        metrics = aggregate(per_seed)
+        # Comparability settings of the FID are params (strings included), the rest metrics.
+        tracker.log_params(run_id, {k: metrics[k] for k in COMPARABILITY if k in metrics})
+        numeric = {k: v for k, v in metrics.items() if k not in COMPARABILITY}
+        tracker.log_metrics(run_id, numeric, step=settings0.training.steps)
+        tracker.log_artifact_file(run_id, Path(checkpoints[0]) / "samples.png")
+        tracker.set_tags(run_id, {"checkpoint": checkpoints[0]})
+        tracker.finish_trial(run_id, "FINISHED")
+    except BaseException as exc:
+        tracker.finish_trial(run_id, "FAILED", error="".join(traceback.format_exception(exc)))
+        raise
+    return metrics
