@@ -253,11 +253,29 @@ def pareto(
         saved = load_study_summary(experiment, name, uri)
     except (LookupError, ValueError) as exc:
         _fail(str(exc))
-    objectives = [(o["metric"], o["direction"]) for o in saved["objectives"]["objectives"]]
+    if not saved.get("objectives"):
+        _fail(f"study {name!r} in experiment {experiment!r} was never summarised (no objectives)")
+    objectives = [(o["metric"], o["direction"]) for o in saved["objectives"]]
     tracker = StudyTracker(uri, experiment, name)
-    summary = summarize(tracker, objectives, reference_point=saved["objectives"].get(
-        "reference_point"), study_file_text=saved.get("study_file_text", ""))  # fmt: skip
+    study_text = _parent_study_file(tracker, saved["run_id"])
+    summary = summarize(
+        tracker,
+        objectives,
+        reference_point=saved.get("reference_point") or None,
+        study_file_text=study_text,
+    )
     Console().print(pareto_table(summary))
+
+
+def _parent_study_file(tracker, parent_run_id: str) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tracker.client.download_artifacts(parent_run_id, "study.yaml", tmp)
+        except Exception:  # an older parent without the file: the summary still recomputes
+            return ""
+        return Path(path).read_text()
 
 
 @app.command()

@@ -105,6 +105,7 @@ def binarize_(model: nn.Module, config: BinaryDMConfig | None = None) -> nn.Modu
             act_bits, stage = config.activation.bits, stage_of(name, levels)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         layer = cls.from_float(module, wq, act_bits, level=_level_label(name, levels), stage=stage)
+        layer.to(module.weight.device)  # quantizer state was created on the default device
         replacements.append((name, layer))
     for name, layer in replacements:
         parent_name, _, child = name.rpartition(".")
@@ -119,9 +120,8 @@ def binarize_(model: nn.Module, config: BinaryDMConfig | None = None) -> nn.Modu
 def _quantize_attention(model: nn.Module, config: BinaryDMConfig, levels: int) -> None:
     for _, module in model.named_modules():
         if hasattr(module, "set_processor") and hasattr(module, "to_q"):
-            module.set_processor(
-                QuantAttnProcessor(config.activation.bits, stage=attention_stage(levels))
-            )
+            processor = QuantAttnProcessor(config.activation.bits, stage=attention_stage(levels))
+            module.set_processor(processor.to(module.to_q.weight.device))
 
 
 def ebb_penalty(model: nn.Module):

@@ -1,0 +1,156 @@
+"""A real study through the CLI: local Ray, sqlite MLflow and Optuna, real MNIST images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from binarydm.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+LRM_STUDY = str(REPO / "search_spaces" / "lrm_rank.yaml")
+# Shares the session's cached tiny teacher (same teacher keys as tests/conftest.tiny_settings).
+TINY = [
+    "--set", "teacher.steps=40", "--set", "teacher.batch_size=32",
+    "--set", "training.steps=10", "--set", "training.batch_size=16",
+    "--set", "training.checkpoint_every=5", "--set", "training.log_every=5",
+    "--set", "evaluation.fid_samples=100", "--set", "evaluation.sampling_steps=4",
+    "--set", "evaluation.test_loss_images=64", "--set", "evaluation.sample_batch_size=100",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, ray_cluster, tiny_teacher):
+    import os
+
+    workdir = tmp_path_factory.mktemp("study")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        result = CliRunner().invoke(app, [LRM_STUDY, *TINY, "--trials", "2"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return workdir, result.output
+
+
+def _runs(workdir: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lrm_rank")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bdm.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("bdm.role") == "trial"]
+    return client, parents, children
+
+
+def test_parent_and_child_runs_with_contract_metrics(finished_study):
+    workdir, output = finished_study
+    client, parents, children = _runs(workdir)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert {c.data.tags["trial_id"] for c in children} == {"0", "1"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["study"] == "lrm_rank" and child.data.tags["attempt"] == "1"
+        assert child.data.tags["profile"] == "quick"
+        assert child.data.tags["pareto"] in ("true", "false")
+        for metric in ("fid", "ops_g", "bops_g", "flops_g", "size_mib", "test_loss",
+                       "ops_saving", "size_saving", "train_s", "eval_s"):  # fmt: skip
+            assert metric in child.data.metrics, metric
+        params = child.data.params
+        assert params["fid_dims"] == "64" and params["fid_samples"] == "100"
+        assert params["sampling_steps"] == "4" and params["fid_reference"] == "mnist/test/16px"
+        assert params["seed"] == "0" and len(params["data.sha256"]) == 64
+        assert "method.lrm.rank_divisor" in params and "version.torch" in params
+        assert "code.git_commit" in params and "hardware.cpu" in params
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"samples.png", "config.json"} <= artifacts
+        curve = client.get_metric_history(child.info.run_id, "loss")
+        assert sorted({m.step for m in curve}) == [5, 10]  # live training curve
+    pareto = [c for c in children if c.data.tags["pareto"] == "true"]
+    assert pareto, "a non-empty study has a non-empty Pareto front"
+    for child in pareto:
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == [
+            "checkpoint/model.bdm"
+        ]
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.png", "pareto.html", "objectives.json", "study.yaml"} <= parent_artifacts
+    assert parent.data.metrics["trials_finished"] == 2
+    assert parent.data.metrics["hypervolume"] >= 0
+    assert "Pareto front" in output
+
+
+def test_optuna_storage_holds_complete_trials(finished_study):
+    import optuna
+
+    workdir, _ = finished_study
+    study = optuna.load_study(study_name="lrm_rank", storage=f"sqlite:///{workdir}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    _, _, children = _runs(workdir)
+    fids = {int(c.data.tags["trial_id"]): c.data.metrics["fid"] for c in children}
+    for trial in study.trials:
+        assert trial.values[0] == pytest.approx(fids[trial.number])  # objectives = fid, test_loss
+        assert set(trial.params) == {
+            "method.lrm.rank_divisor", "method.lrm.weight", "method.lrm.axis"
+        }  # fmt: skip
+
+
+def test_pareto_and_sample_commands_work_from_mlflow_alone(finished_study, tmp_path):
+    workdir, _ = finished_study
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    result = CliRunner().invoke(app, ["pareto", "lrm_rank", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output
+    _, _, children = _runs(workdir)
+    out = tmp_path / "grid.png"
+    args = ["sample", children[0].info.run_id, "--tracking-uri", uri, "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--num", "4", "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_without_resume_is_refused(finished_study, monkeypatch):
+    workdir, _ = finished_study
+    monkeypatch.chdir(workdir)
+    result = CliRunner().invoke(app, [LRM_STUDY, *TINY, "--trials", "2"])
+    assert result.exit_code == 2
+    assert "--resume" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "method.weight.bases=4"], "method.weight.bases=4 is invalid"),
+        (["--set", "training.lr=fast"], "training.lr='fast' is invalid"),
+        (["--set", "training.nope=1"], "training.nope"),
+        (["--set", "evaluation.fid_dims=100"], "evaluation.fid_dims=100 is invalid"),
+        (["--tracking-uri", "gopher://x"], "unknown scheme 'gopher'"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [LRM_STUDY, *args])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_study_file_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "nope.yaml" in result.output
+
+
+def test_dry_run_prints_space_and_cost(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [LRM_STUDY, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "method.lrm.weight" in result.output and "trials: 4" in result.output
+    assert list(tmp_path.iterdir()) == []
+    json.dumps(result.output)
