@@ -13,7 +13,10 @@ preprocessing of its own: it takes 299x299 input already in the network's
 range. pytorch-fid resizes with ``F.interpolate(bilinear, align_corners=False)``
 and maps ``[0, 1]`` to ``[-1, 1]`` (``2x - 1``); fid-helper's ``FidHelper``
 default instead resamples with a TF1-style bilinear (``nv_bilinear``) and maps
-to TF's ``[-1, 0.9921875]``. This project scores with pytorch-fid's
+to TF's ``[-1, 0.9921875]``. On CIFAR-10 images that default moved 2048-d
+features by up to 0.77 (13% of their largest value); ``FidHelper`` set to
+``resample_mode="torch_bilinear_float"`` and ``model_input_range=(-1, 1)``
+agrees with pytorch-fid to 5e-6. This project scores with pytorch-fid's
 preprocessing, so its FIDs are pytorch-fid FIDs, not fid-helper ones.
 """
 

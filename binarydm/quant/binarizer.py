@@ -27,6 +27,10 @@ class MultiBasisBinarizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         # Bases still computed: drops to 1 at the EBB switch and stays there.
         self.register_buffer("active_bases", torch.tensor(bases, dtype=torch.long))
+        # Python mirrors of the two buffers: reading a CUDA buffer in forward would sync the
+        # GPU once per layer per step (and break torch.compile graphs).
+        self._initialized = False
+        self._num_active = bases
 
     @torch.no_grad()
     def initialize(self, weight: torch.Tensor) -> None:
@@ -37,16 +41,25 @@ class MultiBasisBinarizer(nn.Module):
             self.scales[i].copy_(scale)
             residual = residual - scale * sign_pm1(residual)
         self.initialized.fill_(True)
+        self._initialized = True
 
     @property
     def num_active(self) -> int:
-        return int(self.active_bases)
+        return self._num_active
 
     def set_active_bases(self, count: int) -> None:
-        self.active_bases.fill_(max(1, min(self.bases, count)))
+        count = max(1, min(self.bases, count))
+        if count != self._num_active:
+            self.active_bases.fill_(count)
+            self._num_active = count
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
+        self._num_active = int(self.active_bases)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if not self._initialized:
             self.initialize(weight)
         residual = weight
         out = None

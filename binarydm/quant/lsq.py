@@ -14,7 +14,42 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from binarydm.quant.ste import grad_scale, round_ste
+
+class _LSQFakeQuant(torch.autograd.Function):
+    """LSQ forward and its exact gradients in one function.
+
+    The composed form (divide, clamp, round-STE, multiply, gradient-scale trick) keeps
+    several activation-sized intermediates alive for backward; this saves only ``x``
+    and recomputes the rest, which is what makes the quantizer cheap on a GPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, qn: int, qp: int, grad_factor: float):
+        ctx.save_for_backward(x, step)
+        ctx.bounds = (qn, qp, grad_factor)
+        return torch.clamp(torch.round(x / step), qn, qp) * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, step = ctx.saved_tensors
+        qn, qp, grad_factor = ctx.bounds
+        v = x / step
+        inside = (v >= qn) & (v <= qp)
+        grad_x = torch.where(inside, grad, torch.zeros_like(grad))
+        # d q / d s: round(v) - v inside the range, the clipped level outside it.
+        ds = torch.where(inside, torch.round(v) - v, torch.clamp(v, qn, qp))
+        grad_step = grad.float() * ds.float()
+        if step.dim() == 0:
+            grad_step = grad_step.sum()
+        else:  # per-output-channel steps of weights: reduce all but dim 0
+            grad_step = grad_step.sum(dim=tuple(range(1, x.dim())), keepdim=True)
+        return (
+            grad_x,
+            (grad_step * grad_factor).to(step.dtype).reshape(step.shape),
+            None,
+            None,
+            None,
+        )
 
 
 class LSQQuantizer(nn.Module):
@@ -38,6 +73,7 @@ class LSQQuantizer(nn.Module):
         self.per_channel = channel_shape is not None
         self.step = nn.Parameter(torch.ones(channel_shape if channel_shape else ()))
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # Python mirror: no GPU sync per forward
 
     @property
     def enabled(self) -> bool:
@@ -56,15 +92,21 @@ class LSQQuantizer(nn.Module):
         step = 2 * mean_abs / math.sqrt(self.qp)
         self.step.copy_(step.clamp_min(1e-8).reshape(self.step.shape))
         self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self._initialized:
             self.initialize(x)
         per_step = x[0].numel() if self.per_channel else x.numel()
-        step = grad_scale(self.step, 1.0 / math.sqrt(per_step * self.qp)).to(x.dtype)
-        return round_ste(torch.clamp(x / step, self.qn, self.qp)) * step
+        grad_factor = 1.0 / math.sqrt(per_step * self.qp)
+        step = self.step.to(x.dtype)
+        return _LSQFakeQuant.apply(x, step, self.qn, self.qp, grad_factor)
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"

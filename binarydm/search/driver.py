@@ -1,23 +1,37 @@
 """Run a study: Ray Tune + OptunaSearch over Ray Train trials, MLflow parent run, Pareto front.
 
 ``run_study`` is what ``bdm-search FILE`` calls. It resolves every path in the
-driver, connects to Ray (a local cluster by default), makes sure the shared FP
-teacher exists before any trial starts, and then either starts the Tune
-experiment or restores it (``resume=True``) from its storage path, in which case
-finished trials are not rerun and unfinished ones continue under their own
-Optuna trial and MLflow run.
+driver, checks what it can before Ray starts (data, a local teacher, the MLflow
+server, the Optuna storage), connects to Ray (a local cluster by default), makes
+sure the shared FP teacher exists before any trial starts, and then either starts
+the Tune experiment or restores it (``resume=True``) from its storage path, in
+which case finished trials are not rerun and unfinished ones continue under their
+own Optuna trial and MLflow run. Optuna trials that a killed driver left RUNNING
+and that no restored Tune trial will finish are settled on resume (FAIL, or
+COMPLETE when their MLflow run finished), so no trial stays RUNNING forever.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from binarydm.search.study import StudySpec
 
 log = logging.getLogger(__name__)
+
+#: JSON ``{"<Optuna trial number>" or "*": {worker-config fault key: value}}``: fault
+#: injection for the fault-tolerance tests (keys: ``binarydm.train.loop.FAULT_KEYS``).
+FAULTS_ENV = "BINARYDM_FAULTS"
+ORPHAN_REASON = (
+    "orphaned: the study's driver was killed after Optuna created this trial and before "
+    "Ray Tune recorded it, so no restored Tune trial continues it"
+)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s]*@")
 
 
 class StudyError(RuntimeError):
@@ -62,12 +76,100 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         ) from None
 
 
+def mask_secrets(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host`` everywhere in ``text``."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
 def _study_file_text(spec: StudySpec) -> str:
+    """The study file as logged on the parent run, database passwords masked."""
     if spec.source and Path(spec.source).is_file():
-        return Path(spec.source).read_text()
+        return mask_secrets(Path(spec.source).read_text())
     import yaml
 
-    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    return mask_secrets(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+
+
+def fault_injection() -> dict[str, dict[str, Any]]:
+    """The fault-injection plan from ``$BINARYDM_FAULTS`` (empty when unset)."""
+    from binarydm.train.loop import FAULT_KEYS
+
+    text = os.environ.get(FAULTS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        plan = json.loads(text)
+    except ValueError as exc:
+        raise StudyError(f"{FAULTS_ENV}={text!r} is invalid: {exc}") from None
+    if not isinstance(plan, dict) or not all(isinstance(v, dict) for v in plan.values()):
+        raise StudyError(f"{FAULTS_ENV}={text!r} is invalid: allowed {{trial: {{key: value}}}}")
+    for faults in plan.values():
+        unknown = sorted(set(faults) - set(FAULT_KEYS))
+        if unknown:
+            raise StudyError(
+                f"{FAULTS_ENV} key {unknown[0]!r} is invalid: allowed {', '.join(FAULT_KEYS)}"
+            )
+    return {str(k): v for k, v in plan.items()}
+
+
+def _preflight(spec: StudySpec, cache_dir: str) -> None:
+    """Fail in seconds, before Ray starts or anything is written, on what would fail late."""
+    from binarydm.train.runner import dataset_sha256
+
+    _check_tracking_reachable(spec.tracking.uri)
+    settings = spec.trial_settings({}, spec.search.seeds[0])
+    space = list(spec.search.space)
+    if not any(k.startswith("data.") for k in space):
+        dataset_sha256(settings, settings.data.root, cache_dir)  # raises DatasetError
+    pretrained = settings.teacher.pretrained
+    if pretrained and not any(k.startswith("teacher.") for k in space):
+        _check_teacher(pretrained)
+
+
+def _check_teacher(pretrained: str) -> None:
+    from binarydm.models import load_unet
+
+    if pretrained.startswith(("/", ".", "~")) and not Path(pretrained).expanduser().is_dir():
+        raise StudyError(
+            f"teacher.pretrained={pretrained!r} is invalid: no such folder; allowed: a folder "
+            "written by save_pretrained (with config.json) or a Hugging Face hub id"
+        )
+    if Path(pretrained).expanduser().is_dir():
+        load_unet(pretrained)  # ModelLoadError: one line saying what is wrong with it
+
+
+def _check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An MLflow server must answer at the start: run creation cannot be buffered."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or parsed.hostname is None:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise StudyError(
+            f"tracking.uri={mask_secrets(uri)!r} does not answer ({exc}); start the MLflow "
+            "server (mlflow server --host 127.0.0.1 --port PORT) or use a sqlite:/// URI"
+        ) from None
+
+
+def _optuna_storage(spec: StudySpec):
+    """The study's Optuna storage, opened now so a bad URL fails before any trial."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(spec.storage.optuna)
+    except Exception as exc:  # SQLAlchemy, driver and Optuna errors share no base class
+        detail = mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise StudyError(
+            f"storage.optuna={mask_secrets(spec.storage.optuna)!r} cannot be opened "
+            f"({type(exc).__name__}: {detail}); allowed: a reachable database URL such as "
+            "sqlite:///optuna.db or postgresql://USER:PASSWORD@HOST/DB"
+        ) from None
 
 
 def _shared_teacher(spec: StudySpec, cache_dir: str) -> str | None:
@@ -82,14 +184,11 @@ def _shared_teacher(spec: StudySpec, cache_dir: str) -> str | None:
                               cache_dir=cache_dir))  # fmt: skip
 
 
-def _searcher(spec: StudySpec):
-    import optuna
-
+def _searcher(spec: StudySpec, storage):
     from binarydm.search.searcher import BinaryDMOptunaSearch
     from binarydm.search.space import build_sampler, optuna_space
 
     search = spec.search
-    storage = optuna.storages.RDBStorage(spec.storage.optuna)
     return BinaryDMOptunaSearch(
         space=optuna_space(search),
         metric=search.metrics,
@@ -132,6 +231,9 @@ def run_study(
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     spec = spec.resolve_paths()
     cache_dir = str(resolve_cache_dir(None))
+    faults = fault_injection()
+    _preflight(spec, cache_dir)
+    storage = _optuna_storage(spec)
     connect_ray(address, verbose=verbose)
     import ray
 
@@ -149,23 +251,27 @@ def run_study(
             "pass --resume to continue it, or give the study another name"
         )
     teacher = _shared_teacher(spec, cache_dir)
-    context = StudyContext(spec, teacher, cache_dir, parent, study_text)
+    context = StudyContext(spec, teacher, cache_dir, parent, study_text, faults)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context), _driver_resources(spec)
     )
     cluster = ray.cluster_resources()
     concurrency = spec.max_concurrent_trials(cluster.get("CPU", 1), cluster.get("GPU", 0))
     progress = StudyProgress(list(spec.search.space), spec.search.metrics, enabled=show_progress)
-    if resume and tune.Tuner.can_restore(str(experiment_path)):
+    restorable = resume and tune.Tuner.can_restore(str(experiment_path))
+    if restorable:
         tuner = tune.Tuner.restore(
             str(experiment_path), trainable=trainable, resume_unfinished=True,
             resume_errored=False, restart_errored=False,
         )  # fmt: skip
-    else:
+    if resume:
+        owned = _unfinished_trial_numbers(experiment_path) if restorable else set()
+        settle_orphans(spec, storage, tracker, owned)
+    if not restorable:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(spec),
+                search_alg=_searcher(spec, storage),
                 num_samples=spec.search.trials,
                 max_concurrent_trials=concurrency,
             ),
@@ -174,7 +280,7 @@ def run_study(
                 storage_path=spec.storage.ray_results,
                 callbacks=[progress],
                 verbose=0,
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
             ),
         )
     tuner.fit()
@@ -187,3 +293,59 @@ def run_study(
     )
     tracker.finish_study("FINISHED")
     return summary
+
+
+def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:
+    """Optuna trial numbers of the saved Tune trials that a restore will run (again)."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    from binarydm.search.searcher import TRIAL_NUMBER_KEY
+
+    done = (Trial.TERMINATED, Trial.ERROR)
+    analysis = ExperimentAnalysis(str(experiment_path))
+    return {
+        int(trial.config[TRIAL_NUMBER_KEY])
+        for trial in analysis.trials
+        if trial.status not in done and TRIAL_NUMBER_KEY in trial.config
+    }
+
+
+def settle_orphans(spec: StudySpec, storage, tracker, owned: set[int]) -> dict[int, str]:
+    """Tell Optuna the end of every RUNNING trial no restored Tune trial owns.
+
+    A killed driver leaves such trials behind when it died between Optuna's ``ask`` and
+    Tune's next experiment snapshot. COMPLETE if its MLflow run finished with every
+    objective, else FAIL (``fail_reason``) with its MLflow run, if any, FAILED too.
+    Returns ``{trial number: new state}``.
+    """
+    from optuna.trial import TrialState
+
+    from binarydm.search.trainable import finished_metrics
+
+    try:
+        study_id = storage.get_study_id_from_name(spec.name)
+    except KeyError:
+        return {}
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    orphans = [t.number for t in running if t.number not in owned]
+    if not orphans:
+        return {}
+    runs = tracker.trial_runs()
+    settled = {}
+    for number in orphans:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        run_id = runs.get(number)
+        logged = finished_metrics(tracker, run_id, spec.search.metrics) if run_id else None
+        if logged is not None:
+            values = [float(logged[m]) for m in spec.search.metrics]
+            storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
+            settled[number] = "COMPLETE"
+            continue
+        storage.set_trial_user_attr(trial_id, "fail_reason", ORPHAN_REASON)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        if run_id and tracker.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            tracker.finish_trial(run_id, "FAILED", error=ORPHAN_REASON)
+        settled[number] = "FAIL"
+    log.warning("resume: settled Optuna trials left RUNNING by the killed driver: %s", settled)
+    return settled

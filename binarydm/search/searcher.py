@@ -62,6 +62,14 @@ class BinaryDMOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         reason = failure_reason(result, metrics, error)
+        if error and reason is not None:
+            # Tune passes no exception; the trainable left its last error on the trial.
+            # (``ot_trial.user_attrs`` is this process's stale copy; re-read the storage.)
+            trials = self._ot_study.get_trials(deepcopy=False)
+            attrs = next(t.user_attrs for t in trials if t.number == ot_trial.number)
+            if attrs.get("last_error"):
+                attempt = attrs.get("last_error_attempt")
+                reason = f"{reason} (attempt {attempt}): {attrs['last_error']}"
         try:
             if reason is None:
                 values = [float(result[m]) for m in metrics]

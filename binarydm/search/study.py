@@ -257,7 +257,7 @@ class SearchSpec:
 
 @dataclass(frozen=True)
 class ResourceSpec:
-    """How many trials run at once, and what each trial's driver reserves."""
+    """How many trials run at once, what each trial's driver reserves, how often it retries."""
 
     max_concurrent_trials: int | None = _doc(
         "null = as many as fit the cluster's CPUs/GPUs, capped by search.trials", default=None
@@ -267,8 +267,19 @@ class ResourceSpec:
         "0 because the driver only waits on them",
         default=0.0,
     )
+    trial_retries: int = _doc(
+        "how often Ray Tune restarts a trial that raised (a new attempt of the same Optuna "
+        "trial and MLflow run); a non-finite loss is never retried",
+        default=0,
+    )
 
     def __post_init__(self) -> None:
+        require(
+            self.trial_retries >= 0,
+            "resources.trial_retries",
+            self.trial_retries,
+            "an integer >= 0",
+        )
         if self.max_concurrent_trials is not None:
             require(
                 self.max_concurrent_trials >= 1,

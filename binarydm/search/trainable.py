@@ -35,6 +35,11 @@ class StudyContext:
     cache_dir: str
     parent_run_id: str
     study_file_text: str
+    # Optuna trial number (or "*") -> worker-config fault keys; tests only (driver.FAULTS_ENV).
+    faults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def faults_of(self, number: int) -> dict[str, Any]:
+        return {**self.faults.get("*", {}), **self.faults.get(str(number), {})}
 
 
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,6 +78,8 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from binarydm.tracking import StudyTracker
+    from binarydm.train.loop import NonFiniteLossError
+    from binarydm.train.runner import TrialError
 
     config = dict(config)
     number = int(config.pop(TRIAL_NUMBER_KEY))
@@ -80,12 +87,77 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     tracker = StudyTracker(
         spec.tracking.uri, spec.tracking.experiment, spec.name, spec.tracking.artifact_location
     )
+    logged = finished_metrics(tracker, tracker.trial_run_id(number), spec.search.metrics)
+    if logged is not None:
+        # The study's driver died after this trial ended but before Tune recorded it: report
+        # what the run logged instead of training (and counting an attempt) again.
+        ray.tune.report({**logged, "trial_id": number, "final": True})
+        return
     run_id, attempt = tracker.start_attempt(number)
-    metrics = execute_trial(
-        context, config, tracker, run_id, attempt,
-        name=f"{spec.name}-trial{number:04d}", extra_callbacks=[TuneReportCallback()],
-    )  # fmt: skip
+    try:
+        metrics = execute_trial(
+            context, config, tracker, run_id, attempt,
+            name=f"{spec.name}-trial{number:04d}", extra_callbacks=[TuneReportCallback()],
+            extra_config=context.faults_of(number) or None,
+        )  # fmt: skip
+    except TrialError as exc:
+        if not str(exc).startswith(NonFiniteLossError.__name__):
+            record_attempt_error(spec, number, attempt, exc)
+            raise
+        # Deterministic: a retry would diverge again. Reported, not raised, so Tune does not
+        # retry it and the searcher records the reason.
+        ray.tune.report({"error": str(exc), "trial_id": number, "final": True})
+        return
+    except Exception as exc:
+        record_attempt_error(spec, number, attempt, exc)
+        raise
     ray.tune.report({**metrics, "trial_id": number, "final": True})
+
+
+def finished_metrics(tracker, run_id: str, objectives: list[str]) -> dict[str, Any] | None:
+    """The seed-averaged metrics a FINISHED run logged, or None if it is not finished."""
+    run = tracker.client.get_run(run_id)
+    if run.info.status != "FINISHED":
+        return None
+    metrics = {k: v for k, v in run.data.metrics.items() if k in AVERAGED or k.endswith("_std")}
+    return metrics if all(m in metrics for m in objectives) else None
+
+
+def record_attempt_error(spec, number: int, attempt: int, exc: BaseException) -> None:
+    """Put this attempt's error on the Optuna trial (user attrs ``last_error*``).
+
+    Ray Tune tells its searcher only that a trial errored, not why; the searcher turns this
+    attr into the FAILED trial's ``fail_reason``.
+    """
+    import optuna
+
+    storage = optuna.storages.RDBStorage(spec.storage.optuna)
+    try:
+        study_id = storage.get_study_id_from_name(spec.name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        storage.set_trial_user_attr(trial_id, "last_error", error_line(exc))
+        storage.set_trial_user_attr(trial_id, "last_error_attempt", attempt)
+    except (KeyError, RuntimeError, optuna.exceptions.OptunaError):
+        pass  # no such trial (a single-trial run) or already finished: MLflow has the error
+    finally:
+        storage.remove_session()
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: message`` of the error a worker raised, first line only.
+
+    Ray Train wraps a worker's exception in ``WorkerGroupError.worker_failures``, and Ray
+    wraps a remote exception in ``RayTaskError`` (its ``cause``); unwrap both.
+    """
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    exc = getattr(exc, "controller_failure", exc)
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0] if message else ''}"
 
 
 def execute_trial(
@@ -97,6 +169,7 @@ def execute_trial(
     *,
     name: str,
     extra_callbacks: list | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit every seed of one configuration, log the run, return the seed-averaged metrics.
 
@@ -132,6 +205,7 @@ def execute_trial(
                 data_root=data_root,
                 cache_dir=context.cache_dir,
                 callbacks=[*(extra_callbacks or []), MlflowCurveCallback(tracker, run_id, prefix)],
+                extra_config=extra_config,
             )
             # The Train controller has finished: replay any curve points an outage held back.
             curve_buffer(tracker, run_id, prefix).flush()

@@ -26,6 +26,15 @@ from binarydm.train.diffusion import noise_scheduler, noisy_batch
 from binarydm.train.ema import ModelEMA
 from binarydm.train.settings import TrialSettings
 
+#: Worker-config keys that inject faults, for the fault-tolerance tests (tests/fault): a NaN
+#: loss at a step, rank 0's PID written to a file (to kill it), a simulated OOM at a step while
+#: a counter file allows, and a hold after the report of a step while a file exists.
+FAULT_KEYS = (
+    "nan_at_step", "pid_file", "pid_rank", "fail_at_step", "fail_marker", "hold_at_step",
+    "hold_file",
+)  # fmt: skip
+HOLD_LIMIT_S = 600.0
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf: the trial stops and is recorded FAILED with this reason."""
@@ -188,6 +197,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             num_items=images.shape[0],
             seed=seed,
         )
+        if step == config.get("fail_at_step") and rank == 0 and _take_failure(config):
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory at step {step} (simulated by fault injection)"
+            )
         clean = images[idx].to(device, non_blocking=True)
         generator = torch.Generator().manual_seed((seed * 7919 + step) * 131 + rank)
         x_t, t, noise = noisy_batch(clean, noise_sched, generator)
@@ -250,9 +263,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, done, metrics, rank)
         elif done % log_every == 0:
             ray.train.report(metrics)
+        if done == config.get("hold_at_step") and start_step < done and rank == 0:
+            _hold(config.get("hold_file"))
     if progress is not None:
         progress.close()
     _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank)
+
+
+def _take_failure(config: dict[str, Any]) -> bool:
+    """Consume one failure from the ``fail_marker`` counter file (fault injection)."""
+    marker = Path(config["fail_marker"]) if config.get("fail_marker") else None
+    if marker is None or not marker.exists():
+        return False
+    left = int(marker.read_text().strip() or 0)
+    if left <= 0:
+        return False
+    marker.write_text(str(left - 1))
+    return True
+
+
+def _hold(hold_file: str | None) -> None:
+    """Wait while ``hold_file`` exists (fault injection): the test kills or corrupts meanwhile.
+
+    Bounded, so a test that never releases the hold cannot hang a run forever.
+    """
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while hold_file and Path(hold_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank):

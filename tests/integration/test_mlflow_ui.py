@@ -1,0 +1,109 @@
+"""What a user sees in the MLflow UI after a study: headless Chromium against a real server.
+
+``mlflow server`` (SQLite backend) records a 2-trial study run by ``bdm-search``; Chromium
+renders the experiment's runs table and a trial's run page, and the tests read the rendered
+DOM (``--dump-dom``): the study's parent run is listed with its trials folded under it, and
+a trial's page shows its metrics and the ``pareto`` tag. Screenshots of both pages are kept
+in the test's tmp dir, the trial's also at /tmp/bdm_mlflow_ui.png for a person to look at.
+
+MLflow 3's ``#/experiments/<id>`` opens the GenAI overview; the runs table is ``.../runs``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900)
+
+STUDY = "lrm_rank"
+TRIALS = 2
+#: A slow server (a loaded CI machine) may answer after the virtual time budget: retry.
+RENDER_ATTEMPTS = 3
+SCREENSHOT_COPY = Path("/tmp/bdm_mlflow_ui.png")
+
+
+@pytest.fixture(scope="module")
+def ui_study(mlflow_server_factory, run_study, study_env, tmp_path_factory):
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow_ui")
+    server = mlflow_server_factory(root, f"sqlite:///{root / 'mlflow.db'}", study_env)
+    run_study(
+        [
+            "--trials", str(TRIALS), "--tracking-uri", server.url,
+            "--set", f"storage.optuna=sqlite:///{root / 'optuna.db'}",
+            "--set", f"storage.ray_results={root / 'ray_results'}",
+        ],
+        cwd=root, env=study_env,
+    )  # fmt: skip
+    client = MlflowClient(server.url)
+    experiment = client.get_experiment_by_name(STUDY)
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("bdm.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == TRIALS and len(runs) == TRIALS + 1
+    return SimpleNamespace(
+        url=server.url, experiment_id=experiment.experiment_id, parent=parent, children=children
+    )
+
+
+def _text(dom: str) -> str:
+    """The page's text as a reader sees it: tags, scripts and styles dropped, spaces collapsed."""
+    body = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", body)).split())
+
+
+def _render(chromium, url: str, out: Path, ready: str) -> str:
+    """The DOM of ``url`` once its text holds ``ready`` (or the last attempt's)."""
+    for attempt in range(RENDER_ATTEMPTS):
+        dom = chromium.dump_dom(url, out.with_suffix(f".{attempt}.html"))
+        if ready in _text(dom):
+            break
+    return dom
+
+
+def test_runs_table_shows_the_study_with_its_trials_folded(ui_study, chromium, tmp_path):
+    experiment, parent = ui_study.experiment_id, ui_study.parent
+    url = f"{ui_study.url}/#/experiments/{experiment}/runs"
+    dom = _render(chromium, url, tmp_path / "runs", f"{TRIALS + 1} matching runs")
+    text = _text(dom)
+    chromium.screenshot(url, tmp_path / "runs.png")
+
+    assert f"{TRIALS + 1} matching runs" in text, text[:3000]
+    assert parent.info.run_name in text
+    parent_link = f'href="#/experiments/{experiment}/runs/{parent.info.run_id}"'
+    assert parent_link in dom
+    for child in ui_study.children:
+        assert child.info.run_id not in dom, f"{child.info.run_name} is not folded"
+        assert child.info.run_name not in text
+    # The parent's name cell holds the expander button that unfolds its trials.
+    name_cell = re.search(
+        r'col-id="attributes\.`Run Name`"((?:(?!role="gridcell").)*?)' + re.escape(parent_link),
+        dom,
+        flags=re.S,
+    )
+    assert name_cell and "<button" in name_cell[1], "no expander beside the parent run"
+
+
+def test_trial_page_shows_metrics_and_pareto_tag(ui_study, chromium, tmp_path):
+    # A Pareto member: its page is the one worth a screenshot.
+    trial = next(r for r in ui_study.children if r.data.tags["pareto"] == "true")
+    url = f"{ui_study.url}/#/experiments/{ui_study.experiment_id}/runs/{trial.info.run_id}"
+    dom = _render(chromium, url, tmp_path / "trial", "pareto")
+    text = _text(dom)
+    screenshot = chromium.screenshot(url, tmp_path / "trial.png")
+    shutil.copyfile(screenshot, SCREENSHOT_COPY)
+
+    assert trial.info.run_name in text and f"Parent run {ui_study.parent.info.run_name}" in text
+    for metric in ("fid", "test_loss", "ops_g", "size_mib"):
+        shown = re.search(rf"\b{metric} (-?[0-9.e+-]+)", text)
+        assert shown, f"metric {metric} is not on the page"
+        assert float(shown[1]) == pytest.approx(trial.data.metrics[metric])
+    assert "pareto : true" in text and f"trial_id : {trial.data.tags['trial_id']}" in text
+    assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
