@@ -1,9 +1,8 @@
-"""Straight-through estimators shared by the quantizers.
+"""The binarizer's sign and its clipped straight-through estimator.
 
-``sign_ste`` is the binarizer's sign with sign(0) = +1 (``torch.sign`` gives 0,
-which would drop weights from the packed format) and the clipped STE backward:
-gradient passes where ``|x| <= 1``. ``round_ste`` and ``grad_scale`` are LSQ's
-two tricks (Esser et al. 2019).
+``sign_ste`` is sign with sign(0) = +1 (``torch.sign`` gives 0, which would drop
+weights from the packed format) and the clipped STE backward: the gradient passes
+where ``|x| <= 1``. (LSQ's round-STE lives in ``lsq.py`` as one autograd function.)
 """
 
 from __future__ import annotations
@@ -30,13 +29,3 @@ class _SignSTE(torch.autograd.Function):
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     return _SignSTE.apply(x)
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    # Forward rounds, backward is identity.
-    return x + (torch.round(x) - x).detach()
-
-
-def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    # Forward value x, backward gradient multiplied by ``scale``.
-    return x * scale + (x - x * scale).detach()

@@ -388,12 +388,18 @@ class StudySpec:
         point somewhere else in a trial. ``data.root`` falls back to $BINARYDM_DATA_ROOT.
         """
         base = Path(base_dir or Path.cwd()).resolve()
+        uri = _absolute_uri(self.tracking.uri, base, "mlflow.db")
+        artifacts = self.tracking.artifact_location
+        if artifacts is None and not uri.startswith(("sqlite:", "file:")) and _is_uri(uri):
+            # A tracking server proxies artifacts to its own store: a local folder on the
+            # driver would be unreachable from trials on other nodes.
+            location = None
+        else:
+            location = _absolute_path(artifacts or "mlartifacts", base)
         tracking = TrackingSpec(
-            uri=_absolute_uri(self.tracking.uri, base, "mlflow.db"),
+            uri=uri,
             experiment=self.tracking.experiment or self.name,
-            artifact_location=_absolute_path(
-                self.tracking.artifact_location or "mlartifacts", base
-            ),
+            artifact_location=location,
         )
         storage = StorageSpec(
             optuna=_absolute_uri(self.storage.optuna, base, "optuna.db"),
@@ -766,7 +772,9 @@ def _plain(value: Any) -> Any:
 
 
 def _is_uri(text: str) -> bool:
-    return "://" in text
+    # "scheme://..." and MLflow's "mlflow-artifacts:/path" form; not "C:/..." style paths.
+    head, sep, _ = text.partition(":")
+    return "://" in text or (bool(sep) and len(head) > 1 and "/" not in head)
 
 
 def _absolute_path(path: str, base: Path) -> str:

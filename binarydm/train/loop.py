@@ -260,7 +260,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if resume_notes:
                 metrics["resume_note"] = "; ".join(resume_notes)
         if is_ckpt:
-            _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, done, metrics, rank)
+            # After a fallback the steps since the older checkpoint are trained again; their
+            # checkpoints get new names, or Ray Train, evicting the old result of the same
+            # name, would delete the new folder.
+            name = f"checkpoint_{done:08d}" + (f"-refit{start_step:08d}" if resume_notes else "")
+            _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, metrics, rank, name)
         elif done % log_every == 0:
             ray.train.report(metrics)
         if done == config.get("hold_at_step") and start_step < done and rank == 0:
@@ -362,14 +366,14 @@ def metrics_keys() -> tuple[str, ...]:
     return ("loss", "loss_noise", "loss_lrm", "loss_ebb")
 
 
-def _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, step, metrics, rank) -> None:
+def _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, metrics, rank, name) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
             state = {
-                "step": step,
+                "step": metrics["step"],
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler_lr.state_dict(),
@@ -377,6 +381,6 @@ def _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, step, metrics, 
                 "lrm": lrm.state_dict() if lrm is not None else None,
                 "metrics": metrics,
             }
-            save_state(tmp, state, step=step)
+            save_state(tmp, state, step=metrics["step"])
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)

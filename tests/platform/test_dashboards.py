@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -227,12 +228,19 @@ def scraped() -> dict[str, list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # A throwaway local node needs no token, and must not write one into ~/.ray.
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    result = subprocess.run(
+    # Its own process group, so that a hung run is ended with every Ray process it started.
+    process = subprocess.Popen(
         [sys.executable, "-c", WORKLOAD, json.dumps(wanted)],
-        capture_output=True, text=True, timeout=150, env=env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        start_new_session=True,
     )  # fmt: skip
-    lines = [line for line in result.stdout.splitlines() if line.startswith("SCRAPED ")]
-    assert result.returncode == 0 and lines, f"Ray workload failed:\n{result.stderr[-4000:]}"
+    try:
+        stdout, stderr = process.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("SCRAPED ")]
+    assert process.returncode == 0 and lines, f"Ray workload failed:\n{stderr[-4000:]}"
     return json.loads(lines[-1].removeprefix("SCRAPED "))
 
 

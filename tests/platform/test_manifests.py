@@ -118,6 +118,10 @@ def pod_template(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["template"]
 
 
+def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return pod_template(workload)["metadata"]["labels"]
+
+
 def containers(template: dict[str, Any]) -> list[dict[str, Any]]:
     spec = template["spec"]
     return spec.get("initContainers", []) + spec["containers"]
@@ -239,7 +243,7 @@ def test_core_objects_match_the_kubernetes_schema():
     validator = pytest.importorskip(
         "kubernetes_validate", reason="pip install kubernetes-validate (dev extra)"
     )
-    for path, doc in all_docs():
+    for _, doc in all_docs():
         if doc["kind"] not in RAY_KINDS:
             validator.validate(doc, K8S_VERSION, strict=True)  # raises naming path and field
 
@@ -252,7 +256,8 @@ def _strict_pod_template_validator() -> jsonschema.protocols.Validator:
 
     from referencing import Registry, Resource
 
-    folder = files(kubernetes_validate) / "kubernetes-json-schema" / f"v{K8S_VERSION}.0-local-strict"
+    schemas = files(kubernetes_validate) / "kubernetes-json-schema"
+    folder = schemas / f"v{K8S_VERSION}.0-local-strict"
     definitions = json.loads((folder / "_definitions.json").read_text())
     registry = Resource.from_contents(definitions) @ Registry()
     schema = {"$ref": f"{definitions['$id']}#/$defs/io.k8s.api.core.v1.PodTemplateSpec"}
@@ -410,7 +415,7 @@ def test_ray_resources_match_the_kuberay_crd_fields():
 def test_ray_start_params_are_options_of_the_pinned_ray_start():
     from ray.scripts.scripts import start
 
-    for path, doc in all_docs():
+    for _, doc in all_docs():
         if doc["kind"] not in RAY_KINDS:
             continue
         cluster = doc["spec"].get("rayClusterSpec", doc["spec"])
@@ -592,7 +597,8 @@ def test_mlflow_server_command_parses_and_proxies_authenticated_artifacts():
     assert params["app_name"] == "basic-auth"
     backend = urlparse(params["backend_store_uri"])
     assert backend.scheme.startswith("postgresql") and backend.password is None
-    assert f"postgresql://{backend.hostname}:{backend.port}" == service_url("postgres", "postgresql")
+    postgres = service_url("postgres", "postgresql")
+    assert f"postgresql://{backend.hostname}:{backend.port}" == postgres
     # Clients send Host: mlflow:5000; MLflow's DNS-rebinding guard must let it through.
     allowed = params["allowed_hosts"].split(",")
     assert service_url("mlflow", "http").removeprefix("http://") in allowed
@@ -609,8 +615,9 @@ def test_mlflow_auth_config_holds_no_secret_and_is_where_mlflow_reads_it():
     template = pod_template(the("Deployment"))
     (container,) = template["spec"]["containers"]
     env = env_of(container)
-    (volume,) = [v for v in template["spec"]["volumes"]
-                 if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]]  # fmt: skip
+    name = config_map["metadata"]["name"]
+    volumes = template["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v.get("configMap", {}).get("name") == name]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount['mountPath']}/basic_auth.ini"
     for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
@@ -644,8 +651,7 @@ def test_services_select_pods_that_expose_their_target_ports():
         if service["kind"] != "Service":
             continue
         selector = service["spec"]["selector"]
-        matching = [w for w in workloads
-                    if selector.items() <= pod_template(w)["metadata"]["labels"].items()]  # fmt: skip
+        matching = [w for w in workloads if selector.items() <= pod_labels(w).items()]
         assert len(matching) == 1, f"Service {service['metadata']['name']} selects {len(matching)}"
         (workload,) = matching
         assert selector.items() <= workload["spec"]["selector"]["matchLabels"].items()
