@@ -148,6 +148,7 @@ def _warn_remote_paths(spec, address: str | None, console) -> None:
         ("storage.optuna", spec.storage.optuna),
         ("storage.ray_results", spec.storage.ray_results),
         ("data.root", spec.settings.data.root),
+        ("tracking.artifact_location", spec.tracking.artifact_location),
     ):
         if value is None or value.startswith(("sqlite", "file:")) or not _is_remote(value):
             local.append(key)

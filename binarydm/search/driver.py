@@ -46,6 +46,8 @@ def connect_ray(address: str | None, *, verbose: bool = False, timeout_s: float 
         return
     if address:
         _check_reachable(address, timeout_s)
+    else:
+        _loopback_only()
     ray.init(
         address=address or None,
         include_dashboard=False if not address else None,
@@ -53,6 +55,23 @@ def connect_ray(address: str | None, *, verbose: bool = False, timeout_s: float 
         configure_logging=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
+
+
+def _loopback_only() -> None:
+    """Make the local cluster we start listen on 127.0.0.1 only.
+
+    On Linux Ray replaces a loopback node IP by the machine's routable one and then its
+    GCS, raylet, worker and agent servers listen on every interface. Its switch for
+    "single-machine, loopback" (named for Windows and macOS, read once at import) keeps
+    the node IP at 127.0.0.1, which every server then binds to. Token authentication
+    stays on: ``ray.init`` enables it for new local clusters unless RAY_AUTH_MODE says
+    otherwise.
+    """
+    from ray._private import ray_constants
+
+    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    if os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:

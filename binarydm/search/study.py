@@ -390,7 +390,7 @@ class StudySpec:
         base = Path(base_dir or Path.cwd()).resolve()
         uri = _absolute_uri(self.tracking.uri, base, "mlflow.db")
         artifacts = self.tracking.artifact_location
-        if artifacts is None and not uri.startswith(("sqlite:", "file:")) and _is_uri(uri):
+        if artifacts is None and uri.startswith(("http://", "https://", "databricks")):
             # A tracking server proxies artifacts to its own store: a local folder on the
             # driver would be unreachable from trials on other nodes.
             location = None

@@ -33,7 +33,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STUDY_FILE = REPO_ROOT / "search_spaces" / "lrm_rank.yaml"
 VENV_BIN = Path(sys.executable).parent
-CI_APT_LINE = "apt-get install -y --no-install-recommends postgresql chromium"
+CI_APT_LINE = "apt-get install -y --no-install-recommends postgresql chromium fonts-dejavu-core"
 
 #: Overrides that shrink the quick profile of lrm_rank.yaml to about a minute per trial.
 TINY_STUDY = [

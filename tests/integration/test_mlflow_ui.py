@@ -68,7 +68,7 @@ def _render(chromium, url: str, out: Path, ready: str) -> str:
     return dom
 
 
-def test_runs_table_shows_the_study_with_its_trials_folded(ui_study, chromium, tmp_path):
+def test_runs_table_shows_the_study_with_its_trials_folded(chromium, ui_study, tmp_path):
     experiment, parent = ui_study.experiment_id, ui_study.parent
     url = f"{ui_study.url}/#/experiments/{experiment}/runs"
     dom = _render(chromium, url, tmp_path / "runs", f"{TRIALS + 1} matching runs")
@@ -91,7 +91,7 @@ def test_runs_table_shows_the_study_with_its_trials_folded(ui_study, chromium, t
     assert name_cell and "<button" in name_cell[1], "no expander beside the parent run"
 
 
-def test_trial_page_shows_metrics_and_pareto_tag(ui_study, chromium, tmp_path):
+def test_trial_page_shows_metrics_and_pareto_tag(chromium, ui_study, tmp_path):
     # A Pareto member: its page is the one worth a screenshot.
     trial = next(r for r in ui_study.children if r.data.tags["pareto"] == "true")
     url = f"{ui_study.url}/#/experiments/{ui_study.experiment_id}/runs/{trial.info.run_id}"

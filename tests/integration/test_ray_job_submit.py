@@ -24,15 +24,28 @@ from binarydm.tracking import load_study_results
 pytestmark = pytest.mark.timeout(900)
 
 JOB_TIMEOUT_S = 600
-#: What must never travel with a job: the upload has to stay small.
-EXCLUDES = [".git", ".venv", "mlruns", "mlartifacts", "*.db", "ray_results", "data", ".cache"]
+#: What must never travel with a job: the upload has to stay small. Patterns are gitignore
+#: style: a bare "data" would also drop binarydm/data, so the data folder is anchored.
+EXCLUDES = [".git", ".venv", "mlruns", "mlartifacts", "*.db", "ray_results", "/data", ".cache"]
 UPLOAD_LIMIT_BYTES = 5 * 2**20
 STUDY = "lrm_rank"
 
 
+def _packages(repo_root: Path) -> list[str]:
+    """binarydm and every subpackage of it in the checkout."""
+    return sorted(
+        ".".join(init.parent.relative_to(repo_root).parts)
+        for init in (repo_root / "binarydm").rglob("__init__.py")
+    )
+
+
 def _entrypoint(layout, results: Path, data_root: str) -> str:
-    """Say which binarydm the job's driver imports, then run the study as a user would."""
-    probe = "import sys, binarydm; print('BINARYDM_FROM', binarydm.__file__, sys.executable)"
+    """Say where the job's driver imports each binarydm package from, then run the study."""
+    packages = _packages(layout.repo_root)
+    probe = (
+        "import importlib, sys; print('PYTHON', sys.executable); "
+        f"[print('IMPORTED', n, importlib.import_module(n).__file__) for n in {packages}]"
+    )
     study = " ".join(
         [
             "bdm-search", "search_spaces/lrm_rank.yaml", *layout.tiny_study, "--trials", "1",
@@ -83,14 +96,16 @@ def test_job_submit_runs_a_study(ray_head, layout, workspace, tmp_path):
     assert status == 200 and json.loads(body)["status"] == "SUCCEEDED", body[-2000:]
 
     # The driver runs this venv's Python but imports binarydm from the uploaded copy, which
-    # Ray puts first on PYTHONPATH, not from the editable install.
-    found = re.search(r"BINARYDM_FROM (\S+) (\S+)", output)
-    assert found, f"the probe printed nothing:\n{output[-4000:]}"
-    module, python = Path(found[1]), Path(found[2])
-    assert python.parent.resolve() == layout.venv_bin.resolve()
+    # Ray puts first on PYTHONPATH. A subpackage missing from the upload would silently come
+    # from the editable install here, and be missing on a real cluster.
+    (python,) = re.findall(r"^PYTHON (\S+)$", output, flags=re.M)
+    assert Path(python).parent.resolve() == layout.venv_bin.resolve()
+    imported = dict(re.findall(r"^IMPORTED (\S+) (\S+)$", output, flags=re.M))
+    assert sorted(imported) == _packages(layout.repo_root), output[-4000:]
     session = (ray_head.temp_dir / "session_latest").resolve()  # a symlink
     uploads = session / "runtime_resources" / "working_dir_files"
-    assert module.is_relative_to(uploads), f"driver imported {module}, not the upload"
+    elsewhere = {n: f for n, f in imported.items() if not Path(f).is_relative_to(uploads)}
+    assert not elsewhere, f"imported from outside the upload: {elsewhere}"
 
     (package,) = [p for p in uploads.iterdir() if p.is_dir()]
     # The job's imports have written __pycache__ beside the uploaded sources since.
