@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import small_unet
+from bdm_support import small_unet
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import small_unet
+from bdm_support import small_unet
 from torch import nn
 
 from binarydm import BinaryDMConfig, binarize_

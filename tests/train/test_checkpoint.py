@@ -69,7 +69,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_ema_copies_freshly_initialised_quantizer_state():
-    from conftest import small_unet
+    from bdm_support import small_unet
 
     from binarydm import binarize_
     from binarydm.quant import MultiBasisBinarizer

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_settings
+from bdm_support import tiny_settings
 
 from binarydm.train.runner import TrialError, final_metrics, fit_qat
 
