@@ -13,6 +13,7 @@ COMPLETE when their MLflow run finished), so no trial stays RUNNING forever.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ def connect_ray(address: str | None, *, verbose: bool = False, timeout_s: float 
         return
     if address:
         _check_reachable(address, timeout_s)
-    else:
+    elif not os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: joins, starts nothing
         _loopback_only()
     ray.init(
         address=address or None,
@@ -131,18 +132,34 @@ def fault_injection() -> dict[str, dict[str, Any]]:
     return {str(k): v for k, v in plan.items()}
 
 
-def _preflight(spec: StudySpec, cache_dir: str) -> None:
+def _preflight(spec: StudySpec, cache_dir: str, address: str | None) -> None:
     """Fail in seconds, before Ray starts or anything is written, on what would fail late."""
-    from binarydm.train.runner import dataset_sha256
-
+    if address:
+        _check_reachable(address, timeout_s=30.0)
     _check_tracking_reachable(spec.tracking.uri)
     settings = spec.trial_settings({}, spec.search.seeds[0])
     space = list(spec.search.space)
     if not any(k.startswith("data.") for k in space):
-        dataset_sha256(settings, settings.data.root, cache_dir)  # raises DatasetError
+        _check_data(settings, cache_dir)
     pretrained = settings.teacher.pretrained
     if pretrained and not any(k.startswith("teacher.") for k in space):
         _check_teacher(pretrained)
+
+
+def _check_data(settings, cache_dir: str) -> None:
+    from binarydm.data import DatasetError
+    from binarydm.train.runner import dataset_sha256
+
+    data = settings.data
+    try:
+        dataset_sha256(settings, data.root, cache_dir)
+    except DatasetError as exc:
+        key, value = ("data.path", data.path) if data.path else ("data.source", data.source)
+        detail = " ".join(str(exc).split())  # download errors span lines; the CLI prints one
+        raise StudyError(
+            f"{key}={value!r} is invalid: {detail}; allowed: an existing dataset "
+            "(a .npz file or image folder for data.path, or a source under data.root)"
+        ) from None
 
 
 def _check_teacher(pretrained: str) -> None:
@@ -176,12 +193,30 @@ def _check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str):
+    """Serialize the first contact of drivers with one SQLite store.
+
+    Two drivers that create the same MLflow (or Optuna) SQLite database at once race in
+    its schema migration, and the loser dies with an Alembic error; a file lock beside
+    the database makes the second one wait and find the schema there.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(uri[len("sqlite:///") :] + ".lock"):
+        yield
+
+
 def _optuna_storage(spec: StudySpec):
     """The study's Optuna storage, opened now so a bad URL fails before any trial."""
     import optuna
 
     try:
-        return optuna.storages.RDBStorage(spec.storage.optuna)
+        with _sqlite_init_lock(spec.storage.optuna):
+            return optuna.storages.RDBStorage(spec.storage.optuna)
     except Exception as exc:  # SQLAlchemy, driver and Optuna errors share no base class
         detail = mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         raise StudyError(
@@ -251,24 +286,26 @@ def run_study(
     spec = spec.resolve_paths()
     cache_dir = str(resolve_cache_dir(None))
     faults = fault_injection()
-    _preflight(spec, cache_dir)
+    _preflight(spec, cache_dir, address)
     storage = _optuna_storage(spec)
+    experiment_path = Path(spec.storage.ray_results) / spec.name
+    # Before anything touches MLflow: a refused run must not reopen the parent run.
+    if experiment_path.exists() and not resume and tune.Tuner.can_restore(str(experiment_path)):
+        raise StudyError(
+            f"study {spec.name!r} already has results in {experiment_path}; "
+            "pass --resume to continue it, or give the study another name"
+        )
     connect_ray(address, verbose=verbose)
     import ray
 
     tracker = StudyTracker(
         spec.tracking.uri, spec.tracking.experiment, spec.name, spec.tracking.artifact_location
     )
-    parent = tracker.parent_run_id()
+    with _sqlite_init_lock(spec.tracking.uri):
+        parent = tracker.parent_run_id()
     tracker.set_running(parent)
     tracker.set_tags(parent, {"profile": spec.profile or "none"})
     study_text = _study_file_text(spec)
-    experiment_path = Path(spec.storage.ray_results) / spec.name
-    if experiment_path.exists() and not resume and tune.Tuner.can_restore(str(experiment_path)):
-        raise StudyError(
-            f"study {spec.name!r} already has results in {experiment_path}; "
-            "pass --resume to continue it, or give the study another name"
-        )
     teacher = _shared_teacher(spec, cache_dir)
     context = StudyContext(spec, teacher, cache_dir, parent, study_text, faults)
     trainable = tune.with_resources(

@@ -3,8 +3,10 @@
 Out of the box ``OptunaSearch`` tells Optuna COMPLETE for an errored trial that
 had reported metrics, and leaves a trial RUNNING forever when an objective is
 missing. Here a trial is COMPLETE only with every objective finite; otherwise it
-is FAILED with the reason in its user attrs. The Optuna trial number is passed to
-the trainable (``TRIAL_NUMBER_KEY``): it is the stable ``trial_id`` of MLflow runs.
+is FAILED with the reason in its user attrs (for a trial that raised, with the error
+the trainable left in ``last_error``: Tune tells the searcher only that it errored).
+The Optuna trial number is passed to the trainable (``TRIAL_NUMBER_KEY``): it is
+the stable ``trial_id`` of MLflow runs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ For each seed of the study it fits one Ray Train QAT run (Train V2 pattern:
 build and fit a ``TorchTrainer`` inside the trainable, results forwarded to Tune
 by ``TuneReportCallback``), then reports the mean over seeds (and the spread) as
 the trial's objectives. The MLflow run is found by the Optuna trial number, so
-retries and restored studies reuse it; ``attempt`` counts the starts.
+retries and restored studies reuse it; ``attempt`` counts the starts. A restored
+trial whose run already FINISHED reports the logged metrics instead of training
+again. An attempt that raises leaves its error on the Optuna trial (Tune may retry
+it, ``resources.trial_retries``); a non-finite loss is reported, not raised, so it
+is never retried.
 """
 
 from __future__ import annotations
@@ -143,6 +147,21 @@ def record_attempt_error(spec, number: int, attempt: int, exc: BaseException) ->
         storage.remove_session()
 
 
+def log_environment(tracker, run_id: str, environment: dict[str, str], attempt: int) -> None:
+    """Log the reproducibility params (code commit, versions, hardware) of this attempt.
+
+    The config of a trial must not change between attempts, but its environment may: a
+    retry lands on another node, a study is resumed after a ``git pull``. Values that
+    differ from the first attempt's params go to tags ``attempt<N>.<key>`` instead of
+    failing the trial on MLflow's immutable params.
+    """
+    logged = tracker.client.get_run(run_id).data.params
+    changed = {k: v for k, v in environment.items() if k in logged and logged[k] != str(v)}
+    tracker.log_params(run_id, {k: v for k, v in environment.items() if k not in changed})
+    if changed:
+        tracker.set_tags(run_id, {f"attempt{attempt}.{k}": v for k, v in changed.items()})
+
+
 def error_line(exc: BaseException) -> str:
     """``Type: message`` of the error a worker raised, first line only.
 
@@ -185,9 +204,9 @@ def execute_trial(
         settings0 = spec.trial_settings(config, spec.search.seeds[0])
         data_root = settings0.data.root
         params = trial_params(context, config)
-        params.update(reproducibility_params())
         params["data.sha256"] = dataset_sha256(settings0, data_root, context.cache_dir)
         tracker.log_params(run_id, params)
+        log_environment(tracker, run_id, reproducibility_params(), attempt)
         tracker.log_artifact_json(run_id, "config.json", {"params": config, **settings0.to_dict()})
         per_seed, checkpoints = [], []
         storage = str(Path(spec.storage.ray_results) / "trials")

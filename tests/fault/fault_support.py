@@ -2,7 +2,7 @@
 subprocesses (``mlflow server``, ``bdm-search`` with its own Ray) that leave nothing behind.
 
 Not a conftest: a second ``conftest`` module would shadow ``tests/conftest.py`` for the
-``from conftest import tiny_settings`` imports of the other test folders.
+``from bdm_support import tiny_settings`` imports of the other test folders.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,39 +143,48 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text`` (a Ray temp dir names its own processes)."""
+def processes_of_ray_tmp(ray_tmp: str) -> list[int]:
+    """PIDs of the processes a Ray with temp dir ``ray_tmp`` started (zombies excluded).
+
+    Its daemons name the dir on their command line; its workers rename their command line
+    (``ray::IDLE``) but inherit ``RAY_TMPDIR`` from the driver that started the cluster.
+    """
+    marker = f"RAY_TMPDIR={ray_tmp}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
         except (OSError, IndexError):
             continue
-        if text in cmdline and state != "Z":
+        if ray_tmp.encode() in cmdline or marker in environ.split(b"\0"):
             found.append(int(entry.name))
     return found
 
 
-def listening_addresses(pids: list[int]) -> set[str]:
-    """Local addresses of the TCP sockets the given processes listen on."""
-    inodes = set()
+def listening_addresses(pids: list[int]) -> dict[str, set[str]]:
+    """Local address -> names of the given processes that listen on a TCP socket there."""
+    owners: dict[str, str] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 with contextlib.suppress(OSError):
                     target = os.readlink(fd)
                     if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-    addresses = set()
+                        owners[target[8:-1]] = f"{pid} {name}"
+    addresses: dict[str, set[str]] = {}
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                    addresses.add(_decode_address(fields[1].split(":")[0], width))
+                if fields[3] == "0A" and fields[9] in owners:  # 0A: LISTEN
+                    address = _decode_address(fields[1].split(":")[0], width)
+                    addresses.setdefault(address, set()).add(owners[fields[9]])
     return addresses
 
 
@@ -189,19 +199,30 @@ def _decode_address(hex_address: str, width: int) -> str:
 
 
 class StudyProcess:
-    """``bdm-search`` in its own session (process group), with its own local Ray.
+    """``bdm-search`` in its own session (process group), by default with its own local Ray.
 
     Its own ``RAY_TMPDIR`` (short: Unix socket paths are limited to 107 bytes) names
     every Ray process it starts, so a test can prove none of them outlived a kill.
     """
 
-    def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        own_ray: bool = True,
+    ):
         self.workdir = workdir
         self.args = args
-        self.ray_tmp = tempfile.mkdtemp(prefix="bdmr", dir="/tmp")
-        self.env = {**os.environ, "RAY_TMPDIR": self.ray_tmp, **(env or {})}
+        self.ray_tmp = tempfile.mkdtemp(prefix="bdmr", dir="/tmp") if own_ray else None
+        self.env = {**os.environ, **(env or {})}
+        if own_ray:
+            self.env["RAY_TMPDIR"] = self.ray_tmp
         self.env.pop("RAY_ADDRESS", None)
-        self.log_path = workdir / f"bdm-search-{int(time.time() * 1000)}.log"
+        handle, log_path = tempfile.mkstemp(prefix="bdm-search-", suffix=".log", dir=workdir)
+        os.close(handle)
+        self.log_path = Path(log_path)
         self.process: subprocess.Popen | None = None
         self.started = 0.0
 
@@ -230,7 +251,7 @@ class StudyProcess:
         return group_members(self.process.pid)
 
     def ray_processes(self) -> list[int]:
-        return processes_mentioning(self.ray_tmp)
+        return processes_of_ray_tmp(self.ray_tmp) if self.ray_tmp else []
 
     def kill_group(self, settle_s: float = 30.0) -> list[int]:
         """SIGKILL the whole group (a crash, no clean-up); returns what was still alive after
@@ -245,6 +266,8 @@ class StudyProcess:
         for pid in survivors:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        if self.ray_tmp and not survivors:  # keep Ray's logs only when something went wrong
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return survivors
 
 

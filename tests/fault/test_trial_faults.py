@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_settings
+from bdm_support import tiny_settings
 from fault_support import (
     LRM_STUDY,
     assert_curve_once,
@@ -36,13 +36,16 @@ from binarydm.train.runner import final_metrics, fit_qat
 TRIAL0_RUN_DIR = Path("ray_results") / "trials" / "lrm_rank-trial0000-seed0"
 
 
-def _kill_when_registered(run_dir: Path, step: int, pid_file: Path, timings: dict) -> None:
+def _kill_when_registered(
+    run_dir: Path, step: int, pid_file: Path, hold_file: Path, timings: dict
+) -> None:
     """Kill rank 0 (held after its step-``step`` report) once Ray Train registered that
     checkpoint: Ray Train resumes from registered checkpoints only."""
     wait_for(lambda: registered_step(run_dir) >= step, 240, f"checkpoint {step} in {run_dir}")
     timings["killed_pid"] = int(pid_file.read_text())
     timings["killed_at"] = time.monotonic()
     os.kill(timings["killed_pid"], signal.SIGKILL)
+    hold_file.unlink()  # a refit from an older checkpoint must not hold again
     # The replacement worker writes its own PID: that is the restart.
     wait_for(
         lambda: pid_file.read_text().strip() not in ("", str(timings["killed_pid"])),
@@ -52,9 +55,7 @@ def _kill_when_registered(run_dir: Path, step: int, pid_file: Path, timings: dic
     timings["restarted_at"] = time.monotonic()
 
 
-def test_worker_killed_mid_trial_resumes_under_one_mlflow_run(
-    tiny_teacher, tmp_path, monkeypatch
-):
+def test_worker_killed_mid_trial_resumes_under_one_mlflow_run(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pid_file, hold = tmp_path / "worker.pid", tmp_path / "hold"
     hold.touch()
@@ -64,7 +65,7 @@ def test_worker_killed_mid_trial_resumes_under_one_mlflow_run(
     timings: dict = {}
     killer = threading.Thread(
         target=_kill_when_registered,
-        args=(tmp_path / TRIAL0_RUN_DIR, 20, pid_file, timings),
+        args=(tmp_path / TRIAL0_RUN_DIR, 20, pid_file, hold, timings),
         daemon=True,
     )
     killer.start()
@@ -116,6 +117,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_and_says_so(
     _corrupt(run_dir / "checkpoint_00000020" / "state.pt")
     killed_at = time.monotonic()
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    hold.unlink()  # the refit passes step 20 again; it must not hold there a second time
     thread.join(timeout=400)
     metrics = final_metrics(outcome["result"])
     assert metrics["step"] == 30 and metrics["fid"] > 0
@@ -123,6 +125,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_and_says_so(
     note = metrics["resume_note"]
     assert "checkpoint_00000020: sha256 mismatch; falling back to the previous one" in note
     assert "resumed from checkpoint_00000010 (step 10)" in note
+    # The refit's checkpoints have names of their own: when Ray Train evicts the corrupt
+    # step-20 result it deletes that folder, which must not be the refit's step 20.
+    kept = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+    assert kept == ["checkpoint_00000030-refit00000010", "checkpoint_final"]
     print(f"\nRECOVERY corrupt-checkpoint: run finished {time.monotonic() - killed_at:.1f} s "
           "after the kill")  # fmt: skip
 
@@ -214,4 +220,3 @@ def test_retried_trial_is_a_new_attempt_of_the_same_run(faulty_study):
     assert run.data.metrics["fid"] > 0
     # Attempt 2 resumed from attempt 1's step-5 checkpoint: step 5 is not logged twice.
     assert_curve_once(faulty_study["client"], run.info.run_id, [5, 10])
-

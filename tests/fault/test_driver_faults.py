@@ -1,0 +1,169 @@
+"""Faults of the study's driver: ``bdm-search`` SIGKILLed mid-study then resumed, and two
+drivers of the same study started at once on one storage.
+
+Drivers run as real ``bdm-search`` subprocesses. A killed one starts its own local Ray
+in its own process group, so killing the group is a whole-machine crash of the study;
+the tests prove no Ray process of it survives and check, while it runs, that Ray
+listens on 127.0.0.1 only and with token authentication on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from fault_support import (
+    LRM_STUDY,
+    StudyProcess,
+    assert_curve_once,
+    faults_env,
+    listening_addresses,
+    optuna_trials,
+    sqlite_uri,
+    study_runs,
+    tiny,
+    wait_for,
+)
+
+from binarydm.search.driver import ORPHAN_REASON
+from binarydm.tracking import StudyTracker
+from binarydm.tracking.repro import GIT_COMMIT_ENV
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def _trial_finished(process: StudyProcess, uri: str, trial_id: int) -> bool:
+    _alive(process)
+    _, _, trials = study_runs(uri)
+    return any(r.info.status == "FINISHED" for r in trials.get(trial_id, []))
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+def test_study_cluster_listens_on_loopback_with_token_auth_and_dies_with_its_group(
+    tiny_teacher, tmp_path
+):
+    pid_file = tmp_path / "worker.pid"
+    args = [LRM_STUDY, *tiny(steps=10, every=5), "--trials", "1"]
+    study = StudyProcess(tmp_path, args, faults_env({"0": {"pid_file": str(pid_file)}})).start()
+    try:
+        # Rank 0 writes its PID once its process group (and TCPStore) is up: all is running.
+        wait_for(lambda: _alive(study) and pid_file.exists(), 600, "the trial's first worker")
+        ray_pids = study.ray_processes()
+        assert ray_pids, "no Ray process found under the study's RAY_TMPDIR"
+        addresses = listening_addresses(study.members() + ray_pids)
+        assert "127.0.0.1" in addresses or "::ffff:127.0.0.1" in addresses, addresses
+        # Except rank 0's torch.distributed TCPStore (the gloo rendezvous), which listens on
+        # every interface whatever MASTER_ADDR says: torch has no bind address for it.
+        exposed = {o for a, owners in addresses.items() if a not in LOOPBACK for o in owners}
+        assert all(owner.endswith(" ray::RayTrainWorker") for owner in exposed), addresses
+        (gcs,) = [pid for pid in ray_pids if "gcs_server" in _cmdline(pid)]
+        assert _environ(gcs).get("RAY_AUTH_MODE") == "token"
+        assert "--node-ip-address=127.0.0.1" in _cmdline(gcs)
+    finally:
+        survivors = study.kill_group()
+    assert survivors == [], f"processes of the killed study survived: {survivors}"
+
+
+def _alive(process: StudyProcess) -> bool:
+    if process.process.poll() is not None:
+        raise AssertionError(f"bdm-search exited early:\n{process.output()}")
+    return True
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_and_completes_the_budget(tiny_teacher, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    args = [LRM_STUDY, *tiny(steps=20), "--trials", "3"]
+    # Trial 1 holds after its step-10 checkpoint: it is surely mid-run when the driver dies.
+    plan = {"1": {"hold_at_step": 10, "hold_file": str(hold)}}
+    # The code changes between the kill and the resume (a `git pull`), as happens.
+    env = {**faults_env(plan), GIT_COMMIT_ENV: "commit-before-kill"}
+    first = StudyProcess(tmp_path, args, env).start()
+    uri = sqlite_uri(tmp_path, "mlflow.db")
+    try:
+        wait_for(lambda: _trial_finished(first, uri, 0), 900, "trial 0's MLflow run FINISHED")
+    finally:
+        survivors = first.kill_group()
+    assert survivors == [], f"processes of the killed study survived: {survivors}"
+    hold.unlink()
+    # Trials Optuna handed out just before the kill, which Tune never recorded: orphans.
+    # One never ran; the other ran to the end (its MLflow run FINISHED with objectives).
+    study = optuna.load_study(study_name="lrm_rank", storage=sqlite_uri(tmp_path, "optuna.db"))
+    orphan, orphan_done = study.ask().number, study.ask().number
+    tracker = StudyTracker(uri, "lrm_rank", "lrm_rank")
+    done_run = tracker.start_attempt(orphan_done)[0]
+    tracker.log_metrics(done_run, {"fid": 123.0, "test_loss": 0.5}, step=20)
+    tracker.finish_trial(done_run, "FINISHED")
+
+    started = time.monotonic()
+    second = StudyProcess(tmp_path, [*args, "--resume"], {GIT_COMMIT_ENV: "commit-after"}).start()
+    try:
+        assert second.wait(900) == 0, second.output()
+    finally:
+        leftovers = second.kill_group(settle_s=10)
+    print(f"\nRECOVERY driver-kill: resumed study finished in {time.monotonic() - started:.1f} s")
+    assert leftovers == []  # a clean exit leaves nothing behind either
+
+    trials = optuna_trials(tmp_path)
+    states = {n: t.state.name for n, t in trials.items()}
+    assert "RUNNING" not in states.values(), states
+    # The budget of 3 Tune trials, plus the orphan that had finished.
+    assert sum(s == "COMPLETE" for s in states.values()) == 3 + 1, states
+    assert states[orphan] == "FAIL"
+    assert trials[orphan_done].values == [123.0, 0.5]
+    for trial in trials.values():
+        if trial.state.name == "FAIL":  # only orphans fail in this study
+            assert trial.user_attrs["fail_reason"] == ORPHAN_REASON
+
+    client, parents, runs = study_runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(len(found) == 1 for found in runs.values()), runs  # no run duplicated
+    assert runs[0][0].data.tags["attempt"] == "1"  # finished before the kill: not rerun
+    for number, trial in trials.items():
+        if trial.state.name == "COMPLETE":
+            run = runs[number][0]
+            assert run.info.status == "FINISHED"
+            assert trial.values[0] == pytest.approx(run.data.metrics["fid"])
+        elif number in runs:
+            assert runs[number][0].info.status == "FAILED"
+    held = runs[1][0]
+    assert held.data.tags["attempt"] == "2"  # continued under its own run, a new attempt
+    # Its environment changed, its config did not: the first commit stays the param, the
+    # second is on record as the attempt's tag.
+    assert held.data.params["code.git_commit"] == "commit-before-kill"
+    assert held.data.tags["attempt2.code.git_commit"] == "commit-after"
+    assert_curve_once(client, held.info.run_id, [10, 20])  # from its step-10 checkpoint
+
+
+def test_two_drivers_of_one_study_at_once_leave_consistent_storage(
+    tiny_teacher, ray_cluster, tmp_path
+):
+    address = ray_cluster.get_runtime_context().gcs_address
+    args = [LRM_STUDY, *tiny(steps=10, every=5), "--trials", "1", "--address", address]
+    drivers = [StudyProcess(tmp_path, args, own_ray=False).start() for _ in range(2)]
+    codes = [driver.wait(600) for driver in drivers]
+    outputs = [driver.output() for driver in drivers]
+    # Both finish, or the later one is refused in one line (its rival already saved state).
+    for code, output in zip(codes, outputs, strict=True):
+        assert code == 0 or (code == 2 and "pass --resume to continue it" in output), output
+    assert 0 in codes
+
+    trials = optuna_trials(tmp_path)  # the storage loads
+    assert [t.state.name for t in trials.values()] == ["COMPLETE"] * codes.count(0)
+    _, parents, runs = study_runs(sqlite_uri(tmp_path, "mlflow.db"))
+    assert len(parents) == 1  # one parent run per study name
+    assert parents[0].info.status == "FINISHED"  # a refused driver did not reopen it
+    assert sorted(runs) == sorted(trials)
+    assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values())
+    print(f"\nOUTCOME two drivers: exit codes {codes}")
