@@ -20,13 +20,14 @@ from binarydm.train.diffusion import ddim_sample, held_out_loss, noise_scheduler
 from binarydm.train.settings import TrialSettings
 
 
-def _test_images(settings: TrialSettings, data_root, cache_dir, count: int) -> torch.Tensor:
+def _split_images(settings: TrialSettings, split: str, count: int, data_root, cache_dir):
+    """The first ``count`` images of a split at the model's resolution (uint8 NHWC)."""
     from binarydm.data import load_images
 
     data = settings.data
-    array = load_images(
+    return load_images(
         data.source,
-        "test",
+        split,
         data.resolution,
         data.channels,
         data_root=data_root,
@@ -34,6 +35,10 @@ def _test_images(settings: TrialSettings, data_root, cache_dir, count: int) -> t
         limit=count,
         path=data.path,
     )
+
+
+def _test_images(settings: TrialSettings, data_root, cache_dir, count: int) -> torch.Tensor:
+    array = _split_images(settings, "test", count, data_root, cache_dir)
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -58,7 +63,6 @@ def save_grid(images_uint8, path: Path, nrow: int = 8) -> None:
 def score_fid(samples_uint8, settings: TrialSettings, *, data_root, cache_dir, device) -> float:
     """FID of generated uint8 NHWC samples against cached statistics of the reference split."""
     from binarydm.data import cache_dir as resolve_cache_dir
-    from binarydm.data import load_images
     from binarydm.metrics.fid import FIDScorer, reference_statistics
 
     evaluation, data = settings.evaluation, settings.data
@@ -66,16 +70,7 @@ def score_fid(samples_uint8, settings: TrialSettings, *, data_root, cache_dir, d
     scorer = FIDScorer(evaluation.fid_dims, device=device, batch_size=100)
 
     def reference_images():
-        images = load_images(
-            data.source,
-            evaluation.reference_split,
-            data.resolution,
-            data.channels,
-            data_root=data_root,
-            cache_dir=cache_dir,
-            limit=count,
-            path=data.path,
-        )
+        images = _split_images(settings, evaluation.reference_split, count, data_root, cache_dir)
         if len(images) < count:
             raise ValueError(
                 f"evaluation.fid_samples={count} exceeds the {len(images)} images of the "
