@@ -36,8 +36,8 @@ class MlflowCurveCallback(UserCallback):
         return self._logger
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not metrics or "step" not in metrics[0]:
-            return
+        if not metrics or "step" not in metrics[0] or metrics[0].get("final"):
+            return  # the final report repeats the last training step's metrics
         report = metrics[0]
         values = {
             f"{self.prefix}{k}": float(report[k])
