@@ -17,14 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from bdm_support import MlflowServer, free_port  # noqa: F401 (re-exported to the fault tests)
 
 REPO = Path(__file__).resolve().parents[2]
 LRM_STUDY = str(REPO / "search_spaces" / "lrm_rank.yaml")
 BDM_SEARCH = str(Path(sys.executable).with_name("bdm-search"))
-SERVER_START_TIMEOUT_S = 120
 
 
 def tiny(steps: int = 20, every: int = 10, log_every: int | None = None) -> list[str]:
@@ -116,12 +115,6 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -269,49 +262,3 @@ class StudyProcess:
         if self.ray_tmp and not survivors:  # keep Ray's logs only when something went wrong
             shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return survivors
-
-
-class MlflowServer:
-    """An ``mlflow server`` subprocess on 127.0.0.1 in its own process group."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "server.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        # The job runner's huey consumers nearly double start-up on 2 cores.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.25)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        self.stop()
-        raise AssertionError(f"mlflow server at {self.url} did not start; log tail:\n{tail}")
-
-    def stop(self) -> None:
-        """SIGKILL the group: a crash, and no straggling uvicorn worker."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.process = None

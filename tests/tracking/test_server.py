@@ -6,81 +6,14 @@ test kills it and starts it again on the same port and store, so it runs last.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
+from bdm_support import MlflowServer
 
 from binarydm.tracking import BufferedLogger, StudyTracker, load_study_results
 
 EXPERIMENT = "binarydm-http"
-START_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServer:
-    """An ``mlflow server`` subprocess in its own process group, so stopping it leaves nothing."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "server.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        # The job runner spawns seven huey consumers and nearly doubles start-up on 2 cores.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:  # crashed: the log says why
-                break
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.25)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        self.stop()
-        pytest.fail(f"mlflow server at {self.url} did not become healthy; log tail:\n{tail}")
-
-    def stop(self) -> None:
-        """SIGKILL to the group led by the PID we started: a crash, and no straggling uvicorn."""
-        if self.process is None:
-            return
-        # Even when the CLI parent already died, its uvicorn child may live on in the group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.process = None
 
 
 @pytest.fixture(scope="module")
