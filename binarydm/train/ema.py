@@ -4,6 +4,9 @@
 needs more: boolean/integer buffers (init flags, EBB basis count) must be copied,
 not averaged, and a scale or step that was just initialised from data must be
 copied too, or the average would drag it towards its placeholder value of 1.
+Quantizers keep Python mirrors of their flag buffers (so forward never syncs the
+GPU); the EMA copies those mirrors too, or the averaged model would re-initialise
+a quantizer that the live model initialised after the EMA was created.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import copy
 
 import torch
 from torch import nn
+
+#: Host-side mirrors of quantizer buffers (see binarydm.quant): copied, never averaged.
+HOST_STATE = ("_initialized", "_num_active")
 
 
 class ModelEMA:
@@ -22,36 +28,65 @@ class ModelEMA:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._pairs: tuple[int, _Pairs] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        fresh = self._just_initialized(model)
-        ema_params = dict(self.module.named_parameters())
-        for name, param in model.named_parameters():
-            target = ema_params[name]
-            if any(name.startswith(prefix) for prefix in fresh):
-                target.copy_(param)
-            else:
-                target.lerp_(param.detach(), 1.0 - self.decay)
-        ema_buffers = dict(self.module.named_buffers())
-        for name, buf in model.named_buffers():
-            ema_buffers[name].copy_(buf)
+        pairs = self._pairs_for(model)
+        # A quantizer initialised since the last update (progressive stages switch layers
+        # on later) has its fresh scales copied. Read from the mirrors: no GPU sync.
+        fresh = {
+            id(p)
+            for src, dst in pairs.quantizers
+            if src._initialized and not dst._initialized
+            for p in dst.parameters()
+        }
+        averaged = [
+            (e, p)
+            for e, p in zip(pairs.ema_params, pairs.params, strict=True)
+            if id(e) not in fresh
+        ]
+        for ema_param, param in zip(pairs.ema_params, pairs.params, strict=True):
+            if id(ema_param) in fresh:
+                ema_param.copy_(param)
+        if averaged:
+            ema_params, params = zip(*averaged, strict=True)
+            # One fused kernel series instead of a Python loop of lerps over every tensor.
+            torch._foreach_lerp_(list(ema_params), list(params), 1.0 - self.decay)
+        if pairs.buffers:
+            torch._foreach_copy_(pairs.ema_buffers, pairs.buffers)
+        for src, dst in pairs.quantizers:
+            for attr in HOST_STATE:
+                if hasattr(src, attr):
+                    setattr(dst, attr, getattr(src, attr))
 
-    def _just_initialized(self, model: nn.Module) -> list[str]:
-        ema_modules = dict(self.module.named_modules())
-        fresh = []
-        for name, module in model.named_modules():
-            flag = getattr(module, "initialized", None)
-            if (
-                isinstance(flag, torch.Tensor)
-                and bool(flag)
-                and not bool(ema_modules[name].initialized)
-            ):
-                fresh.append(f"{name}." if name else "")
-        return fresh
+    def _pairs_for(self, model: nn.Module) -> _Pairs:
+        if self._pairs is None or self._pairs[0] != id(model):
+            self._pairs = (id(model), _Pairs(model, self.module))
+        return self._pairs[1]
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
+
+
+class _Pairs:
+    """Live and EMA parameters, buffers and quantizer modules, matched by name once."""
+
+    def __init__(self, model: nn.Module, ema: nn.Module) -> None:
+        ema_params = dict(ema.named_parameters())
+        ema_buffers = dict(ema.named_buffers())
+        ema_modules = dict(ema.named_modules())
+        names = [n for n, _ in model.named_parameters()]
+        self.params = [p.detach() for _, p in model.named_parameters()]
+        self.ema_params = [ema_params[n] for n in names]
+        named_buffers = list(model.named_buffers())
+        self.buffers = [b for _, b in named_buffers]
+        self.ema_buffers = [ema_buffers[n] for n, _ in named_buffers]
+        self.quantizers = [
+            (m, ema_modules[n])
+            for n, m in model.named_modules()
+            if any(hasattr(m, attr) for attr in HOST_STATE)
+        ]

@@ -90,3 +90,43 @@ def test_ema_copies_freshly_initialised_quantizer_state():
     ema.update(model)
     expected = before + 0.01 * (model.conv_in.weight - before)
     torch.testing.assert_close(ema.module.conv_in.weight, expected)
+
+
+def test_ema_follows_quantizers_switched_on_after_it_was_created():
+    """Progressive init switches layers on after the EMA exists: the EMA must hold their
+    initialised state (flags, scales, EBB basis count) and evaluate without re-initialising."""
+    from bdm_support import small_unet
+
+    from binarydm import BinaryDMConfig, binarize_
+    from binarydm.quant import LSQQuantizer, MultiBasisBinarizer
+    from binarydm.schedule import apply_schedule
+
+    config = BinaryDMConfig().replace(
+        **{"progressive.stage_steps": 1, "ebb.enabled": True, "ebb.switch_step": 9}
+    )
+    model = binarize_(small_unet(), config)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    apply_schedule(model, 0, config)  # only the mid block is quantized
+    model(x, t)
+    ema = ModelEMA(model, decay=0.9)
+    late = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, LSQQuantizer | MultiBasisBinarizer) and not m._initialized
+    ]
+    assert late, "the schedule should leave some quantizers uninitialised at step 0"
+    apply_schedule(model, 10, config)  # every stage on, EBB switched to one basis
+    model(x, t)
+    ema.update(model)
+    ema_modules = dict(ema.module.named_modules())
+    for name, m in late:
+        e = ema_modules[name]
+        assert e._initialized and bool(e.initialized), name
+        if isinstance(m, MultiBasisBinarizer):
+            assert e.num_active == m.num_active == (1 if m.bases == 2 else m.bases), name
+    apply_schedule(ema.module, 10, config)
+    state = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        ema.module(x, t)
+    for key, value in ema.module.state_dict().items():
+        torch.testing.assert_close(value, state[key], msg=f"evaluation changed {key}")
