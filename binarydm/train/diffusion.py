@@ -19,11 +19,14 @@ def noise_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 def noisy_batch(
     images: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, noise) for clean ``images`` in [-1, 1]; noise/t drawn on the CPU generator."""
+    """(x_t, t, noise) for clean ``images`` in [-1, 1]; noise/t drawn on ``generator``'s
+    device (the CPU without one), so a CPU generator gives the same draw on any device."""
     batch = images.shape[0]
-    noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+    where = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(images.shape, generator=generator, device=where)
+    noise = noise.to(images.device, images.dtype)
     timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch,), generator=generator
+        0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=where
     ).to(images.device)
     return scheduler.add_noise(images, noise, timesteps), timesteps, noise
 
