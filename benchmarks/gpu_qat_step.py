@@ -28,19 +28,72 @@ from binarydm.models import build_unet, count_parameters
 from binarydm.quant import quant_layers
 from binarydm.train.diffusion import ddim_sample
 
+KERNEL_KINDS = (
+    ("gemm/conv", ("gemm", "conv", "cutlass", "sm90", "cudnn", "xmma", "fprop", "dgrad", "wgrad")),
+    ("triton fused", ("triton",)),
+    ("nccl", ("nccl",)),
+    ("aten elementwise/reduce", ("elementwise", "reduce", "vectorized", "unrolled")),
+)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+
+
+def profile_kernels(step_fn, steps: int, out: str | None) -> None:
+    """Where a step's GPU time goes: kernel time by kind, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            step_fn()
+        _sync()
+    rows = []
+    for event in prof.key_averages():
+        device_us = (
+            getattr(event, "self_device_time_total", 0.0)
+            if DEVICE == "cuda"
+            else event.self_cpu_time_total
+        )
+        if device_us > 0:
+            rows.append((event.key, device_us / steps / 1000, event.count // steps))
+    rows.sort(key=lambda r: -r[1])
+    kinds: dict[str, float] = {}
+    for key, ms, _ in rows:
+        low = key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    lines = [f"GPU kernel time per step: {sum(r[1] for r in rows):.1f} ms"]
+    lines += [f"  {kind}: {ms:.1f} ms" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines += ["top kernels (ms/step, launches/step):"]
+    lines += [f"  {ms:7.2f} {count:5d}  {key[:110]}" for key, ms, count in rows[:25]]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n\n")
+
+
+# The GPU is what this measures; the CPU path only lets the script be smoke-tested here.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
 
 def _time_steps(step_fn, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         step_fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = time.perf_counter()
         step_fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        _sync()
+        times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
 
@@ -49,7 +102,7 @@ def make_step(model, teacher, lrm, x, t, noise):
     counter = {"step": 0}
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             pred = model(x, t).sample
             if lrm is not None:
                 lrm.teacher_forward(x, t)
@@ -64,7 +117,7 @@ def make_step(model, teacher, lrm, x, t, noise):
     return step
 
 
-def build_variant(name: str, fp, config: BinaryDMConfig):
+def build_variant(name: str, fp, config: BinaryDMConfig, example):
     if name.startswith("fp"):
         model = copy.deepcopy(fp)
         return (torch.compile(model) if "compiled" in name else model), None, None
@@ -74,6 +127,10 @@ def build_variant(name: str, fp, config: BinaryDMConfig):
     if "nolrm" not in name:
         lrm = LowRankMimicking(student, teacher, config.lrm)
     if "compiled" in name:
+        # Initialise the quantizers (steps, scales) eagerly first: compiling the init pass
+        # would trace it once and then recompile the whole UNet when the flags flip.
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            student(*example)
         student = torch.compile(student)
         if lrm is not None:
             lrm.teacher = torch.compile(teacher)
@@ -82,10 +139,10 @@ def build_variant(name: str, fp, config: BinaryDMConfig):
 
 def sampling_rate(model, batch: int, steps: int, autocast) -> float:
     ddim_sample(model, batch, steps=2, seed=0, batch_size=batch, autocast_dtype=autocast)
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     ddim_sample(model, batch, steps=steps, seed=1, batch_size=batch, autocast_dtype=autocast)
-    torch.cuda.synchronize()
+    _sync()
     return batch / (time.perf_counter() - start)
 
 
@@ -99,9 +156,11 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=500)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default="", help="variants to profile (comma list)")
+    parser.add_argument("--profile-out", default=None, help="append the profiles to this file")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     torch.manual_seed(0)
     fp = build_unet(args.preset).to(device)
     res = fp.config.sample_size
@@ -110,24 +169,32 @@ def main() -> None:
     noise = torch.randn_like(x)
     config = BinaryDMConfig()
     print(
-        f"{torch.cuda.get_device_name()} | {args.preset} {count_parameters(fp)} params | "
+        f"{_device_name()} | {args.preset} {count_parameters(fp)} params | "
         f"batch {args.batch} | bf16 autocast | torch {torch.__version__}",
         flush=True,
     )
     results = {}
     for name in args.variants.split(","):
         start = time.perf_counter()
-        model, teacher, lrm = build_variant(name, fp, config)
+        model, teacher, lrm = build_variant(name, fp, config, (x, t))
         warmup = args.warmup + (3 if "compiled" in name else 0)
-        ms = _time_steps(make_step(model, teacher, lrm, x, t, noise), args.steps, warmup)
+        step_fn = make_step(model, teacher, lrm, x, t, noise)
+        ms = _time_steps(step_fn, args.steps, warmup)
         results[name] = ms
         print(
             f"{name}: {ms:.1f} ms/step ({args.batch / ms * 1000:.0f} img/s), "
             f"setup+warmup {time.perf_counter() - start:.0f} s",
             flush=True,
         )
-        del model, teacher, lrm
-        torch.cuda.empty_cache()
+        if name in args.profile.split(","):
+            print(f"profile of {name}:", flush=True)
+            if args.profile_out:
+                with open(args.profile_out, "a") as f:
+                    f.write(f"## {name} ({_device_name()})\n")
+            profile_kernels(step_fn, 5, args.profile_out)
+        del model, teacher, lrm, step_fn
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     base = results.get("fp")
     print("\n| variant | ms/step | images/s | x FP eager |\n| --- | --- | --- | --- |")
     for name, ms in results.items():
@@ -158,7 +225,7 @@ def main() -> None:
                     "train_ms": results,
                     "sample_images_per_s": sampling,
                     "args": vars(args),
-                    "device": torch.cuda.get_device_name(),
+                    "device": _device_name(),
                 },
                 f,
                 indent=2,

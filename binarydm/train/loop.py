@@ -34,6 +34,9 @@ FAULT_KEYS = (
     "hold_file",
 )  # fmt: skip
 HOLD_LIMIT_S = 600.0
+#: Worker-config key of the benchmarks: ``evaluate: False`` ends QAT after the last step
+#: without sampling/FID (benchmarks/gpu_scaling.py times training alone).
+BENCHMARK_KEYS = ("evaluate",)
 #: Largest training set (bytes) kept on the GPU for the whole run.
 DEVICE_DATA_LIMIT = 4 << 30
 
@@ -326,7 +329,7 @@ def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, st
         if rank == 0:
             if mode == "teacher":
                 model.save_pretrained(Path(tmp) / "unet")
-            else:
+            elif config.get("evaluate", True):
                 from binarydm.train.evaluate import evaluate
 
                 eval_model = (

@@ -1,0 +1,134 @@
+"""Time a whole study run through ``bdm-search``: wall time outside trial compute, GPU use.
+
+    python benchmarks/study_overhead.py benchmarks/studies/gpu_overhead.yaml \
+        --workdir /tmp/bdm-study --json overhead.json
+
+Runs ``bdm-search run FILE`` (the real CLI: local Ray, SQLite MLflow and Optuna in
+``--workdir``) while a thread samples ``nvidia-smi`` once a second, then reads every
+trial back from MLflow. Trial compute is what the workers spend in the training loop
+and in evaluation (the trial's own ``train_s`` + ``eval_s``). With S concurrent trial
+slots, the fraction of wall time outside trial compute over the trial window (first
+trial start to last trial end) is ``1 - sum(compute) / (S x window)``; it holds Ray
+Train worker start-up, model and data loading, checkpoints, MLflow/Optuna bookkeeping
+and slots left idle. The whole-study figure adds Ray start-up and the FP teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class GpuSampler(threading.Thread):
+    """(unix time, gpu index, utilisation %, memory MiB) from nvidia-smi, once a second."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.period_s = period_s
+        self.samples: list[tuple[float, int, float, float]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used"]
+        while not self._stop.is_set():
+            now = time.time()
+            out = subprocess.run(
+                [*query, "--format=csv,noheader,nounits"], capture_output=True, text=True
+            ).stdout
+            for line in out.strip().splitlines():
+                index, util, mem = (float(v) for v in line.split(","))
+                self.samples.append((now, int(index), util, mem))
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+    def mean_utilisation(self, start: float, end: float) -> dict[int, float]:
+        per_gpu: dict[int, list[float]] = {}
+        for when, index, util, _ in self.samples:
+            if start <= when <= end:
+                per_gpu.setdefault(index, []).append(util)
+        return {i: statistics.fmean(v) for i, v in sorted(per_gpu.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="study file (YAML)")
+    parser.add_argument("--workdir", default="bdm-study-overhead")
+    parser.add_argument("--set", action="append", default=[], help="passed to bdm-search")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from binarydm.search.study import load_study
+    from binarydm.tracking.results import load_study_results
+
+    spec = load_study(args.file, overrides=args.set)
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    study_file = Path(args.file).resolve()
+    gpus = shutil.which("nvidia-smi") is not None
+    sampler = GpuSampler() if gpus else None
+    if sampler:
+        sampler.start()
+    command = [sys.executable, "-m", "binarydm.cli", "run", str(study_file)]
+    for kv in args.set:
+        command += ["--set", kv]
+    start = time.time()
+    code = subprocess.run(command, cwd=work, env=os.environ.copy()).returncode
+    end = time.time()
+    if sampler:
+        sampler.stop()
+    if code != 0:
+        raise SystemExit(f"bdm-search exited with {code}")
+
+    trials = load_study_results(spec.name, spec.name, tracking_uri=f"sqlite:///{work}/mlflow.db")
+    done = [t for t in trials if t["status"] == "FINISHED"]
+    workers = spec.settings.workers
+    slots = spec.resources.max_concurrent_trials or len(done)
+    window_start = min(t["start_time"] for t in trials) / 1000
+    window_end = max(t["end_time"] for t in trials) / 1000
+    window = window_end - window_start
+    compute = [t["metrics"]["train_s"] + t["metrics"]["eval_s"] for t in done]
+    per_trial = [
+        (t["end_time"] - t["start_time"]) / 1000 - c for t, c in zip(done, compute, strict=True)
+    ]
+    summary = {
+        "study": spec.name,
+        "trials_finished": len(done),
+        "trials": len(trials),
+        "slots": slots,
+        "gpus_per_trial": workers.gpus_per_worker * workers.num_workers,
+        "study_wall_s": end - start,
+        "before_first_trial_s": window_start - start,
+        "after_last_trial_s": end - window_end,
+        "trial_window_s": window,
+        "trial_compute_s": sum(compute),
+        "train_s": sum(t["metrics"]["train_s"] for t in done),
+        "eval_s": sum(t["metrics"]["eval_s"] for t in done),
+        "overhead_in_window": 1 - sum(compute) / (slots * window),
+        "overhead_whole_study": 1 - sum(compute) / (slots * (end - start)),
+        "per_trial_outside_compute_s": statistics.fmean(per_trial) if per_trial else None,
+        "per_trial_wall_s": [round((t["end_time"] - t["start_time"]) / 1000, 1) for t in done],
+        "per_trial_compute_s": [round(c, 1) for c in compute],
+    }
+    if sampler:
+        summary["gpu_util_in_window"] = sampler.mean_utilisation(window_start, window_end)
+        summary["gpu_util_whole_study"] = sampler.mean_utilisation(start, end)
+        summary["gpu_samples"] = len(sampler.samples)
+        summary["gpu_peak_memory_mib"] = max((s[3] for s in sampler.samples), default=0.0)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
