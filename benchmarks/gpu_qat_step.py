@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from binarydm import BinaryDMConfig, binarize_
 from binarydm.distill import LowRankMimicking
 from binarydm.models import build_unet, count_parameters
-from binarydm.quant import quant_layers
+from binarydm.quant import LSQQuantizer, quant_layers
 from binarydm.train.diffusion import ddim_sample
 
 KERNEL_KINDS = (
@@ -118,10 +118,16 @@ def make_step(model, teacher, lrm, x, t, noise):
 
 
 def build_variant(name: str, fp, config: BinaryDMConfig, example):
+    """``fp``/``bdm`` plus tokens: ``compiled``, ``nolrm`` (no teacher/LRM), ``composed``
+    (LSQ as plain ops instead of one autograd function), ``tbf16`` (teacher weights cast
+    to bf16 once instead of by autocast at every step)."""
+    LSQQuantizer.implementation = "composed" if "composed" in name else "function"
     if name.startswith("fp"):
         model = copy.deepcopy(fp)
         return (torch.compile(model) if "compiled" in name else model), None, None
     teacher = copy.deepcopy(fp).eval().requires_grad_(False)
+    if "tbf16" in name:
+        teacher = teacher.to(torch.bfloat16)
     student = binarize_(copy.deepcopy(fp), config)
     lrm = None
     if "nolrm" not in name:

@@ -106,7 +106,7 @@ def main() -> None:
         "trials_finished": len(done),
         "trials": len(trials),
         "slots": slots,
-        "gpus_per_trial": workers.gpus_per_worker * workers.num_workers,
+        "gpus_per_trial": workers.gpus_per_worker * workers.num_workers if workers.use_gpu else 0,
         "study_wall_s": end - start,
         "before_first_trial_s": window_start - start,
         "after_last_trial_s": end - window_end,
@@ -114,6 +114,8 @@ def main() -> None:
         "trial_compute_s": sum(compute),
         "train_s": sum(t["metrics"]["train_s"] for t in done),
         "eval_s": sum(t["metrics"]["eval_s"] for t in done),
+        # Inside the trial's run but outside compute: worker set-up before the first step.
+        "setup_s": sum(t["metrics"].get("setup_s", 0.0) for t in done),
         "overhead_in_window": 1 - sum(compute) / (slots * window),
         "overhead_whole_study": 1 - sum(compute) / (slots * (end - start)),
         "per_trial_outside_compute_s": statistics.fmean(per_trial) if per_trial else None,

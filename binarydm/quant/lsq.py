@@ -52,8 +52,21 @@ class _LSQFakeQuant(torch.autograd.Function):
         )
 
 
+def lsq_composed(x, step, qn: int, qp: int, grad_factor: float) -> torch.Tensor:
+    """The same LSQ as ``_LSQFakeQuant`` written as differentiable ops (gradient-scale and
+    round-STE by ``detach``): more activation-sized tensors kept in eager mode, but plain
+    ops that ``torch.compile`` can fuse into the neighbouring kernels."""
+    scaled = step * grad_factor
+    s = scaled + (step - scaled).detach()
+    v = torch.clamp(x / s, qn, qp)
+    return (v + (torch.round(v) - v).detach()) * s
+
+
 class LSQQuantizer(nn.Module):
     """Fake-quantizes a tensor to ``bits`` with a learned step; ``bits >= 32`` is identity."""
+
+    #: ``_LSQFakeQuant`` (one autograd function, least memory) or ``lsq_composed``.
+    implementation = "function"
 
     def __init__(
         self,
@@ -106,6 +119,8 @@ class LSQQuantizer(nn.Module):
         per_step = x[0].numel() if self.per_channel else x.numel()
         grad_factor = 1.0 / math.sqrt(per_step * self.qp)
         step = self.step.to(x.dtype)
+        if self.implementation == "composed":
+            return lsq_composed(x, step, self.qn, self.qp, grad_factor)
         return _LSQFakeQuant.apply(x, step, self.qn, self.qp, grad_factor)
 
     def extra_repr(self) -> str:

@@ -127,6 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    entered = time.perf_counter()
     settings = TrialSettings.from_dict(config["settings"])
     mode = config["mode"]
     # The teacher's data order and noise follow the teacher's seed, QAT's the trial's.
@@ -279,6 +280,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - t_start
             metrics["train_images_per_s"] = images_seen / elapsed if elapsed else 0.0
             metrics["train_s"] = elapsed + curve_tail.get("train_s", 0.0)
+            # Worker start to first step (data, models, DDP, resume): trial overhead.
+            metrics["setup_s"] = t_start - entered + curve_tail.get("setup_s", 0.0)
             window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
             if resume_notes:
                 metrics["resume_note"] = "; ".join(resume_notes)

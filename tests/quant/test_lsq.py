@@ -70,3 +70,21 @@ def test_per_channel_weight_steps():
     q(w)
     expected = 2 * w.abs().mean(dim=(1, 2, 3)) / math.sqrt(1)
     torch.testing.assert_close(q.step.flatten(), expected)
+
+
+@pytest.mark.parametrize("channel_shape", [None, (6, 1, 1, 1)])
+def test_composed_implementation_matches_the_autograd_function(channel_shape, monkeypatch):
+    """``lsq_composed`` (the torch.compile-friendly form) has the same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, 5) * 2
+    results = []
+    for implementation in ("function", "composed"):
+        monkeypatch.setattr(LSQQuantizer, "implementation", implementation)
+        q = LSQQuantizer(4, channel_shape=channel_shape)
+        q(x)  # initialise
+        xi = x.clone().requires_grad_(True)
+        out = q(xi)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), xi.grad, q.step.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
