@@ -34,11 +34,11 @@ class GpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.period_s = period_s
         self.samples: list[tuple[float, int, float, float]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         query = ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used"]
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             now = time.time()
             out = subprocess.run(
                 [*query, "--format=csv,noheader,nounits"], capture_output=True, text=True
@@ -46,10 +46,10 @@ class GpuSampler(threading.Thread):
             for line in out.strip().splitlines():
                 index, util, mem = (float(v) for v in line.split(","))
                 self.samples.append((now, int(index), util, mem))
-            self._stop.wait(self.period_s)
+            self._halt.wait(self.period_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def mean_utilisation(self, start: float, end: float) -> dict[int, float]:

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_fid.fid_score import calculate_frechet_distance
 from pytorch_fid.inception import InceptionV3
+from scipy import linalg
 
 from binarydm.metrics._inception_weights import ensure_fid_weights
 
@@ -126,15 +126,34 @@ def feature_statistics(features: np.ndarray) -> Statistics:
 
 
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
-    """Fréchet distance of two Gaussians (pytorch-fid's implementation), as a Python float."""
-    if np.shape(mu1) != np.shape(mu2) or np.shape(sigma1) != np.shape(sigma2):
+    """Fréchet distance of two Gaussians, the computation of pytorch-fid, as a Python float.
+
+    ``||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2))``, with pytorch-fid's ``eps``
+    on the diagonals when the product is singular and its tolerance for an imaginary part.
+    Not pytorch-fid's own function: version 0.3.0 calls ``sqrtm(..., disp=False)``, an
+    argument SciPy deprecated in 1.16 and newer SciPy (the GPU image's) no longer takes,
+    so every trial of a GPU study failed at FID with a TypeError.
+    tests/metrics/test_fid.py checks that the two agree where both run.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(
-            f"statistics of different feature sizes: mu {np.shape(mu1)} vs {np.shape(mu2)}, "
-            f"sigma {np.shape(sigma1)} vs {np.shape(sigma2)}; compare equal fid dims only"
+            f"statistics of different feature sizes: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape}; compare equal fid dims only"
         )
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def require_nonsingular_covariance(count: int, dims: int) -> None:

@@ -252,3 +252,34 @@ def test_cuda_features_match_cpu(fid_torch_home, cifar_test):
     # TF32 would be about 6e-4 off; the scorer turns it off for its convolutions.
     assert np.abs(on_gpu - on_cpu).max() <= 1e-4 * np.abs(on_cpu).max()
     assert torch.backends.cudnn.allow_tf32  # the global default is left as it was
+
+
+def _random_statistics(rng, dims: int):
+    features = rng.normal(size=(3 * dims, dims)) @ rng.normal(size=(dims, dims))
+    return features.mean(axis=0) + rng.normal(size=dims), np.cov(features, rowvar=False)
+
+
+def test_frechet_distance_equals_pytorch_fid_on_this_scipy():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(1)
+    a, b = _random_statistics(rng, 64), _random_statistics(rng, 64)
+    expected = calculate_frechet_distance(a[0], a[1], b[0], b[1])
+    assert frechet_distance(a[0], a[1], b[0], b[1]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
+    """Newer SciPy's ``sqrtm(A)`` takes no ``disp``: pytorch-fid 0.3.0 fails there, we don't."""
+    import scipy.linalg
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    original = scipy.linalg.sqrtm
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda matrix: original(matrix))
+    rng = np.random.default_rng(2)
+    a, b = _random_statistics(rng, 32), _random_statistics(rng, 32)
+    with pytest.raises(TypeError, match="disp"):
+        calculate_frechet_distance(a[0], a[1], b[0], b[1])
+    monkeypatch.undo()
+    reference = frechet_distance(a[0], a[1], b[0], b[1])
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda matrix: original(matrix))
+    assert frechet_distance(a[0], a[1], b[0], b[1]) == pytest.approx(reference, rel=1e-12)
