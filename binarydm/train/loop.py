@@ -90,6 +90,23 @@ def _build_models(settings: TrialSettings, mode: str, teacher_dir: str | None):
     return student, teacher
 
 
+def may_leave_unused(model: torch.nn.Module, method) -> bool:
+    """Whether some parameter can get no gradient in a step, so DDP must look for them.
+
+    Inactive progressive stages and the steps of disabled (32-bit) quantizers get none
+    (the basis EBB drops does: all bases' scales are one tensor). Searching costs DDP an
+    autograd-graph walk every step, so it is asked for only then: never for FP teacher
+    training, not for a plain W1A4 run.
+    """
+    if method is None:
+        return False
+    from binarydm.quant import LSQQuantizer
+
+    if method.progressive.stage_steps > 0:
+        return True
+    return any(isinstance(m, LSQQuantizer) and not m.enabled for m in model.modules())
+
+
 def _world() -> tuple[int, int]:
     import ray.train
 
@@ -195,8 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(
         model,
         move_to_device=False,
-        parallel_strategy_kwargs={"find_unused_parameters": True},
-    )  # find_unused: inactive progressive stages and dropped EBB bases get no gradient
+        parallel_strategy_kwargs={"find_unused_parameters": may_leave_unused(model, method)},
+    )
     noise_sched = noise_scheduler(train.num_train_timesteps if train else 1000)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     log_every = train.log_every if train else 100

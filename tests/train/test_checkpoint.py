@@ -130,3 +130,35 @@ def test_ema_follows_quantizers_switched_on_after_it_was_created():
         ema.module(x, t)
     for key, value in ema.module.state_dict().items():
         torch.testing.assert_close(value, state[key], msg=f"evaluation changed {key}")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"weight.bases": 1},
+        {"first_last": "int8", "weight.kind": "lsq", "weight.bits": 2},
+        {"activation.attention_matmul": True},
+        {"progressive.stage_steps": 5},
+        {"ebb.enabled": True, "ebb.switch_step": 0},
+        {"activation.bits": 32},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+def test_ddp_unused_parameter_search_only_where_some_get_no_gradient(overrides):
+    """DDP without find_unused_parameters fails on a parameter without gradient, and with
+    it pays a graph walk each step: the rule must say True exactly when one can occur."""
+    from bdm_support import small_unet
+
+    from binarydm import BinaryDMConfig, binarize_
+    from binarydm.schedule import apply_schedule
+    from binarydm.train.loop import may_leave_unused
+
+    config = BinaryDMConfig().replace(**overrides)
+    model = binarize_(small_unet(), config)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    apply_schedule(model, 0, config)
+    model(x, t).sample.square().mean().backward()
+    without_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert may_leave_unused(model, config) == bool(without_grad), without_grad[:3]
+    assert may_leave_unused(small_unet(), None) is False

@@ -65,6 +65,28 @@ def test_qat_trial_end_to_end(tiny_teacher, workspace):
     assert len(kept) == 2
 
 
+@pytest.mark.parametrize("stage_steps", [0, 4], ids=["all-active", "progressive"])
+def test_two_ddp_workers_train_with_and_without_unused_parameters(
+    tiny_teacher, workspace, stage_steps
+):
+    """DDP over two gloo workers: a plain W1A4 run skips DDP's unused-parameter search,
+    a progressive one (inactive stages get no gradient) needs it; both must train."""
+    settings = tiny_settings(
+        **{
+            "workers.num_workers": 2,
+            "method.progressive.stage_steps": stage_steps,
+            "training.steps": 12,
+            "training.checkpoint_every": 12,
+            "training.log_every": 4,
+        }
+    )
+    result = _fit(settings, f"ddp2-{stage_steps}", workspace, tiny_teacher, evaluate=False)
+    assert result.error is None, result.error
+    assert result.metrics["step"] == 12 and result.metrics["final"] is True
+    assert 0 < result.metrics["loss"] < 10 and result.metrics["setup_s"] > 0
+    assert "fid" not in result.metrics  # evaluate=False: training alone
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_teacher, workspace, tmp_path):
     settings = tiny_settings(**{"training.steps": 80, "training.max_failures": 2})
     pid_file = tmp_path / "worker.pid"
