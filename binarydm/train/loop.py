@@ -155,6 +155,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         Path(config["pid_file"]).write_text(str(os.getpid()))
     images = _load_training_images(settings, config.get("data_root"), config.get("cache_dir"))
     images = _to_training_device(images, device)
+    if device.type == "cuda":
+        # Shapes are fixed for the whole run: let cuDNN time its algorithms once.
+        torch.backends.cudnn.benchmark = True
     model, teacher = _build_models(settings, mode, config.get("teacher_dir"))
     model.to(device)
     if teacher is not None:
@@ -265,6 +268,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tau:
             loss_ebb = tau * ebb_penalty(model)
             loss = loss + loss_ebb
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # The host waits for the GPU once a step, after backward has been queued (waiting
+        # before it would leave the GPU idle while the host queues the whole backward);
+        # still before the optimizer step, so a non-finite loss never updates the weights.
         finite, values = _step_values(loss, loss_noise, loss_lrm, loss_ebb)
         if not finite:
             # Stop without raising: Ray Train would retry a deterministic failure. Every
@@ -272,8 +280,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reason = f"{NonFiniteLossError.__name__}: non-finite loss ({values[0]}) at step {step}"
             _report_error(reason, step, mode, rank)
             return
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if train is None or train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip if train else 1.0)
         optimizer.step()
