@@ -116,6 +116,8 @@ def main() -> None:
         "eval_s": sum(t["metrics"]["eval_s"] for t in done),
         # Inside the trial's run but outside compute: worker set-up before the first step.
         "setup_s": sum(t["metrics"].get("setup_s", 0.0) for t in done),
+        "sample_s": sum(t["metrics"].get("sample_s", 0.0) for t in done),
+        "fid_s": sum(t["metrics"].get("fid_s", 0.0) for t in done),
         "overhead_in_window": 1 - sum(compute) / (slots * window),
         "overhead_whole_study": 1 - sum(compute) / (slots * (end - start)),
         "per_trial_outside_compute_s": statistics.fmean(per_trial) if per_trial else None,

@@ -24,9 +24,8 @@ from binarydm.search.searcher import TRIAL_NUMBER_KEY
 # Metrics averaged over seeds (the rest are identical across seeds or per-run details).
 AVERAGED = (
     "fid", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib", "ops_saving", "size_saving",
-    "loss", "loss_noise", "loss_lrm", "loss_ebb", "train_s", "eval_s", "setup_s",
-    "train_images_per_s",
-    "sample_images_per_s",
+    "loss", "loss_noise", "loss_lrm", "loss_ebb", "train_s", "eval_s", "setup_s", "sample_s",
+    "fid_s", "train_images_per_s", "sample_images_per_s",
 )  # fmt: skip
 COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
 

@@ -61,7 +61,8 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
         assert child.data.tags["profile"] == "quick"
         assert child.data.tags["pareto"] in ("true", "false")
         for metric in ("fid", "ops_g", "bops_g", "flops_g", "size_mib", "test_loss",
-                       "ops_saving", "size_saving", "train_s", "eval_s", "setup_s"):  # fmt: skip
+                       "ops_saving", "size_saving", "train_s", "eval_s", "setup_s", "sample_s",
+                       "fid_s"):  # fmt: skip
             assert metric in child.data.metrics, metric
         params = child.data.params
         assert params["fid_dims"] == "64" and params["fid_samples"] == "100"
