@@ -130,13 +130,13 @@ def _step_values(*losses: torch.Tensor) -> tuple[bool, list[float]]:
 
 def _to_training_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep a small training set on the GPU (CIFAR-10 is 0.6 GB) so a step reads no host
-    memory; a large one stays on the host, pinned for asynchronous copies."""
+    memory; a large one stays on the host as it is (pinning tens of GB could fail)."""
     if device.type != "cuda":
         return images
     free, _ = torch.cuda.mem_get_info(device)
     if images.numel() * images.element_size() <= min(DEVICE_DATA_LIMIT, free // 8):
         return images.to(device)
-    return images.pin_memory()
+    return images
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
