@@ -120,6 +120,7 @@ class LowRankMimicking:
             )
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
+        self._teacher_call: Any = None  # torch.compile(teacher) after compile_teacher()
         self.student_recorder = FeatureRecorder(student)
         self.teacher_recorder = FeatureRecorder(teacher)
         if self.student_recorder.block_names != self.teacher_recorder.block_names:
@@ -136,13 +137,19 @@ class LowRankMimicking:
     def projection(self) -> LowRankProjection:
         return self.loss_fn.projection
 
+    def compile_teacher(self) -> None:
+        """Run the teacher through ``torch.compile`` from now on (its recording hooks too);
+        ``self.teacher`` itself stays the eager module."""
+        self._teacher_call = torch.compile(self.teacher)
+
     @torch.no_grad()
     def teacher_forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the teacher on the student's input; its block outputs are recorded."""
         # A wrapper's .train() call may have reached the teacher: dropout etc. must stay off.
         if self.teacher.training:
             self.teacher.eval()
-        return self.teacher(*args, **kwargs)
+        call = self.teacher if self._teacher_call is None else self._teacher_call
+        return call(*args, **kwargs)
 
     def loss(self, step: int = 0) -> LRMTerms:
         """LRM terms from the last recorded student and teacher forwards, then forget them."""

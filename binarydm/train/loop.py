@@ -225,10 +225,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     progress = _progress_bar(mode, start_step, steps) if rank == 0 else None
     model.train()
+    forward_model = ddp_model
     window = {"loss": 0.0, "loss_noise": 0.0, "loss_lrm": 0.0, "loss_ebb": 0.0, "n": 0}
     t_start, images_seen = time.perf_counter(), 0
     metrics: dict[str, Any] = dict(curve_tail)
     for step in range(start_step, steps):
+        if train is not None and train.compile and step == start_step + 1:
+            # After the first step, whose eager forward initialised the quantizers:
+            # compiling that pass would trace the initialisation, then recompile the whole
+            # UNet when the flags flip. Evaluation and checkpoints use the eager modules.
+            forward_model = torch.compile(ddp_model)
+            if lrm is not None:
+                lrm.compile_teacher()
         if method is not None:
             from binarydm.quant import ebb_penalty
             from binarydm.schedule import apply_schedule
@@ -252,7 +260,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator = torch.Generator(device=device).manual_seed((seed * 7919 + step) * 131 + rank)
         x_t, t, noise = noisy_batch(clean, noise_sched, generator)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = ddp_model(x_t, t).sample
+            pred = forward_model(x_t, t).sample
             if lrm is not None:
                 lrm.teacher_forward(x_t, t)
         loss_noise = F.mse_loss(pred.float(), noise.float())

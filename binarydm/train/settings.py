@@ -82,6 +82,10 @@ class TrainingSettings:
     max_failures: int = 2
     num_train_timesteps: int = 1000
     log_every: int = 50
+    # torch.compile the student's and the teacher's training forward from the second step:
+    # pays off over long runs (compiling takes minutes on a GPU, each progressive stage
+    # recompiles once); evaluation stays eager.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "training.steps", self.steps, "an integer >= 1")

@@ -325,3 +325,24 @@ def test_loss_before_any_forward_says_what_to_run(teacher):
         pytest.raises(RuntimeError, match="teacher_forward"),
     ):
         lrm.loss(step=0)
+
+
+def test_compiled_teacher_records_the_same_features_and_keeps_the_module_eager():
+    """``compile_teacher`` (training.compile): the recording hooks run inside the compiled
+    teacher, its features equal the eager ones, and ``lrm.teacher`` stays the module."""
+    torch._dynamo.reset()
+    teacher = small_unet().eval()
+    x_t, t = noisy_batch(5)
+    with LowRankMimicking(binarized_student(teacher), teacher, LRMConfig()) as lrm:
+        lrm.teacher_forward(x_t, t)
+        eager = {k: v.clone() for k, v in lrm.teacher_recorder.features.items()}
+        lrm.teacher_recorder.clear()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        lrm.compile_teacher()
+        lrm.teacher_forward(x_t, t)
+        compiled = dict(lrm.teacher_recorder.features)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+        assert lrm.teacher is teacher
+    assert compiled.keys() == eager.keys() == set(BLOCKS)
+    for block in BLOCKS:
+        torch.testing.assert_close(compiled[block], eager[block], rtol=1e-4, atol=1e-5)

@@ -87,6 +87,24 @@ def test_two_ddp_workers_train_with_and_without_unused_parameters(
     assert "fid" not in result.metrics  # evaluate=False: training alone
 
 
+def test_compiled_qat_trains_and_evaluates(tiny_teacher, workspace):
+    """``training.compile``: the student's and teacher's training forward compiled after the
+    first step (a progressive stage switch recompiles); LRM hooks, checkpoints and the
+    eager evaluation still work."""
+    settings = tiny_settings(
+        **{
+            "training.compile": True,
+            "method.progressive.stage_steps": 6,
+            "training.steps": 10,
+            "training.checkpoint_every": 5,
+            "training.log_every": 5,
+        }
+    )
+    metrics = final_metrics(_fit(settings, "compiled", workspace, tiny_teacher))
+    assert metrics["step"] == 10 and 0 < metrics["loss"] < 10 and metrics["loss_lrm"] > 0
+    assert metrics["fid"] > 0 and metrics["size_saving"] > 4
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_teacher, workspace, tmp_path):
     settings = tiny_settings(**{"training.steps": 80, "training.max_failures": 2})
     pid_file = tmp_path / "worker.pid"
