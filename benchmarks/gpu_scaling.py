@@ -73,7 +73,7 @@ def main() -> None:
     import torch
 
     from binarydm.models import build_unet
-    from binarydm.train.runner import _trainer
+    from binarydm.train.runner import make_trainer
     from binarydm.train.settings import TrialSettings
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bdm-scaling-"))
@@ -111,7 +111,7 @@ def main() -> None:
             )
             name = f"scaling-{mode}-{n}gpu-{int(time.time())}"
             log = ReportLog(work / f"{name}.jsonl")
-            trainer = _trainer(
+            trainer = make_trainer(
                 settings,
                 mode=mode,
                 name=name,

@@ -17,6 +17,9 @@ from binarydm.quant.ste import sign_pm1, sign_ste
 class MultiBasisBinarizer(nn.Module):
     """k residual sign bases with learnable per-output-channel scales (k=1 is the baseline)."""
 
+    #: Python mirrors of the flag buffers; copies of the state (the EMA) copy them too.
+    host_mirrors = ("_initialized", "_num_active")
+
     def __init__(self, weight_shape: torch.Size | tuple[int, ...], bases: int) -> None:
         super().__init__()
         if not 1 <= bases <= 3:

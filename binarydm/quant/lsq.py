@@ -67,6 +67,9 @@ class LSQQuantizer(nn.Module):
 
     #: ``_LSQFakeQuant`` (one autograd function, least memory) or ``lsq_composed``.
     implementation = "function"
+    #: Python mirrors of buffers (read in forward without a GPU sync); copies of this
+    #: quantizer's state (the EMA) must copy them too.
+    host_mirrors = ("_initialized",)
 
     def __init__(
         self,

@@ -16,9 +16,6 @@ import copy
 import torch
 from torch import nn
 
-#: Host-side mirrors of quantizer buffers (see binarydm.quant): copied, never averaged.
-HOST_STATE = ("_initialized", "_num_active")
-
 
 class ModelEMA:
     """Holds ``module``, an EMA copy of a model, updated after each optimizer step."""
@@ -41,24 +38,21 @@ class ModelEMA:
             if src._initialized and not dst._initialized
             for p in dst.parameters()
         }
-        averaged = [
-            (e, p)
-            for e, p in zip(pairs.ema_params, pairs.params, strict=True)
-            if id(e) not in fresh
-        ]
+        ema_params, params = [], []
         for ema_param, param in zip(pairs.ema_params, pairs.params, strict=True):
             if id(ema_param) in fresh:
                 ema_param.copy_(param)
-        if averaged:
-            ema_params, params = zip(*averaged, strict=True)
+            else:
+                ema_params.append(ema_param)
+                params.append(param)
+        if ema_params:
             # One fused kernel series instead of a Python loop of lerps over every tensor.
-            torch._foreach_lerp_(list(ema_params), list(params), 1.0 - self.decay)
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
         if pairs.buffers:
             torch._foreach_copy_(pairs.ema_buffers, pairs.buffers)
         for src, dst in pairs.quantizers:
-            for attr in HOST_STATE:
-                if hasattr(src, attr):
-                    setattr(dst, attr, getattr(src, attr))
+            for attr in src.host_mirrors:
+                setattr(dst, attr, getattr(src, attr))
 
     def _pairs_for(self, model: nn.Module) -> _Pairs:
         if self._pairs is None or self._pairs[0] != id(model):
@@ -86,7 +80,5 @@ class _Pairs:
         self.buffers = [b for _, b in named_buffers]
         self.ema_buffers = [ema_buffers[n] for n, _ in named_buffers]
         self.quantizers = [
-            (m, ema_modules[n])
-            for n, m in model.named_modules()
-            if any(hasattr(m, attr) for attr in HOST_STATE)
+            (m, ema_modules[n]) for n, m in model.named_modules() if hasattr(m, "host_mirrors")
         ]

@@ -34,9 +34,6 @@ FAULT_KEYS = (
     "hold_file",
 )  # fmt: skip
 HOLD_LIMIT_S = 600.0
-#: Worker-config key of the benchmarks: ``evaluate: False`` ends QAT after the last step
-#: without sampling/FID (benchmarks/gpu_scaling.py times training alone).
-BENCHMARK_KEYS = ("evaluate",)
 #: Largest training set (bytes) kept on the GPU for the whole run.
 DEVICE_DATA_LIMIT = 4 << 30
 
@@ -226,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress = _progress_bar(mode, start_step, steps) if rank == 0 else None
     model.train()
     forward_model = ddp_model
-    window = {"loss": 0.0, "loss_noise": 0.0, "loss_lrm": 0.0, "loss_ebb": 0.0, "n": 0}
+    window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
     t_start, images_seen = time.perf_counter(), 0
     metrics: dict[str, Any] = dict(curve_tail)
     for step in range(start_step, steps):
@@ -363,7 +360,7 @@ def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, st
         if rank == 0:
             if mode == "teacher":
                 model.save_pretrained(Path(tmp) / "unet")
-            elif config.get("evaluate", True):
+            elif config.get("evaluate", True):  # False: benchmarks time training alone
                 from binarydm.train.evaluate import evaluate
 
                 eval_model = (

@@ -25,7 +25,7 @@ def _abs(path: str | os.PathLike | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def _trainer(
+def make_trainer(
     settings: TrialSettings,
     *,
     mode: str,
@@ -37,6 +37,9 @@ def _trainer(
     callbacks: list | None = None,
     extra_config: dict[str, Any] | None = None,
 ):
+    """A ``TorchTrainer`` running the training loop in ``mode`` (teacher or qat) with the
+    settings' workers, failure and checkpoint policy; ``extra_config`` adds worker-config
+    keys (fault injection, ``evaluate``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -111,7 +114,7 @@ def ensure_teacher(
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
-        trainer = _trainer(
+        trainer = make_trainer(
             settings,
             mode="teacher",
             name=f"teacher-{key}",
@@ -161,7 +164,7 @@ def fit_qat(
     extra_config: dict[str, Any] | None = None,
 ):
     """Run (or resume) the QAT of one trial; returns Ray Train's ``Result``."""
-    trainer = _trainer(
+    trainer = make_trainer(
         settings,
         mode="qat",
         name=name,
