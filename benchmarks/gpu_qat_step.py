@@ -97,15 +97,22 @@ def _time_steps(step_fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def make_step(model, teacher, lrm, x, t, noise):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+def make_step(model, teacher, lrm, x, t, noise, *, graphs: bool = False, fused: bool = False):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=fused or None)
     counter = {"step": 0}
 
     def step():
+        if graphs:
+            # CUDA graphs (reduce-overhead): a new step begins, last step's outputs are dead.
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            pred = model(x, t).sample
+            # The frozen teacher first: its (graph-replayed, no-grad) forward then never
+            # runs while the student's backward is pending, which CUDA graph trees handle
+            # worse; the order changes nothing else (the teacher does not see the student).
             if lrm is not None:
                 lrm.teacher_forward(x, t)
+            pred = model(x, t).sample
         loss = F.mse_loss(pred.float(), noise)
         if lrm is not None:
             loss = loss + lrm.loss(counter["step"]).weighted
@@ -118,13 +125,17 @@ def make_step(model, teacher, lrm, x, t, noise):
 
 
 def build_variant(name: str, fp, config: BinaryDMConfig, example):
-    """``fp``/``bdm`` plus tokens: ``compiled``, ``nolrm`` (no teacher/LRM), ``composed``
-    (LSQ as plain ops instead of one autograd function), ``tbf16`` (teacher weights cast
-    to bf16 once instead of by autocast at every step)."""
+    """``fp``/``bdm`` plus tokens: ``compiled``, ``cg`` (compiled with CUDA graphs:
+    ``mode="reduce-overhead"``), ``nolrm`` (no teacher/LRM), ``composed`` (LSQ as plain
+    ops instead of one autograd function), ``tbf16`` (teacher weights cast to bf16 once
+    instead of by autocast at every step); ``fused`` (fused AdamW) is read by make_step."""
     LSQQuantizer.implementation = "composed" if "composed" in name else "function"
+    tokens = name.split("-")
+    compile_kwargs = {"mode": "reduce-overhead"} if "cg" in tokens else {}
+    compiled = "compiled" in tokens or "cg" in tokens
     if name.startswith("fp"):
         model = copy.deepcopy(fp)
-        return (torch.compile(model) if "compiled" in name else model), None, None
+        return (torch.compile(model, **compile_kwargs) if compiled else model), None, None
     teacher = copy.deepcopy(fp).eval().requires_grad_(False)
     if "tbf16" in name:
         teacher = teacher.to(torch.bfloat16)
@@ -132,14 +143,14 @@ def build_variant(name: str, fp, config: BinaryDMConfig, example):
     lrm = None
     if "nolrm" not in name:
         lrm = LowRankMimicking(student, teacher, config.lrm)
-    if "compiled" in name:
+    if compiled:
         # Initialise the quantizers (steps, scales) eagerly first: compiling the init pass
         # would trace it once and then recompile the whole UNet when the flags flip.
         with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
             student(*example)
-        student = torch.compile(student)
+        student = torch.compile(student, **compile_kwargs)
         if lrm is not None:
-            lrm.teacher = torch.compile(teacher)
+            lrm.teacher = torch.compile(teacher, **compile_kwargs)
     return student, teacher, lrm
 
 
@@ -183,9 +194,17 @@ def main() -> None:
     for name in args.variants.split(","):
         start = time.perf_counter()
         model, teacher, lrm = build_variant(name, fp, config, (x, t))
-        warmup = args.warmup + (3 if "compiled" in name else 0)
-        step_fn = make_step(model, teacher, lrm, x, t, noise)
-        ms = _time_steps(step_fn, args.steps, warmup)
+        tokens = name.split("-")
+        warmup = args.warmup + (3 if "compiled" in tokens or "cg" in tokens else 0)
+        step_fn = make_step(
+            model, teacher, lrm, x, t, noise, graphs="cg" in tokens, fused="fused" in tokens
+        )
+        try:
+            ms = _time_steps(step_fn, args.steps, warmup)
+        except Exception as exc:  # one variant failing must not lose the others' numbers
+            print(f"{name}: FAILED {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
+            del model, teacher, lrm, step_fn
+            continue
         results[name] = ms
         print(
             f"{name}: {ms:.1f} ms/step ({args.batch / ms * 1000:.0f} img/s), "

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One GPU session of the issue "GPU speed and scaling", as three back-to-back device calls
+# (each under the 10-minute call limit and the 64 MiB transfer limit; the machine must stay
+# warm between them, so nothing else runs in between). Results go to $OUT.
+#
+#   call 1, carry .devbundle:                bash benchmarks/gpu_session.sh step
+#   call 2, carry .bdmdata .bdmfid/part00:   bash benchmarks/gpu_session.sh scaling
+#   call 3, carry .bdmfid/part01:            bash benchmarks/gpu_session.sh study
+#
+# .devbundle comes from ../shared/tools/device-bundle, .bdmdata and .bdmfid from
+# benchmarks/device_payload.py (see benchmarks/results/gpu_perf.md, "Rerunning").
+# Carried folders can vanish in a later call, so what each call needs later is copied
+# to /tmp (kept while the machine is held); setup.sh installs the bundle into /tmp once.
+set -eo pipefail
+stage="$1"
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT" /tmp/bdmcache
+# setup.sh reads the bundle only on its first run on a machine; later calls use a copy.
+[ -f .devbundle/setup.sh ] && cp .devbundle/setup.sh /tmp/bdm-setup.sh
+# shellcheck disable=SC1091
+source /tmp/bdm-setup.sh
+export TORCH_HOME=/tmp/th BINARYDM_CACHE_DIR=/tmp/bdmcache BINARYDM_DATA_ROOT=/tmp/.bdmdata
+export PYTHONUNBUFFERED=1
+weights="$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"
+
+case "$stage" in
+step)
+    nvidia-smi -L | tee "$OUT/gpus.txt"
+    nproc >>"$OUT/gpus.txt"
+    # fp eager is the baseline of the table; -cg = torch.compile(mode="reduce-overhead").
+    timeout 560 python3 benchmarks/gpu_qat_step.py --steps 20 --sample-batch 0 \
+        --variants fp,fp-cg,bdm-cg,fp-cg-fused,bdm-cg-fused,bdm-compiled \
+        --profile fp-cg,bdm-cg --profile-out "$OUT/profile.md" --json "$OUT/step.json" \
+        2>&1 | tee "$OUT/step.log" || true
+    ;;
+scaling)
+    cp -r .bdmdata /tmp/ && mkdir -p /tmp/fidparts && cp .bdmfid/part00 /tmp/fidparts/
+    timeout 560 python3 benchmarks/gpu_scaling.py --gpus 1,2 --modes qat,teacher \
+        --steps 150 --log-every 25 --data-root /tmp/.bdmdata --workdir /tmp/scal \
+        --json "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log" || true
+    ;;
+study)
+    mkdir -p "$(dirname "$weights")"
+    cat /tmp/fidparts/part00 .bdmfid/part01 >"$weights"
+    sha256sum "$weights" | tee "$OUT/study.log"
+    # 8 trials in one wave on a 2-GPU host: 4 per card (0.25 GPU, 2 CPUs each).
+    timeout 560 python3 benchmarks/study_overhead.py benchmarks/studies/gpu_overhead.yaml \
+        --workdir /tmp/study --json "$OUT/study.json" \
+        --set workers.gpus_per_worker=0.25 --set workers.cpus_per_worker=2 \
+        --set resources.max_concurrent_trials=8 --set training.steps=150 \
+        --set training.checkpoint_every=150 2>&1 | tee -a "$OUT/study.log" || true
+    ;;
+*)
+    echo "usage: $0 step|scaling|study" >&2
+    exit 2
+    ;;
+esac
