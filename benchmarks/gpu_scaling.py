@@ -7,10 +7,12 @@ Runs the real training loop (``binarydm.train.loop.train_loop_per_worker``) unde
 ``TorchTrainer`` with N workers, one GPU each, at a fixed per-GPU batch (weak scaling),
 on CIFAR-10 and the ``ddpm-cifar10`` UNet (a randomly initialised teacher: the step cost
 does not depend on what the teacher learned). QAT is the default BinaryDM config (W1A4,
-2 bases in the outer levels, LRM, EMA) without the final evaluation. Throughput is read
-from the workers' own reports (images and ``train_s`` between the first and last report
-after ``--skip`` warm-up reports), so Ray start-up and NCCL set-up are not in it; they are
-printed separately as the run's wall time. Efficiency = throughput(N) / (N x throughput(1)).
+2 bases in the outer levels, LRM, EMA) without the final evaluation; ``--compile-mode``
+turns on ``training.compile`` (compilation falls in the warm-up reports, not the rate).
+Throughput is read from the workers' own reports (images and ``train_s`` between the
+first and last report after ``--skip`` warm-up reports), so Ray start-up and NCCL set-up
+are not in it; they are printed separately as the run's wall time.
+Efficiency = throughput(N) / (N x throughput(1)).
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--compile-mode",
+        default="none",
+        choices=["none", "default", "reduce-overhead"],
+        help="training.compile with this torch.compile mode (QAT only; none = eager)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -101,6 +109,10 @@ def main() -> None:
                         "ema_decay": 0.999,
                         "log_every": args.log_every,
                         "checkpoint_every": args.steps,
+                        "compile": args.compile_mode != "none",
+                        "compile_mode": "default"
+                        if args.compile_mode == "none"
+                        else args.compile_mode,
                     },
                     "workers": {
                         "num_workers": n,

@@ -88,7 +88,8 @@ def main() -> None:
     if sampler:
         sampler.stop()
     if code != 0:
-        raise SystemExit(f"bdm-search exited with {code}")
+        # Still summarise: trials that finished are in MLflow whatever failed after them.
+        print(f"bdm-search exited with {code}; summarising what MLflow holds", flush=True)
 
     trials = load_study_results(spec.name, spec.name, tracking_uri=f"sqlite:///{work}/mlflow.db")
     done = [t for t in trials if t["status"] == "FINISHED"]
@@ -101,8 +102,13 @@ def main() -> None:
     per_trial = [
         (t["end_time"] - t["start_time"]) / 1000 - c for t, c in zip(done, compute, strict=True)
     ]
+
+    def total(key: str) -> float:
+        return sum(t["metrics"].get(key, 0.0) for t in done)
+
     summary = {
         "study": spec.name,
+        "bdm_search_exit_code": code,
         "trials_finished": len(done),
         "trials": len(trials),
         "slots": slots,
@@ -115,9 +121,18 @@ def main() -> None:
         "train_s": sum(t["metrics"]["train_s"] for t in done),
         "eval_s": sum(t["metrics"]["eval_s"] for t in done),
         # Inside the trial's run but outside compute: worker set-up before the first step.
-        "setup_s": sum(t["metrics"].get("setup_s", 0.0) for t in done),
-        "sample_s": sum(t["metrics"].get("sample_s", 0.0) for t in done),
-        "fid_s": sum(t["metrics"].get("fid_s", 0.0) for t in done),
+        "setup_s": total("setup_s"),
+        "sample_s": total("sample_s"),
+        "fid_s": total("fid_s"),
+        # Where a trial's time outside compute goes: before its fit (params, data hash),
+        # Ray Train around the workers (fit_s minus the workers' set-up + compute), after.
+        "prepare_s": total("prepare_s"),
+        "ray_train_s": total("fit_s") - total("setup_s") - sum(compute),
+        "ray_start_s": total("ray_start_s"),  # fit() to the worker's first line
+        "ray_stop_s": total("ray_stop_s"),  # the worker's final report to fit()'s return
+        "after_fit_s": sum((t["end_time"] - t["start_time"]) / 1000 for t in done)
+        - total("prepare_s")
+        - total("fit_s"),
         "overhead_in_window": 1 - sum(compute) / (slots * window),
         "overhead_whole_study": 1 - sum(compute) / (slots * (end - start)),
         "per_trial_outside_compute_s": statistics.fmean(per_trial) if per_trial else None,

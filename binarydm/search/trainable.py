@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from binarydm.search.searcher import TRIAL_NUMBER_KEY
 AVERAGED = (
     "fid", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib", "ops_saving", "size_saving",
     "loss", "loss_noise", "loss_lrm", "loss_ebb", "train_s", "eval_s", "setup_s", "sample_s",
-    "fid_s", "train_images_per_s", "sample_images_per_s",
+    "fid_s", "fit_s", "ray_start_s", "ray_stop_s", "train_images_per_s", "sample_images_per_s",
 )  # fmt: skip
 COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
 
@@ -199,6 +200,7 @@ def execute_trial(
     from binarydm.train.runner import dataset_sha256, ensure_teacher, final_metrics, fit_qat
 
     spec = context.spec
+    entered = time.perf_counter()
     try:
         tracker.set_tags(run_id, {"profile": spec.profile or "none", "attempt": attempt})
         settings0 = spec.trial_settings(config, spec.search.seeds[0])
@@ -210,12 +212,16 @@ def execute_trial(
         tracker.log_artifact_json(run_id, "config.json", {"params": config, **settings0.to_dict()})
         per_seed, checkpoints = [], []
         storage = str(Path(spec.storage.ray_results) / "trials")
+        prepare_s = None
         for seed in spec.search.seeds:
             settings = spec.trial_settings(config, seed)
             teacher = context.teacher_dir or ensure_teacher(
                 settings, storage_path=storage, data_root=data_root, cache_dir=context.cache_dir
             )
             prefix = f"seed{seed}." if len(spec.search.seeds) > 1 else ""
+            fit_start, fit_start_unix = time.perf_counter(), time.time()
+            if prepare_s is None:
+                prepare_s = fit_start - entered
             result = fit_qat(
                 settings,
                 name=f"{name}-seed{seed}",
@@ -226,11 +232,21 @@ def execute_trial(
                 callbacks=[*(extra_callbacks or []), MlflowCurveCallback(tracker, run_id, prefix)],
                 extra_config=extra_config,
             )
+            fit_s, fit_end_unix = time.perf_counter() - fit_start, time.time()
             # The Train controller has finished: replay any curve points an outage held back.
             curve_buffer(tracker, run_id, prefix).flush()
-            per_seed.append(final_metrics(result))
+            # The fit's wall time around the workers' own setup_s + train_s + eval_s is Ray
+            # Train's: controller and worker start-up, checkpoint persistence, shutdown.
+            seed_metrics = dict(final_metrics(result), fit_s=fit_s)
+            if "worker_entered_unix" in seed_metrics:  # fit start to the worker's first line
+                seed_metrics["ray_start_s"] = seed_metrics["worker_entered_unix"] - fit_start_unix
+            if "final_report_unix" in seed_metrics:  # final report to the fit's return
+                seed_metrics["ray_stop_s"] = fit_end_unix - seed_metrics["final_report_unix"]
+            per_seed.append(seed_metrics)
             checkpoints.append(result.checkpoint.path)
         metrics = aggregate(per_seed)
+        # Trial start to its first fit: params and data hash logged, the teacher found.
+        metrics["prepare_s"] = prepare_s
         # Comparability settings of the FID are params (strings included), the rest metrics.
         tracker.log_params(run_id, {k: metrics[k] for k in COMPARABILITY if k in metrics})
         numeric = {k: v for k, v in metrics.items() if k not in COMPARABILITY}

@@ -12,6 +12,7 @@ import html
 import itertools
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -179,16 +180,28 @@ def pareto_plots(
     ``pareto`` (bool) and optionally ``params`` (shown on hover).
     ``objectives``: ``[(metric, "minimize"|"maximize"), ...]``.
     """
+    return pareto_figure(points, objectives), pareto_html(points, objectives)
+
+
+def pareto_figure(
+    points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]
+) -> Figure:
+    """The matplotlib figure of ``pareto_plots`` alone."""
+    complete, panels, directions, _ = _layout(points, objectives)
+    return _matplotlib_figure(complete, panels, directions)
+
+
+def pareto_html(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]) -> str:
+    """The interactive HTML page of ``pareto_plots`` alone (needs plotly)."""
+    complete, panels, directions, metrics = _layout(points, objectives)
+    return _plotly_html(complete, panels, directions, metrics)
+
+
+def _layout(points, objectives):
     if not objectives:
         raise ValueError("objectives is empty: need at least one (metric, direction)")
     metrics = [metric for metric, _ in objectives]
-    directions = dict(objectives)
-    complete = _complete(points, metrics)
-    panels = _panels(metrics)
-    return (
-        _matplotlib_figure(complete, panels, directions),
-        _plotly_html(complete, panels, directions, metrics),
-    )
+    return _complete(points, metrics), _panels(metrics), dict(objectives), metrics
 
 
 def log_pareto_plots(
@@ -197,7 +210,19 @@ def log_pareto_plots(
     points: Sequence[Mapping[str, Any]],
     objectives: Sequence[tuple[str, str]],
 ) -> None:
-    """Log ``pareto.png`` and ``pareto.html`` on the study's parent run."""
-    figure, page = pareto_plots(points, objectives)
-    tracker.log_figure(parent_run_id, figure, PNG_NAME)
+    """Log ``pareto.png`` and ``pareto.html`` on the study's parent run.
+
+    Runs after every trial is in MLflow, so an environment without plotly (seen on a GPU
+    image) gets the PNG and a warning instead of failing a finished study.
+    """
+    tracker.log_figure(parent_run_id, pareto_figure(points, objectives), PNG_NAME)
+    try:
+        page = pareto_html(points, objectives)
+    except ImportError as exc:
+        warnings.warn(
+            f"{HTML_NAME} not logged: {exc} (pip install plotly); {PNG_NAME} was",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return
     tracker.log_text(parent_run_id, page, HTML_NAME)

@@ -141,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    entered = time.perf_counter()
+    entered, entered_unix = time.perf_counter(), time.time()
     settings = TrialSettings.from_dict(config["settings"])
     mode = config["mode"]
     # The teacher's data order and noise follow the teacher's seed, QAT's the trial's.
@@ -231,9 +231,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # After the first step, whose eager forward initialised the quantizers:
             # compiling that pass would trace the initialisation, then recompile the whole
             # UNet when the flags flip. Evaluation and checkpoints use the eager modules.
-            forward_model = torch.compile(ddp_model)
+            forward_model = torch.compile(ddp_model, mode=train.compile_mode)
             if lrm is not None:
-                lrm.compile_teacher()
+                lrm.compile_teacher(mode=train.compile_mode)
+        if forward_model is not ddp_model and train.compile_mode == "reduce-overhead":
+            # CUDA graph trees: a new step begins, the last step's graph outputs are dead.
+            torch.compiler.cudagraph_mark_step_begin()
         if method is not None:
             from binarydm.quant import ebb_penalty
             from binarydm.schedule import apply_schedule
@@ -257,9 +260,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator = torch.Generator(device=device).manual_seed((seed * 7919 + step) * 131 + rank)
         x_t, t, noise = noisy_batch(clean, noise_sched, generator)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = forward_model(x_t, t).sample
+            # The frozen teacher first: graph-replayed, it then never runs while the
+            # student's backward is pending (which CUDA graph trees handle worse).
             if lrm is not None:
                 lrm.teacher_forward(x_t, t)
+            pred = forward_model(x_t, t).sample
         loss_noise = F.mse_loss(pred.float(), noise.float())
         if step == config.get("nan_at_step"):  # fault injection for the failure tests
             loss_noise = loss_noise * float("nan")
@@ -325,6 +330,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _hold(config.get("hold_file"))
     if progress is not None:
         progress.close()
+    # Wall-clock stamps in the final report let the driver tell Ray Train's own start-up
+    # and shutdown from the worker's time (the curve callback skips final reports).
+    metrics = {**metrics, "worker_entered_unix": entered_unix}
     _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank)
 
 
@@ -387,6 +395,7 @@ def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, st
             save_state(tmp, state, step=steps)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         final["final"] = True
+        final["final_report_unix"] = time.time()
         ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="checkpoint_final")
 
 

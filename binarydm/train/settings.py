@@ -86,6 +86,10 @@ class TrainingSettings:
     # pays off over long runs (compiling takes minutes on a GPU, each progressive stage
     # recompiles once); evaluation stays eager.
     compile: bool = False
+    # torch.compile's mode. "reduce-overhead" replays each compiled forward and backward as
+    # CUDA graphs: a step of this UNet at batch 128 is host-bound without them (on a CPU
+    # it is the same as "default").
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "training.steps", self.steps, "an integer >= 1")

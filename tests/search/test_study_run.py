@@ -62,8 +62,13 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
         assert child.data.tags["pareto"] in ("true", "false")
         for metric in ("fid", "ops_g", "bops_g", "flops_g", "size_mib", "test_loss",
                        "ops_saving", "size_saving", "train_s", "eval_s", "setup_s", "sample_s",
-                       "fid_s"):  # fmt: skip
+                       "fid_s", "fit_s", "prepare_s", "ray_start_s", "ray_stop_s"):  # fmt: skip
             assert metric in child.data.metrics, metric
+        m = child.data.metrics
+        # The fit's wall time holds the worker's own set-up, training and evaluation.
+        inside = m["ray_start_s"] + m["setup_s"] + m["train_s"] + m["eval_s"] + m["ray_stop_s"]
+        assert m["fit_s"] == pytest.approx(inside, abs=3.0) and m["prepare_s"] > 0
+        assert m["ray_start_s"] > 0 and m["ray_stop_s"] > 0
         params = child.data.params
         assert params["fid_dims"] == "64" and params["fid_samples"] == "100"
         assert params["sampling_steps"] == "4" and params["fid_reference"] == "mnist/test/16px"

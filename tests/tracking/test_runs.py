@@ -12,6 +12,7 @@ import math
 import pickle
 import shutil
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -310,6 +311,21 @@ def test_pareto_plots_png_and_offline_html(tracker, tmp_path):
     assert one_figure.axes[0].get_xlabel() == "trial_id" and "trial 3" in one_html
     empty_figure, empty_html = pareto_plots([], OBJECTIVES)
     assert empty_figure.axes and "plotly" in empty_html
+
+
+def test_pareto_plots_without_plotly_log_the_png_and_warn(tracker, tmp_path, monkeypatch):
+    # A GPU image without plotly finished a whole study, then failed on the HTML plot.
+    for name in [m for m in sys.modules if m == "plotly" or m.startswith("plotly.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly -> ImportError
+    points = [{"trial_id": 0, "fid": 20.0, "ops_g": 1.0, "pareto": True}]
+    with pytest.warns(RuntimeWarning, match="pareto.html not logged.*pareto.png was"):
+        tracker.log_pareto_plots(points, OBJECTIVES)
+    parent = tracker.parent_run_id()
+    names = {a.path for a in tracker.client.list_artifacts(parent)}
+    assert "pareto.png" in names and "pareto.html" not in names
+    with pytest.raises(ImportError):
+        pareto_plots(points, OBJECTIVES)  # the strict API still says what is missing
 
 
 def test_reproducibility_params(tmp_path, monkeypatch):

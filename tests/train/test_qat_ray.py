@@ -90,10 +90,12 @@ def test_two_ddp_workers_train_with_and_without_unused_parameters(
 def test_compiled_qat_trains_and_evaluates(tiny_teacher, workspace):
     """``training.compile``: the student's and teacher's training forward compiled after the
     first step (a progressive stage switch recompiles); LRM hooks, checkpoints and the
-    eager evaluation still work."""
+    eager evaluation still work. ``reduce-overhead`` (CUDA graphs on a GPU) compiles like
+    ``default`` on a CPU; this checks its step marking and the teacher-first order run."""
     settings = tiny_settings(
         **{
             "training.compile": True,
+            "training.compile_mode": "reduce-overhead",
             "method.progressive.stage_steps": 6,
             "training.steps": 10,
             "training.checkpoint_every": 5,
