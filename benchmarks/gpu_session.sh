@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One GPU session of the issue "GPU speed and scaling", as three back-to-back device calls
+# One GPU session of the issue "GPU speed and scaling", as four back-to-back device calls
 # (each under the 10-minute call limit and the 64 MiB transfer limit; the machine must stay
 # warm between them, so nothing else runs in between). Results go to $OUT.
 #
-#   call 1, carry .devbundle:                bash benchmarks/gpu_session.sh step
-#   call 2, carry .bdmdata .bdmfid/part00:   bash benchmarks/gpu_session.sh scaling
-#   call 3, carry .bdmfid/part01:            bash benchmarks/gpu_session.sh study
+#   call 1, carry .devbundle:         bash benchmarks/gpu_session.sh step
+#   call 2, carry .bdmdata:           bash benchmarks/gpu_session.sh scaling
+#   call 3, carry .bdmfid/part00:     bash benchmarks/gpu_session.sh fidpart
+#   call 4, carry .bdmfid/part01:     bash benchmarks/gpu_session.sh study
 #
+# A machine idle for over 30 s goes back; then the next call must carry .devbundle too.
 # .devbundle comes from ../shared/tools/device-bundle, .bdmdata and .bdmfid from
 # benchmarks/device_payload.py (see benchmarks/results/gpu_perf.md, "Rerunning").
 # Carried folders can vanish in a later call, so what each call needs later is copied
@@ -34,24 +36,27 @@ step)
         2>&1 | tee "$OUT/step.log" || true
     ;;
 scaling)
-    cp -r .bdmdata /tmp/ && mkdir -p /tmp/fidparts && cp .bdmfid/part00 /tmp/fidparts/
+    cp -r .bdmdata /tmp/
     timeout 560 python3 benchmarks/gpu_scaling.py --gpus 1,2 --modes qat,teacher \
         --steps 150 --log-every 25 --data-root /tmp/.bdmdata --workdir /tmp/scal \
         --json "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log" || true
+    ;;
+fidpart)
+    mkdir -p /tmp/fidparts && cp .bdmfid/part00 /tmp/fidparts/
     ;;
 study)
     mkdir -p "$(dirname "$weights")"
     cat /tmp/fidparts/part00 .bdmfid/part01 >"$weights"
     sha256sum "$weights" | tee "$OUT/study.log"
     # 8 trials in one wave on a 2-GPU host: 4 per card (0.25 GPU, 2 CPUs each).
-    timeout 560 python3 benchmarks/study_overhead.py benchmarks/studies/gpu_overhead.yaml \
+    timeout 540 python3 benchmarks/study_overhead.py benchmarks/studies/gpu_overhead.yaml \
         --workdir /tmp/study --json "$OUT/study.json" \
         --set workers.gpus_per_worker=0.25 --set workers.cpus_per_worker=2 \
         --set resources.max_concurrent_trials=8 --set training.steps=150 \
         --set training.checkpoint_every=150 2>&1 | tee -a "$OUT/study.log" || true
     ;;
 *)
-    echo "usage: $0 step|scaling|study" >&2
+    echo "usage: $0 step|scaling|fidpart|study" >&2
     exit 2
     ;;
 esac
