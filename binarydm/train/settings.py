@@ -95,6 +95,12 @@ class TrainingSettings:
         require(self.steps >= 1, "training.steps", self.steps, "an integer >= 1")
         require(self.batch_size >= 1, "training.batch_size", self.batch_size, "an integer >= 1")
         require(self.lr > 0, "training.lr", self.lr, "a float > 0")
+        require(
+            self.compile or self.compile_mode == "default",
+            "training.compile_mode",
+            self.compile_mode,
+            "'default' unless training.compile is true (nothing is compiled otherwise)",
+        )
         require(0 <= self.ema_decay < 1, "training.ema_decay", self.ema_decay, "a float in [0, 1)")
         require(
             self.checkpoint_every >= 1,

@@ -190,6 +190,18 @@ def test_trial_settings_applies_params_and_seed() -> None:
         spec.trial_settings({"training.lr": 0.1}, seed=0)
 
 
+def test_compile_mode_needs_compile() -> None:
+    settings = TrialSettings.from_dict(
+        {"training": {"compile": True, "compile_mode": "reduce-overhead"}}
+    )
+    assert settings.training.compile_mode == "reduce-overhead"
+    # A mode without compile would silently train eagerly: refused, with the reason.
+    with pytest.raises(ConfigError, match=r"compile_mode='reduce-overhead'.*training\.compile"):
+        TrialSettings.from_dict({"training": {"compile_mode": "reduce-overhead"}})
+    with pytest.raises(ConfigError, match=r"compile_mode='fast' is invalid"):
+        TrialSettings.from_dict({"training": {"compile": True, "compile_mode": "fast"}})
+
+
 def test_set_overrides_win_over_the_profile() -> None:
     path = REPO / "search_spaces" / "lrm_rank.yaml"
     spec = load_study(
