@@ -131,11 +131,11 @@ def build_variant(name: str, fp, config: BinaryDMConfig, example):
     instead of by autocast at every step); ``fused`` (fused AdamW) is read by make_step."""
     LSQQuantizer.implementation = "composed" if "composed" in name else "function"
     tokens = name.split("-")
-    compile_kwargs = {"mode": "reduce-overhead"} if "cg" in tokens else {}
+    mode = "reduce-overhead" if "cg" in tokens else "default"
     compiled = "compiled" in tokens or "cg" in tokens
     if name.startswith("fp"):
         model = copy.deepcopy(fp)
-        return (torch.compile(model, **compile_kwargs) if compiled else model), None, None
+        return (torch.compile(model, mode=mode) if compiled else model), None, None
     teacher = copy.deepcopy(fp).eval().requires_grad_(False)
     if "tbf16" in name:
         teacher = teacher.to(torch.bfloat16)
@@ -148,9 +148,9 @@ def build_variant(name: str, fp, config: BinaryDMConfig, example):
         # would trace it once and then recompile the whole UNet when the flags flip.
         with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
             student(*example)
-        student = torch.compile(student, **compile_kwargs)
+        student = torch.compile(student, mode=mode)
         if lrm is not None:
-            lrm.teacher = torch.compile(teacher, **compile_kwargs)
+            lrm.compile_teacher(mode=mode)  # as the training loop does
     return student, teacher, lrm
 
 

@@ -237,12 +237,16 @@ def execute_trial(
             curve_buffer(tracker, run_id, prefix).flush()
             # The fit's wall time around the workers' own setup_s + train_s + eval_s is Ray
             # Train's: controller and worker start-up, checkpoint persistence, shutdown.
-            seed_metrics = dict(final_metrics(result), fit_s=fit_s)
-            if "worker_entered_unix" in seed_metrics:  # fit start to the worker's first line
-                seed_metrics["ray_start_s"] = seed_metrics["worker_entered_unix"] - fit_start_unix
-            if "final_report_unix" in seed_metrics:  # final report to the fit's return
-                seed_metrics["ray_stop_s"] = fit_end_unix - seed_metrics["final_report_unix"]
-            per_seed.append(seed_metrics)
+            seed_metrics = final_metrics(result)
+            per_seed.append(
+                {
+                    **seed_metrics,
+                    "fit_s": fit_s,
+                    # Fit start to the worker's first line; its final report to fit's return.
+                    "ray_start_s": seed_metrics["worker_entered_unix"] - fit_start_unix,
+                    "ray_stop_s": fit_end_unix - seed_metrics["final_report_unix"],
+                }
+            )
             checkpoints.append(result.checkpoint.path)
         metrics = aggregate(per_seed)
         # Trial start to its first fit: params and data hash logged, the teacher found.

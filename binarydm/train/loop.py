@@ -222,7 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     progress = _progress_bar(mode, start_step, steps) if rank == 0 else None
     model.train()
-    forward_model = ddp_model
+    forward_model, graph_steps = ddp_model, False
     window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
     t_start, images_seen = time.perf_counter(), 0
     metrics: dict[str, Any] = dict(curve_tail)
@@ -234,7 +234,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             forward_model = torch.compile(ddp_model, mode=train.compile_mode)
             if lrm is not None:
                 lrm.compile_teacher(mode=train.compile_mode)
-        if forward_model is not ddp_model and train.compile_mode == "reduce-overhead":
+            graph_steps = train.compile_mode == "reduce-overhead"
+        if graph_steps:
             # CUDA graph trees: a new step begins, the last step's graph outputs are dead.
             torch.compiler.cudagraph_mark_step_begin()
         if method is not None:
