@@ -141,6 +141,10 @@ def main() -> None:
                 raise SystemExit(f"{mode} on {n} GPUs failed: {result.error}")
             rate = steady_throughput(log.reports(), args.batch * n, args.skip)
             rows.append({"mode": mode, "gpus": n, "images_per_s": rate, "wall_s": wall})
+            if args.json:  # written after every run: a call's time limit keeps what ran
+                Path(args.json).write_text(
+                    json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=2)
+                )
             print(
                 f"{mode} {n} GPU(s): {rate:.0f} images/s "
                 f"({args.batch * n / rate * 1000:.1f} ms/step), run wall {wall:.0f} s",

@@ -4,7 +4,8 @@
 # warm between them, so nothing else runs in between). Results go to $OUT.
 #
 #   call 1, carry .devbundle:         bash benchmarks/gpu_session.sh step
-#   call 2, carry .bdmdata:           bash benchmarks/gpu_session.sh scaling
+#   call 2, carry .bdmdata:           bash benchmarks/gpu_session.sh scaling [GPUS] [MODES]
+#     (on a 4-GPU host: scaling 1,2,4 qat, then scaling 1,2,4 teacher, one call each)
 #   call 3, carry .bdmfid/part00:     bash benchmarks/gpu_session.sh fidpart
 #   call 4, carry .bdmfid/part01:     bash benchmarks/gpu_session.sh study
 #
@@ -36,10 +37,14 @@ step)
         2>&1 | tee "$OUT/step.log" || true
     ;;
 scaling)
-    cp -r .bdmdata /tmp/
-    timeout 560 python3 benchmarks/gpu_scaling.py --gpus 1,2 --modes qat,teacher \
+    # Optional: worker counts and modes (a 4-GPU host needs two calls: qat, then teacher).
+    gpus="${2:-1,2}"
+    modes="${3:-qat,teacher}"
+    [ -d .bdmdata ] && cp -r .bdmdata /tmp/
+    nvidia-smi topo -m >"$OUT/topology.txt" 2>&1 || true
+    timeout 570 python3 benchmarks/gpu_scaling.py --gpus "$gpus" --modes "$modes" \
         --steps 150 --log-every 25 --data-root /tmp/.bdmdata --workdir /tmp/scal \
-        --json "$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log" || true
+        --json "$OUT/scaling-${modes//,/-}.json" 2>&1 | tee "$OUT/scaling-${modes//,/-}.log" || true
     ;;
 fidpart)
     mkdir -p /tmp/fidparts && cp .bdmfid/part00 /tmp/fidparts/
