@@ -7,7 +7,10 @@
 #   call 2, carry .bdmdata:           bash benchmarks/gpu_session.sh scaling [GPUS] [MODES]
 #     (on a 4-GPU host: scaling 1,2,4 qat, then scaling 1,2,4 teacher, one call each)
 #   call 3, carry .bdmfid/part00:     bash benchmarks/gpu_session.sh fidpart
-#   call 4, carry .bdmfid/part01:     bash benchmarks/gpu_session.sh study
+#     (a study-only session starts with: carry .devbundle and .bdmdata: ... data)
+#   call 4, carry .bdmfid/part01:     bash benchmarks/gpu_session.sh study [inline|train]
+#     (inline, the default: each trial's loop runs in its Tune trial actor; train: each
+#     trial is a Ray Train fit, as in sessions 2 and 3)
 #
 # A machine idle for over 30 s goes back; then the next call must carry .devbundle too.
 # .devbundle comes from ../shared/tools/device-bundle, .bdmdata and .bdmfid from
@@ -46,22 +49,32 @@ scaling)
         --steps 150 --log-every 25 --data-root /tmp/.bdmdata --workdir /tmp/scal \
         --json "$OUT/scaling-${modes//,/-}.json" 2>&1 | tee "$OUT/scaling-${modes//,/-}.log" || true
     ;;
+data)
+    # Only stage the data and name the machine (the study's first call).
+    nvidia-smi -L | tee "$OUT/gpus.txt"
+    nproc >>"$OUT/gpus.txt"
+    cp -r .bdmdata /tmp/
+    ;;
 fidpart)
     mkdir -p /tmp/fidparts && cp .bdmfid/part00 /tmp/fidparts/
     ;;
 study)
     mkdir -p "$(dirname "$weights")"
     cat /tmp/fidparts/part00 .bdmfid/part01 >"$weights"
-    sha256sum "$weights" | tee "$OUT/study.log"
+    sha256sum "$weights" | tee "$OUT/weights.sha256"
+    runner="${2:-inline}"
+    inline=false
+    [ "$runner" = inline ] && inline=true
     # 8 trials in one wave on a 2-GPU host: 4 per card (0.25 GPU, 2 CPUs each).
     timeout 540 python3 benchmarks/study_overhead.py benchmarks/studies/gpu_overhead.yaml \
-        --workdir /tmp/study --json "$OUT/study.json" \
+        --workdir "/tmp/study-$runner" --json "$OUT/study-$runner.json" \
+        --set "workers.inline=$inline" \
         --set workers.gpus_per_worker=0.25 --set workers.cpus_per_worker=2 \
         --set resources.max_concurrent_trials=8 --set training.steps=150 \
-        --set training.checkpoint_every=150 2>&1 | tee -a "$OUT/study.log" || true
+        --set training.checkpoint_every=150 2>&1 | tee -a "$OUT/study-$runner.log" || true
     ;;
 *)
-    echo "usage: $0 step|scaling|fidpart|study" >&2
+    echo "usage: $0 step|scaling|data|fidpart|study" >&2
     exit 2
     ;;
 esac

@@ -1,8 +1,9 @@
 """Callbacks of a study: live training curves to MLflow, live trial table in the terminal.
 
 ``MlflowCurveCallback`` is a Ray Train callback: it runs in the Train controller
-and logs every report (loss, loss_lrm, ... at its step) to the trial's MLflow run
-through the durable buffer, so an MLflow outage never stops training.
+(for an inline run, in the trial) and logs every report (loss, loss_lrm, ... at its
+step) to the trial's MLflow run through the durable buffer, so an MLflow outage never
+stops training.
 ``StudyProgress`` is a Ray Tune callback in the driver that keeps a rich table of
 trials (state, parameters, latest metrics).
 """
@@ -46,6 +47,22 @@ class MlflowCurveCallback(UserCallback):
         }
         if values:
             self._buffered().log_metrics(self.run_id, values, step=int(report["step"]))
+
+
+class InlineTuneReport:
+    """Forward every report of an inline run (``workers.inline``) to Ray Tune.
+
+    What ``TuneReportCallback`` does for a Ray Train fit, without the queue actor it
+    starts to cross from the Train controller: an inline loop already runs in the trial.
+    """
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        import ray.tune
+
+        report = dict(metrics[0])
+        if checkpoint is not None:
+            report["checkpoint_path"] = checkpoint.path
+        ray.tune.report(report)
 
 
 def curve_buffer(tracker, run_id: str, prefix: str = ""):

@@ -257,8 +257,15 @@ def _driver_resources(spec: StudySpec) -> dict[str, float]:
     """What each trial's driver reserves beside its Ray Train workers.
 
     With ``cpus_per_trial = 0`` the driver only waits on its workers; Ray refuses an empty
-    request, so it reserves a token of memory instead of a CPU the workers need.
+    request, so it reserves a token of memory instead of a CPU the workers need. An
+    inline trial (``workers.inline``) is its own worker and reserves the worker's share.
     """
+    workers = spec.settings.workers
+    if workers.inline:
+        resources = {"CPU": spec.resources.cpus_per_trial + workers.cpus_per_worker}
+        if workers.use_gpu:
+            resources["GPU"] = workers.gpus_per_worker
+        return resources
     if spec.resources.cpus_per_trial > 0:
         return {"CPU": spec.resources.cpus_per_trial}
     return {"memory": 64 * 2**20}

@@ -27,6 +27,7 @@ from typing import Any, Literal, get_args, get_origin
 from binarydm.search.space import DIMENSION_FORMS
 from binarydm.search.study import (
     METRIC_DIRECTIONS,
+    SEARCHABLE_KEYS,
     SETTINGS_KEYS,
     SearchSpec,
     StudySpec,
@@ -126,7 +127,7 @@ def _dimension_schema() -> dict[str, Any]:
         "when": {
             "description": "sample only if these earlier choice dimensions took these values",
             "type": "object",
-            "propertyNames": {"enum": list(SETTINGS_KEYS)},
+            "propertyNames": {"enum": list(SEARCHABLE_KEYS)},
             "additionalProperties": {"anyOf": [_SCALAR, {"type": "array", "items": _SCALAR}]},
         },
     }
@@ -147,7 +148,7 @@ def _space_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "minProperties": 1,
-        "propertyNames": {"enum": list(SETTINGS_KEYS)},
+        "propertyNames": {"enum": list(SEARCHABLE_KEYS)},
         "additionalProperties": {"$ref": "#/$defs/Dimension"},
     }
 

@@ -62,6 +62,10 @@ _SPACE_KEY = re.compile(r"^search\.space\..+$")
 #: Dotted ``TrialSettings`` keys a study may fix, override or search. Not ``seed``: each
 #: run's seed comes from ``search.seeds``, so a fixed one would be silently ignored.
 SETTINGS_KEYS: tuple[str, ...] = tuple(k for k in TrialSettings().flat() if k != "seed")
+# workers.inline is set, not searched: a trial's resources are reserved before its
+# parameters are sampled, and inline decides what the trial itself reserves.
+UNSEARCHABLE = {"workers.inline": "not searchable (it decides what every trial reserves)"}
+SEARCHABLE_KEYS: tuple[str, ...] = tuple(k for k in SETTINGS_KEYS if k not in UNSEARCHABLE)
 _SEED_ALLOWED = "not set here: each run's seed comes from search.seeds"
 
 
@@ -749,16 +753,20 @@ def _assemble(
 
 def _check_space_keys(space: dict[str, Dimension]) -> None:
     for key, dimension in space.items():
-        if key in SETTINGS_KEYS:
+        if key in SEARCHABLE_KEYS:
             continue
-        if key == "seed":
+        reason = "unknown key"
+        if key in UNSEARCHABLE:
+            reason = UNSEARCHABLE[key]
+            allowed = "a fixed value under settings (or --set)"
+        elif key == "seed":
             allowed = "a settings key other than seed (seeds are search.seeds)"
         else:
             close = difflib.get_close_matches(key, SETTINGS_KEYS, n=1)
             hint = f"did you mean {close[0]}?" if close else "see docs/study-file.md"
             allowed = f"a dotted settings key ({hint})"
         raise ConfigError(
-            f"search.space.{key}={dimension.to_yaml()!r} is invalid: unknown key; "
+            f"search.space.{key}={dimension.to_yaml()!r} is invalid: {reason}; "
             f"allowed: {allowed}"
         )
 

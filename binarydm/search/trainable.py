@@ -2,7 +2,8 @@
 
 For each seed of the study it fits one Ray Train QAT run (Train V2 pattern:
 build and fit a ``TorchTrainer`` inside the trainable, results forwarded to Tune
-by ``TuneReportCallback``), then reports the mean over seeds (and the spread) as
+by ``TuneReportCallback``; with ``workers.inline`` the one worker runs right here),
+then reports the mean over seeds (and the spread) as
 the trial's objectives. The MLflow run is found by the Optuna trial number, so
 retries and restored studies reuse it; ``attempt`` counts the starts. A restored
 trial whose run already FINISHED reports the logged metrics instead of training
@@ -80,8 +81,8 @@ def trial_params(context: StudyContext, params: dict[str, Any]) -> dict[str, Any
 def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     """Tune entry point (wrapped with ``tune.with_parameters(context=...)``)."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
+    from binarydm.search.callbacks import InlineTuneReport
     from binarydm.tracking import StudyTracker
     from binarydm.train.loop import NonFiniteLossError
     from binarydm.train.runner import TrialError
@@ -99,10 +100,16 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         ray.tune.report({**logged, "trial_id": number, "final": True})
         return
     run_id, attempt = tracker.start_attempt(number)
+    if spec.trial_settings(config, spec.search.seeds[0]).workers.inline:
+        forward = InlineTuneReport()
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        forward = TuneReportCallback()
     try:
         metrics = execute_trial(
             context, config, tracker, run_id, attempt,
-            name=f"{spec.name}-trial{number:04d}", extra_callbacks=[TuneReportCallback()],
+            name=f"{spec.name}-trial{number:04d}", extra_callbacks=[forward],
             extra_config=context.faults_of(number) or None,
         )  # fmt: skip
     except TrialError as exc:

@@ -3,7 +3,9 @@
 One function serves both modes so they share data order, checkpoints and
 resume. Under ``TorchTrainer`` every worker runs it with DDP (gloo on CPU, NCCL on
 GPU); the progressive schedule and EBB switch are applied from the step number on
-every rank. Rank 0 writes checkpoints and, at the end of QAT, evaluates.
+every rank. Rank 0 writes checkpoints and, at the end of QAT, evaluates. A one-worker
+trial can also run it inline in its Ray Tune trial actor (``workers.inline``); the
+session object (``binarydm.train.session``) is the only difference.
 """
 
 from __future__ import annotations
@@ -104,13 +106,6 @@ def may_leave_unused(model: torch.nn.Module, method) -> bool:
     return any(isinstance(m, LSQQuantizer) and not m.enabled for m in model.modules())
 
 
-def _world() -> tuple[int, int]:
-    import ray.train
-
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
-
-
 def _step_values(*losses: torch.Tensor) -> tuple[bool, list[float]]:
     """Whether every rank's losses are finite, and this rank's values: ONE host sync a step.
 
@@ -138,16 +133,20 @@ def _to_training_device(images: torch.Tensor, device: torch.device) -> torch.Ten
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config``: settings, mode, teacher_dir, data_root, cache_dir."""
-    import ray.train
-    import ray.train.torch
+    from binarydm.train.session import RayTrainSession
 
+    run_loop(config, RayTrainSession())
+
+
+def run_loop(config: dict[str, Any], session) -> None:
+    """The loop of one worker in ``session`` (``binarydm.train.session``)."""
     entered, entered_unix = time.perf_counter(), time.time()
     settings = TrialSettings.from_dict(config["settings"])
     mode = config["mode"]
     # The teacher's data order and noise follow the teacher's seed, QAT's the trial's.
     seed = settings.teacher.seed if mode == "teacher" else settings.seed
-    rank, world = _world()
-    device = ray.train.torch.get_device()
+    rank, world = session.rank, session.world_size
+    device = session.device
     if config.get("pid_file") and rank == config.get("pid_rank", 0):
         Path(config["pid_file"]).write_text(str(os.getpid()))
     images = _load_training_images(settings, config.get("data_root"), config.get("cache_dir"))
@@ -187,11 +186,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ema_decay = train.ema_decay if train else 0.0
     ema = None
     start_step, resume_notes, curve_tail = 0, [], {}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint_path()
     state = None
     if checkpoint is not None:
-        state, resume_notes = load_latest_valid(checkpoint.path)
-        print(f"[binarydm] rank {rank}: resuming from {checkpoint.path}", flush=True)
+        state, resume_notes = load_latest_valid(checkpoint)
+        print(f"[binarydm] rank {rank}: resuming from {checkpoint}", flush=True)
     if state is not None:
         start_step = state["step"]
         if method is not None:
@@ -209,11 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema.load_state_dict(state["ema"])
         curve_tail = state.get("metrics", {})
 
-    ddp_model = ray.train.torch.prepare_model(
-        model,
-        move_to_device=False,
-        parallel_strategy_kwargs={"find_unused_parameters": may_leave_unused(model, method)},
-    )
+    ddp_model = session.prepare_model(model, find_unused=may_leave_unused(model, method))
     noise_sched = noise_scheduler(train.num_train_timesteps if train else 1000)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     log_every = train.log_every if train else 100
@@ -289,7 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Stop without raising: Ray Train would retry a deterministic failure. Every
             # rank saw the same all-reduced flag, so all report once and return.
             reason = f"{NonFiniteLossError.__name__}: non-finite loss ({values[0]}) at step {step}"
-            _report_error(reason, step, mode, rank)
+            _report_error(session, reason, step, mode)
             return
         if train is None or train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip if train else 1.0)
@@ -324,9 +319,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # checkpoints get new names, or Ray Train, evicting the old result of the same
             # name, would delete the new folder.
             name = f"checkpoint_{done:08d}" + (f"-refit{start_step:08d}" if resume_notes else "")
-            _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, metrics, rank, name)
+            _report_checkpoint(session, model, optimizer, scheduler_lr, ema, lrm, metrics, name)
         elif done % log_every == 0:
-            ray.train.report(metrics)
+            session.report(metrics, None, None)
         if done == config.get("hold_at_step") and start_step < done and rank == 0:
             _hold(config.get("hold_file"))
     if progress is not None:
@@ -334,7 +329,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Wall-clock stamps in the final report let the driver tell Ray Train's own start-up
     # and shutdown from the worker's time (the curve callback skips final reports).
     metrics = {**metrics, "worker_entered_unix": entered_unix}
-    _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank)
+    parts = (model, optimizer, scheduler_lr, ema, lrm)
+    _finish(session, config, settings, mode, parts, steps, metrics)
 
 
 def _take_failure(config: dict[str, Any]) -> bool:
@@ -359,14 +355,13 @@ def _hold(hold_file: str | None) -> None:
         time.sleep(0.1)
 
 
-def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, steps, metrics, rank):
+def _finish(session, config, settings, mode, parts, steps, metrics):
     """Final report: the teacher's diffusers folder, or the QAT evaluation (rank 0)."""
-    import ray.train
-
+    model, optimizer, scheduler_lr, ema, lrm = parts
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         final = dict(metrics)
-        if rank == 0:
+        if session.rank == 0:
             if mode == "teacher":
                 model.save_pretrained(Path(tmp) / "unet")
             elif config.get("evaluate", True):  # False: benchmarks time training alone
@@ -394,26 +389,24 @@ def _finish(config, settings, mode, model, optimizer, scheduler_lr, ema, lrm, st
                 "metrics": final,
             }
             save_state(tmp, state, step=steps)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ckpt = tmp
         final["final"] = True
         final["final_report_unix"] = time.time()
-        ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name="checkpoint_final")
+        session.report(final, ckpt, "checkpoint_final")
 
 
-def _report_error(reason: str, step: int, mode: str, rank: int) -> None:
+def _report_error(session, reason: str, step: int, mode: str) -> None:
     """Report a terminal error with a marker checkpoint: Ray Train's Result keeps only the
     metrics that came with a checkpoint, and the driver must see why the run stopped."""
     import json
 
-    import ray.train
-
     metrics = {"error": reason, "step": step, "final": False, "mode": mode}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
-        if rank == 0:
+        if session.rank == 0:
             Path(tmp, "error.json").write_text(json.dumps(metrics))
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"error_{step:08d}")
+            ckpt = tmp
+        session.report(metrics, ckpt, f"error_{step:08d}")
 
 
 def _progress_bar(mode: str, start: int, total: int):
@@ -430,12 +423,10 @@ def metrics_keys() -> tuple[str, ...]:
     return ("loss", "loss_noise", "loss_lrm", "loss_ebb")
 
 
-def _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, metrics, rank, name) -> None:
-    import ray.train
-
+def _report_checkpoint(session, model, optimizer, scheduler_lr, ema, lrm, metrics, name) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
-        if rank == 0:
+        if session.rank == 0:
             state = {
                 "step": metrics["step"],
                 "model": model.state_dict(),
@@ -446,5 +437,5 @@ def _report_checkpoint(model, optimizer, scheduler_lr, ema, lrm, metrics, rank, 
                 "metrics": metrics,
             }
             save_state(tmp, state, step=metrics["step"])
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+            ckpt = tmp
+        session.report(metrics, ckpt, name)

@@ -2,19 +2,26 @@
 
 ``fit_qat`` builds a ``TorchTrainer`` (Train V2) whose run name is deterministic
 per trial, so a restarted trial or study restores the same run from its
-``storage_path`` and resumes from its last checkpoint. All paths are made
+``storage_path`` and resumes from its last checkpoint. With ``workers.inline`` it
+runs the one worker in this process instead (``fit_inline``), with the same run
+folder, checkpoint retention, retries and result fields. All paths are made
 absolute here, before workers start: Tune and Train change working directories.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
 from binarydm.train.settings import TrialSettings
+
+log = logging.getLogger(__name__)
 
 
 class TrialError(RuntimeError):
@@ -163,7 +170,19 @@ def fit_qat(
     callbacks: list | None = None,
     extra_config: dict[str, Any] | None = None,
 ):
-    """Run (or resume) the QAT of one trial; returns Ray Train's ``Result``."""
+    """Run (or resume) the QAT of one trial; returns Ray Train's ``Result`` (or, inline,
+    an ``InlineResult`` with the same fields)."""
+    if settings.workers.inline:
+        return fit_inline(
+            settings,
+            name=name,
+            storage_path=storage_path,
+            teacher_dir=teacher_dir,
+            data_root=data_root,
+            cache_dir=cache_dir,
+            callbacks=callbacks,
+            extra_config=extra_config,
+        )
     trainer = make_trainer(
         settings,
         mode="qat",
@@ -188,3 +207,95 @@ def final_metrics(result) -> dict[str, Any]:
     if not metrics.get("final"):
         raise TrialError("training ended without its final evaluation report")
     return metrics
+
+
+@dataclasses.dataclass
+class InlineResult:
+    """What ``fit_inline`` returns: the fields of Ray Train's ``Result`` that we read."""
+
+    metrics: dict[str, Any] | None
+    checkpoint: Any  # ray.train.Checkpoint of the newest persisted checkpoint, or None
+    error: BaseException | None
+    path: str
+
+
+def fit_inline(
+    settings: TrialSettings,
+    *,
+    name: str,
+    storage_path: str | os.PathLike,
+    teacher_dir: str | os.PathLike,
+    data_root: str | None = None,
+    cache_dir: str | None = None,
+    callbacks: list | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> InlineResult:
+    """Run (or resume) one trial's QAT in this process; the one-worker ``fit_qat``.
+
+    The run folder is ``<storage_path>/<name>`` as for a Ray Train run, so a retried
+    trial resumes from its newest checkpoint. A raising loop is run again from that
+    checkpoint up to ``training.max_failures`` times (-1: without limit), as Ray Train
+    restarts its workers; the last error is the result's ``error``. ``callbacks`` are
+    Ray Train user callbacks: their ``after_report`` sees every report.
+    """
+    import ray.train
+
+    from binarydm.train.loop import run_loop
+    from binarydm.train.session import InlineSession, inline_device
+
+    run_dir = Path(_abs(storage_path)) / name
+    config = {
+        "settings": settings.to_dict(),
+        "mode": "qat",
+        "teacher_dir": _abs(teacher_dir),
+        "data_root": _abs(data_root),
+        "cache_dir": _abs(cache_dir),
+        **(extra_config or {}),
+    }
+
+    def on_report(metrics: dict[str, Any], path: str | None) -> None:
+        checkpoint = None if path is None else ray.train.Checkpoint.from_directory(path)
+        for callback in callbacks or []:
+            callback.after_report(None, [metrics], checkpoint)
+
+    session = InlineSession(
+        run_dir,
+        inline_device(settings.workers.use_gpu),
+        keep=settings.training.keep_checkpoints,
+        on_report=on_report,
+    )
+    failures, limit, error = 0, settings.training.max_failures, None
+    while True:
+        try:
+            run_loop(config, session)
+            error = None
+            break
+        except Exception as exc:  # what Ray Train's FailureConfig would retry
+            error = exc
+            failures += 1
+            if limit != -1 and failures > limit:
+                break
+            log.warning(
+                "inline run %s failed (%d of %s retries), resuming from its newest checkpoint: %s",
+                name, failures, limit, "".join(traceback.format_exception_only(exc)).strip(),
+            )  # fmt: skip
+            if session.device.type == "cuda":
+                torch_cuda_release()
+    latest = session.last_checkpoint or session.checkpoint_path()
+    return InlineResult(
+        metrics=session.last_metrics,
+        checkpoint=None if latest is None else ray.train.Checkpoint.from_directory(latest),
+        error=error,
+        path=str(run_dir),
+    )
+
+
+def torch_cuda_release() -> None:
+    """Give the failed attempt's cached GPU memory back before the next one (an OOM retry
+    would otherwise start with the memory the failure left allocated in the cache)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()

@@ -168,9 +168,18 @@ class WorkerSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # fractional GPUs let small trials share a card
+    # One worker run in the trial's own process instead of a Ray Train fit: saves the
+    # fit's start-up and shutdown around every trial (binarydm.train.session).
+    inline: bool = False
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "workers.num_workers", self.num_workers, "an integer >= 1")
+        require(
+            not self.inline or self.num_workers == 1,
+            "workers.inline",
+            self.inline,
+            "false when workers.num_workers > 1 (an inline run has one worker)",
+        )
         require(
             self.cpus_per_worker > 0,
             "workers.cpus_per_worker",

@@ -284,6 +284,22 @@ def test_max_concurrent_trials_from_cluster() -> None:
     assert gpu.max_concurrent_trials(cluster_cpus=64, cluster_gpus=0) == 1
 
 
+def test_trial_reserves_its_workers_share_only_when_inline() -> None:
+    from binarydm.search.driver import _driver_resources
+
+    spec = parse_study(_minimal())
+    gpu = {"workers.use_gpu": True, "workers.gpus_per_worker": 0.25, "workers.cpus_per_worker": 2}
+    train = dataclasses.replace(spec, settings=spec.settings.replace(**gpu))
+    # A Ray Train fit's workers reserve their own CPUs and GPUs: the trial only waits.
+    assert _driver_resources(train) == {"memory": 64 * 2**20}
+    inline = dataclasses.replace(train, settings=train.settings.replace(**{"workers.inline": True}))
+    assert _driver_resources(inline) == {"CPU": 2.0, "GPU": 0.25}
+    driver = dataclasses.replace(
+        inline, resources=dataclasses.replace(inline.resources, cpus_per_trial=1)
+    )
+    assert _driver_resources(driver) == {"CPU": 3.0, "GPU": 0.25}
+
+
 # -- search: samplers, Optuna, Ray Tune --------------------------------------------------------
 
 
@@ -511,6 +527,10 @@ def _with(search_line: str = "", top: str = "", space: str = "") -> str:
         (
             _with(space="    training.stepz: {choice: [1]}\n"),
             r"search\.space\.training\.stepz=.* unknown key; .*did you mean training\.steps\?",
+        ),
+        (
+            _with(space="    workers.inline: {choice: [true, false]}\n"),
+            r"search\.space\.workers\.inline=.* is invalid: not searchable .*allowed: a fixed",
         ),
         (
             _with(top="settings: {training: {steps: many}}\n"),

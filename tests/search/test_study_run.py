@@ -160,3 +160,36 @@ def test_dry_run_prints_space_and_cost(tmp_path, monkeypatch):
     assert "method.lrm.weight" in result.output and "trials: 4" in result.output
     assert list(tmp_path.iterdir()) == []
     json.dumps(result.output)
+
+
+def test_inline_trials_run_in_their_tune_actor_with_the_same_contract(
+    ray_cluster, tiny_teacher, tmp_path, monkeypatch
+):
+    """``workers.inline``: each trial's loop runs in its Tune trial actor, no Ray Train fit
+    around it; the run logs the same metrics, live curve and checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    args = [LRM_STUDY, *TINY, "--set", "workers.inline=true", "--trials", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    client, parents, children = _runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["workers.inline"] == "True"
+        m = child.data.metrics
+        for metric in ("fid", "size_mib", "test_loss", "setup_s", "train_s", "eval_s"):
+            assert m[metric] > 0, metric
+        # Nothing between the fit's start and the loop, or after its final report, but the
+        # calls themselves: no controller, worker actor or process group (a Ray Train fit
+        # takes seconds here, tests above).
+        inside = m["ray_start_s"] + m["setup_s"] + m["train_s"] + m["eval_s"] + m["ray_stop_s"]
+        assert m["fit_s"] == pytest.approx(inside, abs=0.5)
+        assert 0 <= m["ray_start_s"] < 0.5 and 0 <= m["ray_stop_s"] < 0.5
+        curve = client.get_metric_history(child.info.run_id, "loss")
+        assert sorted({p.step for p in curve}) == [5, 10]
+        run_dir = Path(child.data.tags["checkpoint"]).parent
+        assert json.loads((run_dir / "checkpoints.json").read_text())[-1] == "checkpoint_final"
+    study = __import__("optuna").load_study(
+        study_name="lrm_rank", storage=f"sqlite:///{tmp_path}/optuna.db"
+    )
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]

@@ -1,0 +1,156 @@
+"""Where the training loop runs: a Ray Train worker, or inline in the calling process.
+
+The loop asks its session for its rank, world size and device, the checkpoint to
+resume from, the DDP wrapper, and where reports go. ``RayTrainSession`` delegates to
+``ray.train`` inside a ``TorchTrainer`` worker. ``InlineSession`` runs the single
+worker of a one-worker trial in the current process (a Ray Tune trial actor): no Train
+controller, placement group, worker actor or process group is started and stopped
+around a short trial (8 s on an idle CPU, about 40 s a trial with 8 trials starting at
+once on a GPU host; benchmarks/results/gpu_perf.md). Checkpoints are persisted like
+Ray Train's: one folder per report under the run's folder, the newest ``keep`` kept,
+registered in ``checkpoints.json`` only once fully written, so a killed trial resumes
+from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+INDEX_FILE = "checkpoints.json"
+
+
+class RayTrainSession:
+    """The loop inside a Ray Train worker (``TorchTrainer``)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint_path(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else checkpoint.path
+
+    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
+        import ray.train.torch
+
+        # Ray wraps in DDP only when the world size is above 1.
+        return ray.train.torch.prepare_model(
+            model,
+            move_to_device=False,
+            parallel_strategy_kwargs={"find_unused_parameters": find_unused},
+        )
+
+    def report(self, metrics: dict[str, Any], directory: str | None, name: str | None) -> None:
+        """Report ``metrics``, with ``directory`` as a checkpoint named ``name`` if given.
+
+        Every rank reports (Ray Train's reports are collective); only rank 0 passes a
+        directory.
+        """
+        import ray.train
+
+        checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+class InlineSession:
+    """The loop of a one-worker trial run in this process, checkpoints under ``run_dir``.
+
+    ``on_report(metrics, checkpoint_path)`` sees every report (the trial's live curve and
+    Ray Tune's results); ``keep`` is how many checkpoints stay (None: all).
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        device: torch.device,
+        *,
+        keep: int | None = None,
+        on_report: Callable[[dict[str, Any], str | None], None] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.keep = keep
+        self.on_report = on_report
+        self.last_metrics: dict[str, Any] | None = None
+        self.last_checkpoint: str | None = None
+
+    def registered(self) -> list[str]:
+        """Names of the persisted checkpoints, oldest first."""
+        try:
+            names = json.loads((self.run_dir / INDEX_FILE).read_text())
+        except (OSError, ValueError):
+            return []
+        return [n for n in names if (self.run_dir / n).is_dir()]
+
+    def checkpoint_path(self) -> str | None:
+        names = self.registered()
+        return str(self.run_dir / names[-1]) if names else None
+
+    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
+        return model  # one worker: nothing to synchronise
+
+    def report(self, metrics: dict[str, Any], directory: str | None, name: str | None) -> None:
+        path = None
+        if directory is not None:
+            path = self._persist(Path(directory), name or "checkpoint")
+            self.last_checkpoint = path
+        self.last_metrics = dict(metrics)
+        if self.on_report is not None:
+            self.on_report(dict(metrics), path)
+
+    def _persist(self, source: Path, name: str) -> str:
+        """Copy the checkpoint into the run folder, register it, evict the oldest."""
+        target = self.run_dir / name
+        # Written beside its final place and renamed: a crash mid-copy leaves no folder
+        # that looks like a checkpoint.
+        staging = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=f".{name}-"))
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        names = [n for n in self.registered() if n != name] + [name]
+        evicted = []
+        if self.keep is not None and len(names) > self.keep:
+            evicted, names = names[: -self.keep], names[-self.keep :]
+        self._write_index(names)
+        for old in evicted:  # after the index no longer names them
+            shutil.rmtree(self.run_dir / old, ignore_errors=True)
+        return str(target)
+
+    def _write_index(self, names: list[str]) -> None:
+        tmp = self.run_dir / f".{INDEX_FILE}.tmp"
+        tmp.write_text(json.dumps(names))
+        os.replace(tmp, self.run_dir / INDEX_FILE)
+
+
+def inline_device(use_gpu: bool) -> torch.device:
+    """The device of an inline run: the first GPU Ray assigned to this actor, else CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` for an actor that reserved GPUs (fractions
+    included), so the assigned card is always ``cuda:0`` here.
+    """
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("workers.use_gpu is set but this trial's process sees no GPU")
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")

@@ -1,0 +1,157 @@
+"""Inline one-worker runs (``workers.inline``): checkpoint persistence and retention, the
+same training as a Ray Train fit, retries from the newest checkpoint, bad settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from bdm_support import tiny_settings
+
+from binarydm._typed import ConfigError
+from binarydm.train.checkpoint import save_state
+from binarydm.train.runner import TrialError, final_metrics, fit_qat
+from binarydm.train.session import INDEX_FILE, InlineSession
+
+
+class Recorder:
+    """A Ray Train user callback that keeps what it saw."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[dict, str | None]] = []
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.reports.append((metrics[0], None if checkpoint is None else checkpoint.path))
+
+
+def _checkpoint(tmp_path: Path, step: int) -> Path:
+    source = tmp_path / f"src{step}"
+    save_state(source, {"step": step, "w": torch.full((3,), float(step))}, step=step)
+    return source
+
+
+def test_session_persists_registers_and_evicts_like_ray_train(tmp_path):
+    seen = []
+    session = InlineSession(
+        tmp_path / "run", torch.device("cpu"), keep=2, on_report=lambda m, p: seen.append((m, p))
+    )
+    assert session.checkpoint_path() is None and (session.rank, session.world_size) == (0, 1)
+    for step in (5, 10, 15):
+        session.report({"step": step}, str(_checkpoint(tmp_path, step)), f"checkpoint_{step:08d}")
+    session.report({"step": 16}, None, None)  # a curve point: nothing persisted
+    run = tmp_path / "run"
+    assert json.loads((run / INDEX_FILE).read_text()) == [
+        "checkpoint_00000010",
+        "checkpoint_00000015",
+    ]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        "checkpoint_00000010",
+        "checkpoint_00000015",
+    ]  # the oldest evicted, no staging folder left behind
+    assert session.checkpoint_path() == str(run / "checkpoint_00000015")
+    assert torch.load(run / "checkpoint_00000015" / "state.pt")["w"].tolist() == [15.0] * 3
+    assert [m["step"] for m, _ in seen] == [5, 10, 15, 16]
+    assert seen[-1][1] is None and seen[-2][1] == str(run / "checkpoint_00000015")
+    assert session.last_metrics == {"step": 16}
+    # A new session on the same folder (a retried trial) resumes from the newest one.
+    again = InlineSession(run, torch.device("cpu"), keep=2)
+    assert again.checkpoint_path() == str(run / "checkpoint_00000015")
+
+
+def test_unregistered_folder_is_not_a_resume_point(tmp_path):
+    session = InlineSession(tmp_path, torch.device("cpu"), keep=3)
+    session.report({"step": 5}, str(_checkpoint(tmp_path, 5)), "checkpoint_00000005")
+    # A copy a killed process left half-way: present on disk, never registered.
+    (tmp_path / "checkpoint_00000010").mkdir()
+    assert session.checkpoint_path() == str(tmp_path / "checkpoint_00000005")
+
+
+def _settings(**overrides):
+    values = {
+        "training.steps": 12,
+        "training.checkpoint_every": 6,
+        "training.log_every": 3,
+        **overrides,
+    }
+    return tiny_settings(**values)
+
+
+def _fit(settings, name, workspace, teacher, callbacks=None, **extra):
+    return fit_qat(
+        settings,
+        name=name,
+        storage_path=workspace["storage"],
+        teacher_dir=teacher,
+        data_root=workspace["data_root"],
+        cache_dir=workspace["cache_dir"],
+        callbacks=callbacks,
+        extra_config=extra or None,
+    )
+
+
+def test_inline_run_trains_like_the_ray_train_fit(tiny_teacher, workspace):
+    recorder = Recorder()
+    inline = _fit(
+        _settings(**{"workers.inline": True}), "inline-eq", workspace, tiny_teacher, [recorder]
+    )
+    ray_fit = _fit(_settings(), "ray-eq", workspace, tiny_teacher)
+    assert inline.error is None and ray_fit.error is None
+    metrics, reference = final_metrics(inline), final_metrics(ray_fit)
+    # Same data order, noise and initialisation: the same training, to float noise (the
+    # Ray worker runs with one intra-op thread, this process with more).
+    for key in ("loss", "loss_noise", "loss_lrm", "fid", "test_loss", "size_mib", "bops_g"):
+        assert metrics[key] == pytest.approx(reference[key], rel=2e-3), key
+    assert metrics["step"] == 12 and metrics["resumed_from_step"] == 0
+    run = Path(inline.path)
+    assert run == Path(workspace["storage"]) / "inline-eq"
+    assert json.loads((run / INDEX_FILE).read_text()) == ["checkpoint_00000012", "checkpoint_final"]
+    assert inline.checkpoint.path == str(run / "checkpoint_final")
+    assert {"samples.png", "model.bdm", "state.pt"} <= {
+        p.name for p in run.glob("checkpoint_final/*")
+    }
+    steps = [m.get("step") for m, _ in recorder.reports]
+    assert steps == [3, 6, 9, 12, 12] and recorder.reports[-1][0]["final"] is True
+    assert recorder.reports[1][1] == str(run / "checkpoint_00000006")
+
+
+def test_inline_failure_is_retried_from_the_newest_checkpoint(tiny_teacher, workspace, tmp_path):
+    marker = tmp_path / "failures"
+    marker.write_text("1")
+    result = _fit(
+        _settings(**{"workers.inline": True}),
+        "inline-retry",
+        workspace,
+        tiny_teacher,
+        evaluate=False,
+        fail_at_step=8,
+        fail_marker=str(marker),
+    )
+    assert result.error is None and marker.read_text() == "0"
+    assert result.metrics["step"] == 12 and result.metrics["final"] is True
+    assert result.metrics["resumed_from_step"] == 6  # steps 6-7 trained again, not 0-7
+
+
+def test_inline_failure_past_max_failures_is_the_trial_error(tiny_teacher, workspace, tmp_path):
+    marker = tmp_path / "failures"
+    marker.write_text("5")
+    settings = _settings(**{"workers.inline": True, "training.max_failures": 1})
+    result = _fit(
+        settings,
+        "inline-fail",
+        workspace,
+        tiny_teacher,
+        evaluate=False,
+        fail_at_step=8,
+        fail_marker=str(marker),
+    )
+    assert isinstance(result.error, torch.OutOfMemoryError)
+    assert marker.read_text() == "3"  # the first attempt and one retry
+    with pytest.raises(TrialError, match="out of memory at step 8"):
+        final_metrics(result)
+
+
+def test_inline_needs_one_worker():
+    with pytest.raises(ConfigError, match=r"workers.inline=True is invalid"):
+        tiny_settings(**{"workers.inline": True, "workers.num_workers": 2})
