@@ -766,8 +766,7 @@ def _check_space_keys(space: dict[str, Dimension]) -> None:
             hint = f"did you mean {close[0]}?" if close else "see docs/study-file.md"
             allowed = f"a dotted settings key ({hint})"
         raise ConfigError(
-            f"search.space.{key}={dimension.to_yaml()!r} is invalid: {reason}; "
-            f"allowed: {allowed}"
+            f"search.space.{key}={dimension.to_yaml()!r} is invalid: {reason}; allowed: {allowed}"
         )
 
 

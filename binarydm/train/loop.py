@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -358,7 +357,7 @@ def _hold(hold_file: str | None) -> None:
 def _finish(session, config, settings, mode, parts, steps, metrics):
     """Final report: the teacher's diffusers folder, or the QAT evaluation (rank 0)."""
     model, optimizer, scheduler_lr, ema, lrm = parts
-    with tempfile.TemporaryDirectory() as tmp:
+    with session.checkpoint_dir() as tmp:
         ckpt = None
         final = dict(metrics)
         if session.rank == 0:
@@ -401,7 +400,7 @@ def _report_error(session, reason: str, step: int, mode: str) -> None:
     import json
 
     metrics = {"error": reason, "step": step, "final": False, "mode": mode}
-    with tempfile.TemporaryDirectory() as tmp:
+    with session.checkpoint_dir() as tmp:
         ckpt = None
         if session.rank == 0:
             Path(tmp, "error.json").write_text(json.dumps(metrics))
@@ -424,7 +423,7 @@ def metrics_keys() -> tuple[str, ...]:
 
 
 def _report_checkpoint(session, model, optimizer, scheduler_lr, ema, lrm, metrics, name) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    with session.checkpoint_dir() as tmp:
         ckpt = None
         if session.rank == 0:
             state = {

@@ -4,6 +4,7 @@ same training as a Ray Train fit, retries from the newest checkpoint, bad settin
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,23 @@ def test_session_persists_registers_and_evicts_like_ray_train(tmp_path):
     # A new session on the same folder (a retried trial) resumes from the newest one.
     again = InlineSession(run, torch.device("cpu"), keep=2)
     assert again.checkpoint_path() == str(run / "checkpoint_00000015")
+
+
+def test_checkpoint_written_in_its_staging_folder_is_moved_not_copied(tmp_path):
+    session = InlineSession(tmp_path / "run", torch.device("cpu"), keep=2)
+    with session.checkpoint_dir() as staging:
+        save_state(staging, {"step": 7}, step=7)
+        inode = os.stat(Path(staging) / "state.pt").st_ino
+        session.report({"step": 7}, staging, "checkpoint_00000007")
+        assert not Path(staging).exists()
+    target = tmp_path / "run" / "checkpoint_00000007" / "state.pt"
+    assert os.stat(target).st_ino == inode  # renamed into place: the same file
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
+        ["checkpoint_00000007", INDEX_FILE]
+    )
+    with session.checkpoint_dir() as staging:  # not reported: removed on exit
+        Path(staging, "partial").write_text("x")
+    assert not Path(staging).exists()
 
 
 def test_unregistered_folder_is_not_a_resume_point(tmp_path):
