@@ -91,7 +91,14 @@ def main() -> None:
         # Still summarise: trials that finished are in MLflow whatever failed after them.
         print(f"bdm-search exited with {code}; summarising what MLflow holds", flush=True)
 
-    trials = load_study_results(spec.name, spec.name, tracking_uri=f"sqlite:///{work}/mlflow.db")
+    try:
+        trials = load_study_results(
+            spec.name, spec.name, tracking_uri=f"sqlite:///{work}/mlflow.db"
+        )
+    except LookupError:
+        trials = []  # the study stopped before its first run (bad input, no data)
+    if not trials:
+        sys.exit(f"no trial ran (bdm-search exited with {code}): nothing to time")
     done = [t for t in trials if t["status"] == "FINISHED"]
     workers = spec.settings.workers
     slots = spec.resources.max_concurrent_trials or len(done)
