@@ -87,6 +87,60 @@ def test_worker_killed_mid_trial_resumes_under_one_mlflow_run(tiny_teacher, tmp_
     print(f"\nRECOVERY worker-kill-in-study: replacement worker after {recovery:.1f} s")
 
 
+def _inline_registered_step(run_dir: Path) -> int:
+    """The newest step an inline run registered a checkpoint for (-1: none)."""
+    from binarydm.train.checkpoint import checkpoint_step
+    from binarydm.train.session import InlineSession
+
+    newest = InlineSession(run_dir, device=None).checkpoint_path() if run_dir.exists() else None
+    return -1 if newest is None else checkpoint_step(Path(newest))
+
+
+def test_killed_inline_trial_is_retried_by_tune_and_resumes(tiny_teacher, tmp_path, monkeypatch):
+    """``workers.inline``: the trial's own actor runs the loop, so killing it kills the
+    trial; Ray Tune's retry (``trial_retries``) is a new attempt of the same MLflow run that
+    resumes from the newest registered checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    pid_file, hold = tmp_path / "trial.pid", tmp_path / "hold"
+    hold.touch()
+    plan = {"0": {"pid_file": str(pid_file), "hold_at_step": 20, "hold_file": str(hold)}}
+    for key, value in faults_env(plan).items():
+        monkeypatch.setenv(key, value)
+    timings: dict = {}
+
+    def kill_when_registered() -> None:
+        run_dir = tmp_path / TRIAL0_RUN_DIR
+        wait_for(lambda: _inline_registered_step(run_dir) >= 20, 240, f"checkpoint 20 in {run_dir}")
+        timings["killed_pid"] = int(pid_file.read_text())
+        timings["killed_at"] = time.monotonic()
+        os.kill(timings["killed_pid"], signal.SIGKILL)
+        hold.unlink()
+        wait_for(
+            lambda: pid_file.read_text().strip() not in ("", str(timings["killed_pid"])),
+            240,
+            "a retried trial",
+        )
+        timings["restarted_at"] = time.monotonic()
+
+    killer = threading.Thread(target=kill_when_registered, daemon=True)
+    killer.start()
+    inline = ["--set", "workers.inline=true", "--set", "resources.trial_retries=1"]
+    result = CliRunner().invoke(app, [LRM_STUDY, *tiny(steps=40), *inline, "--trials", "1"])
+    killer.join(timeout=5)
+    assert result.exit_code == 0, result.output
+    assert "killed_at" in timings, "the trial was never killed"
+
+    client, parents, trials = study_runs(sqlite_uri(tmp_path, "mlflow.db"))
+    assert len(parents) == 1 and list(trials) == [0] and len(trials[0]) == 1  # ONE run
+    run = trials[0][0]
+    assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
+    assert_curve_once(client, run.info.run_id, [10, 20, 30, 40])  # resumed at step 20
+    assert "fid" in run.data.metrics
+    assert optuna_trials(tmp_path)[0].state.name == "COMPLETE"
+    recovery = timings["restarted_at"] - timings["killed_at"]
+    print(f"\nRECOVERY inline-trial-kill: retried trial running after {recovery:.1f} s")
+
+
 def _corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
