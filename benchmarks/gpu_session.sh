@@ -8,9 +8,11 @@
 #     (on a 4-GPU host: scaling 1,2,4 qat, then scaling 1,2,4 teacher, one call each)
 #   call 3, carry .bdmfid/part00:     bash benchmarks/gpu_session.sh fidpart
 #     (a study-only session starts with: carry .devbundle and .bdmdata: ... data)
-#   call 4, carry .bdmfid/part01:     bash benchmarks/gpu_session.sh study [inline|train]
+#   call 4, carry .bdmfid/part01:     bash benchmarks/gpu_session.sh study [inline|train] [TRIALS] [STEPS]
+#     (then, in the same command: bash benchmarks/gpu_session.sh startup)
 #     (inline, the default: each trial's loop runs in its Tune trial actor; train: each
-#     trial is a Ray Train fit, as in sessions 2 and 3)
+#     trial is a Ray Train fit, as in sessions 2 and 3; TRIALS 8, STEPS 150 by default,
+#     on a 4-GPU host: study inline 16 300)
 #
 # A machine idle for over 30 s goes back; then the next call must carry .devbundle too.
 # .devbundle comes from ../shared/tools/device-bundle, .bdmdata and .bdmfid from
@@ -60,21 +62,43 @@ fidpart)
     ;;
 study)
     mkdir -p "$(dirname "$weights")"
-    cat /tmp/fidparts/part00 .bdmfid/part01 >"$weights"
+    # Assembled from the call that carries the second half; a second study on the warm
+    # machine carries no part and finds the weights in place.
+    if [ -f .bdmfid/part01 ]; then
+        cat /tmp/fidparts/part00 .bdmfid/part01 >"$weights.part" && mv "$weights.part" "$weights"
+    fi
     sha256sum "$weights" | tee "$OUT/weights.sha256"
+    # benchmarks/device_payload.py's conversion is deterministic: anything else is a bad copy.
+    grep -q '^f91d46f51c1d0e89ac64aca12f454bffa6bbd67c98b3e38a9325073e58bcce4c ' "$OUT/weights.sha256" ||
+        { echo "FID weights at $weights are not the converted file: carry both halves again" >&2; exit 1; }
     runner="${2:-inline}"
+    # Trials (all in one wave: 4 per card at 0.25 GPU and 2 CPUs each) and QAT steps:
+    # 8 and 150 on a 2-GPU host (session 5), 16 and 300 on a 4-GPU host (session 6).
+    trials="${3:-8}"
+    steps="${4:-150}"
     inline=false
     [ "$runner" = inline ] && inline=true
-    # 8 trials in one wave on a 2-GPU host: 4 per card (0.25 GPU, 2 CPUs each).
-    timeout 540 python3 benchmarks/study_overhead.py benchmarks/studies/gpu_overhead.yaml \
-        --workdir "/tmp/study-$runner" --json "$OUT/study-$runner.json" \
+    name="study-$runner-$trials-$steps"
+    timeout 560 python3 benchmarks/study_overhead.py benchmarks/studies/gpu_overhead.yaml \
+        --workdir "/tmp/$name" --json "$OUT/$name.json" \
         --set "workers.inline=$inline" \
         --set workers.gpus_per_worker=0.25 --set workers.cpus_per_worker=2 \
-        --set resources.max_concurrent_trials=8 --set training.steps=150 \
-        --set training.checkpoint_every=150 2>&1 | tee -a "$OUT/study-$runner.log" || true
+        --set "search.trials=$trials" --set "resources.max_concurrent_trials=$trials" \
+        --set "training.steps=$steps" --set "training.checkpoint_every=$steps" \
+        2>&1 | tee -a "$OUT/$name.log" || true
+    ;;
+startup)
+    # After a study on this machine (its teacher is cached): a trial's start-up stages in
+    # 1 process, then in 8 started together (a first wave of 8 trials on 2 GPUs).
+    teacher="$(ls -d /tmp/bdmcache/teachers/*/ | head -1)"
+    for n in 1 8; do
+        timeout 200 python3 benchmarks/trial_startup.py benchmarks/studies/gpu_overhead.yaml \
+            --teacher "$teacher" --processes "$n" --data-root /tmp/.bdmdata \
+            --json "$OUT/startup-$n.json" 2>&1 | tail -40 | tee -a "$OUT/startup.log" || true
+    done
     ;;
 *)
-    echo "usage: $0 step|scaling|data|fidpart|study" >&2
+    echo "usage: $0 step|scaling|data|fidpart|study|startup" >&2
     exit 2
     ;;
 esac

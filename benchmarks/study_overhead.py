@@ -10,7 +10,11 @@ and in evaluation (the trial's own ``train_s`` + ``eval_s``). With S concurrent 
 slots, the fraction of wall time outside trial compute over the trial window (first
 trial start to last trial end) is ``1 - sum(compute) / (S x window)``; it holds Ray
 Train worker start-up, model and data loading, checkpoints, MLflow/Optuna bookkeeping
-and slots left idle. The whole-study figure adds Ray start-up and the FP teacher.
+and slots left idle. The window from launch starts earlier, when the driver hands the
+trials to Ray Tune (``tune_started_unix`` on the study's parent run), so it also holds
+Tune's launch of the first trial actors, their process start and imports and their
+MLflow run creation, which a trial's own run (created by the trial) cannot see. The
+whole-study figure adds Ray start-up and the FP teacher.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from binarydm.search.study import load_study
-    from binarydm.tracking.results import load_study_results
+    from binarydm.tracking.results import load_study_results, load_study_summary
 
     spec = load_study(args.file, overrides=args.set)
     work = Path(args.workdir).resolve()
@@ -91,10 +95,10 @@ def main() -> None:
         # Still summarise: trials that finished are in MLflow whatever failed after them.
         print(f"bdm-search exited with {code}; summarising what MLflow holds", flush=True)
 
+    uri = f"sqlite:///{work}/mlflow.db"
     try:
-        trials = load_study_results(
-            spec.name, spec.name, tracking_uri=f"sqlite:///{work}/mlflow.db"
-        )
+        trials = load_study_results(spec.name, spec.name, tracking_uri=uri)
+        parent_tags = load_study_summary(spec.name, spec.name, tracking_uri=uri)["tags"]
     except LookupError:
         trials = []  # the study stopped before its first run (bad input, no data)
     if not trials:
@@ -113,6 +117,13 @@ def main() -> None:
     def total(key: str) -> float:
         return sum(t["metrics"].get(key, 0.0) for t in done)
 
+    # From the driver's hand-over to Ray Tune (a resumed study: its last launch).
+    launched = float(parent_tags.get("tune_started_unix", window_start))
+    created = [
+        t["metrics"]["actor_created_unix"] for t in trials if "actor_created_unix" in t["metrics"]
+    ]
+    launch_window = window_end - launched
+
     summary = {
         "study": spec.name,
         "bdm_search_exit_code": code,
@@ -129,6 +140,15 @@ def main() -> None:
         "eval_s": sum(t["metrics"]["eval_s"] for t in done),
         # Inside the trial's run but outside compute: worker set-up before the first step.
         "setup_s": total("setup_s"),
+        # ... of which: the CUDA context, the training set to its device, the models built
+        # (diffusers' UNet imported on first use, the teacher loaded and moved, copied and
+        # binarised on the device) and the LRM.
+        "setup_device_s": total("setup_device_s"),
+        "setup_data_s": total("setup_data_s"),
+        "setup_build_s": total("setup_build_s"),
+        "setup_lrm_s": total("setup_lrm_s"),
+        # Checkpoints saved (serialised, hashed, persisted), part of ray_train_s below.
+        "checkpoint_s": total("checkpoint_s"),
         "sample_s": total("sample_s"),
         "fid_s": total("fid_s"),
         # Where a trial's time outside compute goes: before its fit (params, data hash),
@@ -141,6 +161,18 @@ def main() -> None:
         - total("prepare_s")
         - total("fit_s"),
         "overhead_in_window": 1 - sum(compute) / (slots * window),
+        # The stricter figure: from launch, so the first actors' start counts too.
+        "launch_window_s": launch_window,
+        "overhead_from_launch": 1 - sum(compute) / (slots * launch_window),
+        "launch_to_first_actor_s": (min(created) - launched) if created else None,
+        "launch_to_first_trial_s": window_start - launched,
+        # Actor process start (or launch, for a process Ray had started idle) -> trainable.
+        "actor_start_s": sum(
+            t["metrics"]["trial_entered_unix"] - max(t["metrics"]["actor_created_unix"], launched)
+            for t in done
+            if "actor_created_unix" in t["metrics"]
+        ),
+        "run_start_s": total("run_start_s"),  # trainable -> its MLflow run started
         "overhead_whole_study": 1 - sum(compute) / (slots * (end - start)),
         "per_trial_outside_compute_s": statistics.fmean(per_trial) if per_trial else None,
         "per_trial_wall_s": [round((t["end_time"] - t["start_time"]) / 1000, 1) for t in done],

@@ -15,6 +15,7 @@ is never retried.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 import traceback
@@ -28,6 +29,7 @@ AVERAGED = (
     "fid", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib", "ops_saving", "size_saving",
     "loss", "loss_noise", "loss_lrm", "loss_ebb", "train_s", "eval_s", "setup_s", "sample_s",
     "fid_s", "fit_s", "ray_start_s", "ray_stop_s", "train_images_per_s", "sample_images_per_s",
+    "setup_device_s", "setup_data_s", "setup_build_s", "setup_lrm_s", "checkpoint_s",
 )  # fmt: skip
 COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
 
@@ -80,6 +82,7 @@ def trial_params(context: StudyContext, params: dict[str, Any]) -> dict[str, Any
 
 def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     """Tune entry point (wrapped with ``tune.with_parameters(context=...)``)."""
+    entered = time.time()
     import ray.tune
 
     from binarydm.search.callbacks import InlineTuneReport
@@ -100,6 +103,7 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         ray.tune.report({**logged, "trial_id": number, "final": True})
         return
     run_id, attempt = tracker.start_attempt(number)
+    tracker.log_metrics(run_id, launch_metrics(entered))
     if spec.trial_settings(config, spec.search.seeds[0]).workers.inline:
         forward = InlineTuneReport()
     else:
@@ -124,6 +128,39 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         record_attempt_error(spec, number, attempt, exc)
         raise
     ray.tune.report({**metrics, "trial_id": number, "final": True})
+
+
+_attempts_in_process = 0
+
+
+def launch_metrics(entered_unix: float) -> dict[str, float]:
+    """How this attempt got going, for the study-overhead accounting: when its actor's
+    process started (``actor_created_unix``; Ray may have started it earlier as an idle
+    worker; absent for an actor Tune reuses), when this trainable began
+    (``trial_entered_unix``) and the time from there to its MLflow run
+    (``run_start_s``: imports, store, run lookup)."""
+    global _attempts_in_process
+    started = process_started_unix() if _attempts_in_process == 0 else None
+    _attempts_in_process += 1
+    metrics = {"trial_entered_unix": entered_unix, "run_start_s": time.time() - entered_unix}
+    if started is not None:
+        metrics["actor_created_unix"] = started
+    return metrics
+
+
+def process_started_unix() -> float | None:
+    """When this process started, from Linux's /proc (to the second); None elsewhere."""
+    try:
+        # Field 22 of /proc/self/stat, counted after the parenthesised command name.
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def finished_metrics(tracker, run_id: str, objectives: list[str]) -> dict[str, Any] | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,23 @@ def save_state(directory: str | Path, state: dict[str, Any], *, step: int) -> No
     torch.save(state, directory / STATE_FILE)
     manifest = {"format": FORMAT_VERSION, "step": step, "sha256": _sha256(directory / STATE_FILE)}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def link_state(source: str | Path, directory: str | Path) -> bool:
+    """Give ``directory`` the state of checkpoint ``source`` without serialising it again.
+
+    The state file is hard-linked (same bytes, so the copied manifest still verifies) and
+    survives the eviction of ``source``. False, with nothing written, where the file
+    system cannot link: the caller then saves the state itself.
+    """
+    source, directory = Path(source), Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source / STATE_FILE, directory / STATE_FILE)
+    except OSError:
+        return False
+    shutil.copyfile(source / MANIFEST_FILE, directory / MANIFEST_FILE)
+    return True
 
 
 def load_state(directory: str | Path) -> dict[str, Any]:

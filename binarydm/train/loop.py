@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from binarydm.train.batches import batch_indices
-from binarydm.train.checkpoint import load_latest_valid, save_state
+from binarydm.train.checkpoint import link_state, load_latest_valid, save_state
 from binarydm.train.diffusion import noise_scheduler, noisy_batch
 from binarydm.train.ema import ModelEMA
 from binarydm.train.settings import TrialSettings
@@ -66,10 +66,20 @@ def _load_training_images(settings: TrialSettings, data_root: str | None, cache_
         limit=data.train_limit,
         path=data.path,
     )
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # Kept as uint8 (a quarter of float32's bytes, no whole-set conversion at start-up);
+    # each drawn batch is scaled by ``to_unit_range``.
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
-def _build_models(settings: TrialSettings, mode: str, teacher_dir: str | None):
+def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] to float32 in [-1, 1], the diffusion model's data range."""
+    return batch.float().div(127.5).sub(1.0)
+
+
+def _build_models(
+    settings: TrialSettings, mode: str, teacher_dir: str | None, device: torch.device
+):
+    """The model to train and, for QAT, the frozen teacher, both on ``device``."""
     from binarydm.models import build_unet, load_unet
 
     if mode == "teacher":
@@ -79,13 +89,16 @@ def _build_models(settings: TrialSettings, mode: str, teacher_dir: str | None):
             in_channels=settings.data.channels,
             sample_size=settings.data.resolution,
         )
-        return model, None
+        return model.to(device), None
     from binarydm.quant import binarize_
 
-    student = load_unet(teacher_dir)
+    # Moved first, then copied and binarised on the device, not by the host's cores, which
+    # the trials of a wave share while they all start (benchmarks/results/gpu_perf.md,
+    # session 6: the start-up probe).
+    student = load_unet(teacher_dir).to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     binarize_(student, settings.method)
-    return student, teacher
+    return student.to(device), teacher
 
 
 def may_leave_unused(model: torch.nn.Module, method) -> bool:
@@ -120,7 +133,7 @@ def _step_values(*losses: torch.Tensor) -> tuple[bool, list[float]]:
 
 
 def _to_training_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Keep a small training set on the GPU (CIFAR-10 is 0.6 GB) so a step reads no host
+    """Keep a small training set on the GPU (CIFAR-10 is 150 MB) so a step reads no host
     memory; a large one stays on the host as it is (pinning tens of GB could fail)."""
     if device.type != "cuda":
         return images
@@ -148,15 +161,21 @@ def run_loop(config: dict[str, Any], session) -> None:
     device = session.device
     if config.get("pid_file") and rank == config.get("pid_rank", 0):
         Path(config["pid_file"]).write_text(str(os.getpid()))
-    images = _load_training_images(settings, config.get("data_root"), config.get("cache_dir"))
-    images = _to_training_device(images, device)
     if device.type == "cuda":
+        # The CUDA context, made here so the set-up parts below time their own work.
+        torch.empty(0, device=device)
         # Shapes are fixed for the whole run: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = True
-    model, teacher = _build_models(settings, mode, config.get("teacher_dir"))
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device)
+    setup_parts = {"setup_device_s": time.perf_counter() - entered}
+    mark = time.perf_counter()
+    images = _load_training_images(settings, config.get("data_root"), config.get("cache_dir"))
+    images = _to_training_device(images, device)
+    setup_parts["setup_data_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    # Loaded (first use imports diffusers' UNet), copied, binarised, on the device.
+    model, teacher = _build_models(settings, mode, config.get("teacher_dir"), device)
+    setup_parts["setup_build_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
 
     train = settings.training if mode == "qat" else None
     steps = train.steps if train else settings.teacher.steps
@@ -169,6 +188,7 @@ def run_loop(config: dict[str, Any], session) -> None:
         from binarydm.distill import LowRankMimicking
 
         lrm = LowRankMimicking(model, teacher, method.lrm).to(device)
+    setup_parts["setup_lrm_s"] = time.perf_counter() - mark
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, weight_decay=train.weight_decay if train else 0.0
@@ -219,6 +239,7 @@ def run_loop(config: dict[str, Any], session) -> None:
     forward_model, graph_steps = ddp_model, False
     window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
     t_start, images_seen = time.perf_counter(), 0
+    checkpoint_s, saved_step = 0.0, None  # time spent saving; the step last saved here
     metrics: dict[str, Any] = dict(curve_tail)
     for step in range(start_step, steps):
         if train is not None and train.compile and step == start_step + 1:
@@ -249,7 +270,7 @@ def run_loop(config: dict[str, Any], session) -> None:
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory at step {step} (simulated by fault injection)"
             )
-        clean = images[idx.to(images.device)].to(device, non_blocking=True)
+        clean = to_unit_range(images[idx.to(images.device)].to(device, non_blocking=True))
         # Noise drawn on the training device: a host-side draw would be copied from pageable
         # memory every step. Still a pure function of (seed, step, rank) for resume.
         generator = torch.Generator(device=device).manual_seed((seed * 7919 + step) * 131 + rank)
@@ -310,6 +331,9 @@ def run_loop(config: dict[str, Any], session) -> None:
             metrics["train_s"] = elapsed + curve_tail.get("train_s", 0.0)
             # Worker start to first step (data, models, DDP, resume): trial overhead.
             metrics["setup_s"] = t_start - entered + curve_tail.get("setup_s", 0.0)
+            for key, seconds in setup_parts.items():
+                metrics[key] = seconds + curve_tail.get(key, 0.0)
+            metrics["checkpoint_s"] = checkpoint_s + curve_tail.get("checkpoint_s", 0.0)
             window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
             if resume_notes:
                 metrics["resume_note"] = "; ".join(resume_notes)
@@ -318,7 +342,10 @@ def run_loop(config: dict[str, Any], session) -> None:
             # checkpoints get new names, or Ray Train, evicting the old result of the same
             # name, would delete the new folder.
             name = f"checkpoint_{done:08d}" + (f"-refit{start_step:08d}" if resume_notes else "")
+            mark = time.perf_counter()
             _report_checkpoint(session, model, optimizer, scheduler_lr, ema, lrm, metrics, name)
+            checkpoint_s += time.perf_counter() - mark
+            saved_step = done
         elif done % log_every == 0:
             session.report(metrics, None, None)
         if done == config.get("hold_at_step") and start_step < done and rank == 0:
@@ -328,8 +355,11 @@ def run_loop(config: dict[str, Any], session) -> None:
     # Wall-clock stamps in the final report let the driver tell Ray Train's own start-up
     # and shutdown from the worker's time (the curve callback skips final reports).
     metrics = {**metrics, "worker_entered_unix": entered_unix}
+    metrics["checkpoint_s"] = checkpoint_s + curve_tail.get("checkpoint_s", 0.0)
     parts = (model, optimizer, scheduler_lr, ema, lrm)
-    _finish(session, config, settings, mode, parts, steps, metrics)
+    # The last step's checkpoint, persisted by this process, already holds the final state.
+    reuse = session.last_checkpoint if saved_step == steps else None
+    _finish(session, config, settings, mode, parts, steps, metrics, reuse=reuse)
 
 
 def _take_failure(config: dict[str, Any]) -> bool:
@@ -354,8 +384,12 @@ def _hold(hold_file: str | None) -> None:
         time.sleep(0.1)
 
 
-def _finish(session, config, settings, mode, parts, steps, metrics):
-    """Final report: the teacher's diffusers folder, or the QAT evaluation (rank 0)."""
+def _finish(session, config, settings, mode, parts, steps, metrics, *, reuse=None):
+    """Final report: the teacher's diffusers folder, or the QAT evaluation (rank 0).
+
+    ``reuse``: a checkpoint of step ``steps`` whose state the final checkpoint links
+    instead of saving the same 570 MB (ddpm-cifar10) again.
+    """
     model, optimizer, scheduler_lr, ema, lrm = parts
     with session.checkpoint_dir() as tmp:
         ckpt = None
@@ -378,16 +412,21 @@ def _finish(session, config, settings, mode, parts, steps, metrics):
                         cache_dir=config.get("cache_dir"),
                     )
                 )
-            state = {
-                "step": steps,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler_lr.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "lrm": lrm.state_dict() if lrm is not None else None,
-                "metrics": final,
-            }
-            save_state(tmp, state, step=steps)
+            mark = time.perf_counter()
+            # A linked state keeps the training metrics of its step (what a resume reads);
+            # the evaluation's are in this report.
+            if reuse is None or not link_state(reuse, tmp):
+                state = {
+                    "step": steps,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": scheduler_lr.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "lrm": lrm.state_dict() if lrm is not None else None,
+                    "metrics": final,
+                }
+                save_state(tmp, state, step=steps)
+            final["checkpoint_s"] = final.get("checkpoint_s", 0.0) + time.perf_counter() - mark
             ckpt = tmp
         final["final"] = True
         final["final_report_unix"] = time.time()

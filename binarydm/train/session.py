@@ -31,6 +31,10 @@ INDEX_FILE = "checkpoints.json"
 class RayTrainSession:
     """The loop inside a Ray Train worker (``TorchTrainer``)."""
 
+    # Ray Train persists reported checkpoints where the worker does not track them: the
+    # final checkpoint saves its state again rather than linking the last step's.
+    last_checkpoint = None
+
     def __init__(self) -> None:
         import ray.train
         import ray.train.torch

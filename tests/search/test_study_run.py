@@ -185,6 +185,13 @@ def test_inline_trials_run_in_their_tune_actor_with_the_same_contract(
         inside = m["ray_start_s"] + m["setup_s"] + m["train_s"] + m["eval_s"] + m["ray_stop_s"]
         assert m["fit_s"] == pytest.approx(inside, abs=0.5)
         assert 0 <= m["ray_start_s"] < 0.5 and 0 <= m["ray_stop_s"] < 0.5
+        # How the trial got going, after the driver handed the study to Tune: its actor
+        # process started, then the trainable, then its MLflow run.
+        # (Ray may have started the process before, as an idle worker.)
+        launched = float(parents[0].data.tags["tune_started_unix"])
+        created, entered = m["actor_created_unix"], m["trial_entered_unix"]
+        assert created <= entered and launched <= entered <= child.info.start_time / 1000
+        assert 0 < m["run_start_s"] < m["train_s"] + m["eval_s"]
         curve = client.get_metric_history(child.info.run_id, "loss")
         assert sorted({p.step for p in curve}) == [5, 10]
         run_dir = Path(child.data.tags["checkpoint"]).parent

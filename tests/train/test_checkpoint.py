@@ -8,12 +8,13 @@ import torch
 from binarydm.train.batches import batch_indices
 from binarydm.train.checkpoint import (
     CorruptCheckpointError,
+    link_state,
     load_latest_valid,
     load_state,
     save_state,
 )
 from binarydm.train.ema import ModelEMA
-from binarydm.train.loop import lr_lambda
+from binarydm.train.loop import lr_lambda, to_unit_range
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
@@ -39,6 +40,38 @@ def test_valid_checkpoint_loads_without_notes(tmp_path):
     save_state(tmp_path / "c", {"step": 5}, step=5)
     state, notes = load_latest_valid(tmp_path / "c")
     assert state == {"step": 5} and notes == []
+
+
+def test_linked_state_verifies_and_outlives_its_source(tmp_path):
+    save_state(tmp_path / "step", {"step": 12, "w": torch.arange(4.0)}, step=12)
+    assert link_state(tmp_path / "step", tmp_path / "final")
+    # The same file, not a copy; its manifest still verifies.
+    assert (tmp_path / "final/state.pt").stat().st_ino == (tmp_path / "step/state.pt").stat().st_ino
+    for p in (tmp_path / "step").iterdir():  # the step checkpoint evicted
+        p.unlink()
+    (tmp_path / "step").rmdir()
+    state = load_state(tmp_path / "final")
+    assert state["step"] == 12 and torch.equal(state["w"], torch.arange(4.0))
+
+
+def test_link_state_reports_a_file_system_that_cannot_link(tmp_path, monkeypatch):
+    save_state(tmp_path / "step", {"step": 3}, step=3)
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("binarydm.train.checkpoint.os.link", cross_device)
+    assert not link_state(tmp_path / "step", tmp_path / "final")
+    assert list((tmp_path / "final").iterdir()) == []  # nothing half-written to load
+
+
+def test_training_images_are_scaled_to_the_model_range_per_batch():
+    batch = torch.tensor([0, 1, 127, 128, 254, 255], dtype=torch.uint8)
+    expected = batch.double() / 127.5 - 1.0
+    scaled = to_unit_range(batch)
+    assert scaled.dtype == torch.float32
+    assert scaled[0] == -1.0 and scaled[-1] == 1.0
+    assert torch.allclose(scaled.double(), expected, atol=1e-7)
 
 
 def test_batches_are_disjoint_across_ranks_and_cover_an_epoch():

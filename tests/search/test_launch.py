@@ -1,0 +1,33 @@
+"""The launch stamps a trial logs for the study-overhead accounting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from binarydm.search import trainable
+
+
+def test_process_start_time_matches_a_child_started_now():
+    before = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", "import time; from binarydm.search.trainable import "
+         "process_started_unix as s; print(s(), time.time())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    started, now = float(out[0]), float(out[1])
+    # /proc's boot time is whole seconds, so the start may read up to 1 s early.
+    assert before - 1.0 <= started <= now
+
+
+def test_only_a_fresh_process_reports_its_start(monkeypatch):
+    monkeypatch.setattr(trainable, "_attempts_in_process", 0)
+    entered = time.time()
+    first = trainable.launch_metrics(entered)
+    assert first["actor_created_unix"] == pytest.approx(trainable.process_started_unix())
+    assert first["trial_entered_unix"] == entered and first["run_start_s"] >= 0
+    # A second trial in the same (reused) actor: its process started long before.
+    assert "actor_created_unix" not in trainable.launch_metrics(time.time())
