@@ -338,6 +338,7 @@ def run_study(
                 search_alg=_searcher(spec, storage),
                 num_samples=spec.search.trials,
                 max_concurrent_trials=concurrency,
+                reuse_actors=spec.resources.reuse_actors,
             ),
             run_config=tune.RunConfig(
                 name=spec.name,

@@ -276,6 +276,12 @@ class ResourceSpec:
         "trial and MLflow run); a non-finite loss is never retried",
         default=0,
     )
+    reuse_actors: bool = _doc(
+        "run a trial in the actor process of a finished one (Ray Tune reuse_actors): a "
+        "trial after the first wave skips the process start and imports of torch, "
+        "diffusers and MLflow's store (6-17 s measured, benchmarks/results/gpu_perf.md)",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         require(

@@ -166,9 +166,11 @@ def test_inline_trials_run_in_their_tune_actor_with_the_same_contract(
     ray_cluster, tiny_teacher, tmp_path, monkeypatch
 ):
     """``workers.inline``: each trial's loop runs in its Tune trial actor, no Ray Train fit
-    around it; the run logs the same metrics, live curve and checkpoints."""
+    around it; the run logs the same metrics, live curve and checkpoints. One at a time,
+    so the second trial runs in the first one's actor (``resources.reuse_actors``)."""
     monkeypatch.chdir(tmp_path)
     args = [LRM_STUDY, *TINY, "--set", "workers.inline=true", "--trials", "2"]
+    args += ["--set", "resources.max_concurrent_trials=1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     client, parents, children = _runs(tmp_path)
@@ -185,12 +187,11 @@ def test_inline_trials_run_in_their_tune_actor_with_the_same_contract(
         inside = m["ray_start_s"] + m["setup_s"] + m["train_s"] + m["eval_s"] + m["ray_stop_s"]
         assert m["fit_s"] == pytest.approx(inside, abs=0.5)
         assert 0 <= m["ray_start_s"] < 0.5 and 0 <= m["ray_stop_s"] < 0.5
-        # How the trial got going, after the driver handed the study to Tune: its actor
-        # process started, then the trainable, then its MLflow run.
-        # (Ray may have started the process before, as an idle worker.)
+        # How the trial got going, after the driver handed the study to Tune: the trainable
+        # began, then its MLflow run.
         launched = float(parents[0].data.tags["tune_started_unix"])
-        created, entered = m["actor_created_unix"], m["trial_entered_unix"]
-        assert created <= entered and launched <= entered <= child.info.start_time / 1000
+        entered = m["trial_entered_unix"]
+        assert launched <= entered <= child.info.start_time / 1000
         assert 0 < m["run_start_s"] < m["train_s"] + m["eval_s"]
         curve = client.get_metric_history(child.info.run_id, "loss")
         assert sorted({p.step for p in curve}) == [5, 10]
@@ -200,3 +201,8 @@ def test_inline_trials_run_in_their_tune_actor_with_the_same_contract(
         study_name="lrm_rank", storage=f"sqlite:///{tmp_path}/optuna.db"
     )
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    # Only a fresh actor process stamps its start (which may predate the launch: Ray keeps
+    # idle workers); the second trial ran in the first one's process.
+    first, second = sorted(children, key=lambda c: c.data.metrics["trial_entered_unix"])
+    assert first.data.metrics["actor_created_unix"] <= first.data.metrics["trial_entered_unix"]
+    assert "actor_created_unix" not in second.data.metrics
