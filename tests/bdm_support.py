@@ -61,6 +61,23 @@ def tiny_settings(**overrides):
     return TrialSettings().replace(**base)
 
 
+def fit_tiny(settings, name, workspace, teacher, callbacks=None, **faults):
+    """``fit_qat`` of ``settings`` in the test ``workspace``; ``faults``: worker-config
+    fault keys (``binarydm.train.loop.FAULT_KEYS``) and ``evaluate``."""
+    from binarydm.train.runner import fit_qat
+
+    return fit_qat(
+        settings,
+        name=name,
+        storage_path=workspace["storage"],
+        teacher_dir=teacher,
+        data_root=workspace["data_root"],
+        cache_dir=workspace["cache_dir"],
+        callbacks=callbacks,
+        extra_config=faults or None,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

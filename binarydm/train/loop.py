@@ -97,8 +97,8 @@ def _build_models(
     # session 6: the start-up probe).
     student = load_unet(teacher_dir).to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    binarize_(student, settings.method)
-    return student.to(device), teacher
+    binarize_(student, settings.method)  # its layers stay on the weights' device
+    return student, teacher
 
 
 def may_leave_unused(model: torch.nn.Module, method) -> bool:
@@ -162,8 +162,9 @@ def run_loop(config: dict[str, Any], session) -> None:
     if config.get("pid_file") and rank == config.get("pid_rank", 0):
         Path(config["pid_file"]).write_text(str(os.getpid()))
     if device.type == "cuda":
-        # The CUDA context, made here so the set-up parts below time their own work.
-        torch.empty(0, device=device)
+        # The CUDA context, if selecting the device did not make it yet: timed on its own,
+        # not in the set-up parts below.
+        torch.cuda.synchronize(device)
         # Shapes are fixed for the whole run: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = True
     setup_parts = {"setup_device_s": time.perf_counter() - entered}
@@ -343,7 +344,8 @@ def run_loop(config: dict[str, Any], session) -> None:
             # name, would delete the new folder.
             name = f"checkpoint_{done:08d}" + (f"-refit{start_step:08d}" if resume_notes else "")
             mark = time.perf_counter()
-            _report_checkpoint(session, model, optimizer, scheduler_lr, ema, lrm, metrics, name)
+            parts = (model, optimizer, scheduler_lr, ema, lrm)
+            _report_checkpoint(session, parts, metrics, name)
             checkpoint_s += time.perf_counter() - mark
             saved_step = done
         elif done % log_every == 0:
@@ -390,7 +392,7 @@ def _finish(session, config, settings, mode, parts, steps, metrics, *, reuse=Non
     ``reuse``: a checkpoint of step ``steps`` whose state the final checkpoint links
     instead of saving the same 570 MB (ddpm-cifar10) again.
     """
-    model, optimizer, scheduler_lr, ema, lrm = parts
+    model, _, _, ema, _ = parts
     with session.checkpoint_dir() as tmp:
         ckpt = None
         final = dict(metrics)
@@ -416,16 +418,7 @@ def _finish(session, config, settings, mode, parts, steps, metrics, *, reuse=Non
             # A linked state keeps the training metrics of its step (what a resume reads);
             # the evaluation's are in this report.
             if reuse is None or not link_state(reuse, tmp):
-                state = {
-                    "step": steps,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler_lr.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "lrm": lrm.state_dict() if lrm is not None else None,
-                    "metrics": final,
-                }
-                save_state(tmp, state, step=steps)
+                save_state(tmp, _training_state(steps, parts, final), step=steps)
             final["checkpoint_s"] = final.get("checkpoint_s", 0.0) + time.perf_counter() - mark
             ckpt = tmp
         final["final"] = True
@@ -461,19 +454,24 @@ def metrics_keys() -> tuple[str, ...]:
     return ("loss", "loss_noise", "loss_lrm", "loss_ebb")
 
 
-def _report_checkpoint(session, model, optimizer, scheduler_lr, ema, lrm, metrics, name) -> None:
+def _training_state(step: int, parts, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint holds to resume training at ``step``."""
+    model, optimizer, scheduler_lr, ema, lrm = parts
+    return {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler_lr.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "lrm": lrm.state_dict() if lrm is not None else None,
+        "metrics": metrics,
+    }
+
+
+def _report_checkpoint(session, parts, metrics, name) -> None:
     with session.checkpoint_dir() as tmp:
         ckpt = None
         if session.rank == 0:
-            state = {
-                "step": metrics["step"],
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler_lr.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "lrm": lrm.state_dict() if lrm is not None else None,
-                "metrics": metrics,
-            }
-            save_state(tmp, state, step=metrics["step"])
+            save_state(tmp, _training_state(metrics["step"], parts, metrics), step=metrics["step"])
             ckpt = tmp
         session.report(metrics, ckpt, name)

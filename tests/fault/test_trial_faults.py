@@ -37,11 +37,18 @@ TRIAL0_RUN_DIR = Path("ray_results") / "trials" / "lrm_rank-trial0000-seed0"
 
 
 def _kill_when_registered(
-    run_dir: Path, step: int, pid_file: Path, hold_file: Path, timings: dict
+    run_dir: Path,
+    step: int,
+    pid_file: Path,
+    hold_file: Path,
+    timings: dict,
+    registered=registered_step,
+    replacement: str = "a replacement worker",
 ) -> None:
-    """Kill rank 0 (held after its step-``step`` report) once Ray Train registered that
-    checkpoint: Ray Train resumes from registered checkpoints only."""
-    wait_for(lambda: registered_step(run_dir) >= step, 240, f"checkpoint {step} in {run_dir}")
+    """Kill rank 0 (held after its step-``step`` report) once its run registered that
+    checkpoint (``registered(run_dir)``: the newest registered step): runs resume from
+    registered checkpoints only."""
+    wait_for(lambda: registered(run_dir) >= step, 240, f"checkpoint {step} in {run_dir}")
     timings["killed_pid"] = int(pid_file.read_text())
     timings["killed_at"] = time.monotonic()
     os.kill(timings["killed_pid"], signal.SIGKILL)
@@ -50,7 +57,7 @@ def _kill_when_registered(
     wait_for(
         lambda: pid_file.read_text().strip() not in ("", str(timings["killed_pid"])),
         240,
-        "a replacement worker",
+        replacement,
     )
     timings["restarted_at"] = time.monotonic()
 
@@ -108,21 +115,12 @@ def test_killed_inline_trial_is_retried_by_tune_and_resumes(tiny_teacher, tmp_pa
         monkeypatch.setenv(key, value)
     timings: dict = {}
 
-    def kill_when_registered() -> None:
-        run_dir = tmp_path / TRIAL0_RUN_DIR
-        wait_for(lambda: _inline_registered_step(run_dir) >= 20, 240, f"checkpoint 20 in {run_dir}")
-        timings["killed_pid"] = int(pid_file.read_text())
-        timings["killed_at"] = time.monotonic()
-        os.kill(timings["killed_pid"], signal.SIGKILL)
-        hold.unlink()
-        wait_for(
-            lambda: pid_file.read_text().strip() not in ("", str(timings["killed_pid"])),
-            240,
-            "a retried trial",
-        )
-        timings["restarted_at"] = time.monotonic()
-
-    killer = threading.Thread(target=kill_when_registered, daemon=True)
+    killer = threading.Thread(
+        target=_kill_when_registered,
+        args=(tmp_path / TRIAL0_RUN_DIR, 20, pid_file, hold, timings),
+        kwargs={"registered": _inline_registered_step, "replacement": "a retried trial"},
+        daemon=True,
+    )
     killer.start()
     inline = ["--set", "workers.inline=true", "--set", "resources.trial_retries=1"]
     result = CliRunner().invoke(app, [LRM_STUDY, *tiny(steps=40), *inline, "--trials", "1"])

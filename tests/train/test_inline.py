@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from bdm_support import tiny_settings
+from bdm_support import fit_tiny, tiny_settings
 
 from binarydm._typed import ConfigError
 from binarydm.train.checkpoint import save_state
-from binarydm.train.runner import TrialError, final_metrics, fit_qat
+from binarydm.train.runner import TrialError, final_metrics
 from binarydm.train.session import INDEX_FILE, InlineSession
 
 
@@ -96,25 +96,12 @@ def _settings(**overrides):
     return tiny_settings(**values)
 
 
-def _fit(settings, name, workspace, teacher, callbacks=None, **extra):
-    return fit_qat(
-        settings,
-        name=name,
-        storage_path=workspace["storage"],
-        teacher_dir=teacher,
-        data_root=workspace["data_root"],
-        cache_dir=workspace["cache_dir"],
-        callbacks=callbacks,
-        extra_config=extra or None,
-    )
-
-
 def test_inline_run_trains_like_the_ray_train_fit(tiny_teacher, workspace):
     recorder = Recorder()
-    inline = _fit(
+    inline = fit_tiny(
         _settings(**{"workers.inline": True}), "inline-eq", workspace, tiny_teacher, [recorder]
     )
-    ray_fit = _fit(_settings(), "ray-eq", workspace, tiny_teacher)
+    ray_fit = fit_tiny(_settings(), "ray-eq", workspace, tiny_teacher)
     assert inline.error is None and ray_fit.error is None
     metrics, reference = final_metrics(inline), final_metrics(ray_fit)
     # Same data order, noise and initialisation: the same training, to float noise (the
@@ -150,7 +137,7 @@ def test_inline_run_trains_like_the_ray_train_fit(tiny_teacher, workspace):
 def test_inline_failure_is_retried_from_the_newest_checkpoint(tiny_teacher, workspace, tmp_path):
     marker = tmp_path / "failures"
     marker.write_text("1")
-    result = _fit(
+    result = fit_tiny(
         _settings(**{"workers.inline": True}),
         "inline-retry",
         workspace,
@@ -168,7 +155,7 @@ def test_inline_failure_past_max_failures_is_the_trial_error(tiny_teacher, works
     marker = tmp_path / "failures"
     marker.write_text("5")
     settings = _settings(**{"workers.inline": True, "training.max_failures": 1})
-    result = _fit(
+    result = fit_tiny(
         settings,
         "inline-fail",
         workspace,

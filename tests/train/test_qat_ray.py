@@ -10,21 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from bdm_support import tiny_settings
+from bdm_support import fit_tiny, tiny_settings
 
-from binarydm.train.runner import TrialError, final_metrics, fit_qat
-
-
-def _fit(settings, name, workspace, teacher, **extra):
-    return fit_qat(
-        settings,
-        name=name,
-        storage_path=workspace["storage"],
-        teacher_dir=teacher,
-        data_root=workspace["data_root"],
-        cache_dir=workspace["cache_dir"],
-        extra_config=extra or None,
-    )
+from binarydm.train.runner import TrialError, final_metrics
 
 
 def test_teacher_is_cached_and_loadable(tiny_teacher, workspace):
@@ -45,7 +33,7 @@ def test_teacher_is_cached_and_loadable(tiny_teacher, workspace):
 
 def test_qat_trial_end_to_end(tiny_teacher, workspace):
     settings = tiny_settings(**{"method.progressive.stage_steps": 2, "training.ema_decay": 0.9})
-    result = _fit(settings, "e2e", workspace, tiny_teacher)
+    result = fit_tiny(settings, "e2e", workspace, tiny_teacher)
     metrics = final_metrics(result)
     for key in ("fid", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib"):
         assert metrics[key] > 0, key
@@ -80,7 +68,7 @@ def test_two_ddp_workers_train_with_and_without_unused_parameters(
             "training.log_every": 4,
         }
     )
-    result = _fit(settings, f"ddp2-{stage_steps}", workspace, tiny_teacher, evaluate=False)
+    result = fit_tiny(settings, f"ddp2-{stage_steps}", workspace, tiny_teacher, evaluate=False)
     assert result.error is None, result.error
     assert result.metrics["step"] == 12 and result.metrics["final"] is True
     assert 0 < result.metrics["loss"] < 10 and result.metrics["setup_s"] > 0
@@ -102,7 +90,7 @@ def test_compiled_qat_trains_and_evaluates(tiny_teacher, workspace):
             "training.log_every": 5,
         }
     )
-    metrics = final_metrics(_fit(settings, "compiled", workspace, tiny_teacher))
+    metrics = final_metrics(fit_tiny(settings, "compiled", workspace, tiny_teacher))
     assert metrics["step"] == 10 and 0 < metrics["loss"] < 10 and metrics["loss_lrm"] > 0
     assert metrics["fid"] > 0 and metrics["size_saving"] > 4
 
@@ -114,7 +102,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_teacher, workspace, 
     outcome = {}
 
     def run():
-        outcome["result"] = _fit(
+        outcome["result"] = fit_tiny(
             settings, "killed", workspace, tiny_teacher, pid_file=str(pid_file)
         )
 
@@ -145,6 +133,6 @@ def _registered_step(snapshot: Path) -> int:
 
 
 def test_nan_loss_stops_trial_with_reason(tiny_teacher, workspace):
-    result = _fit(tiny_settings(), "nan", workspace, tiny_teacher, nan_at_step=3)
+    result = fit_tiny(tiny_settings(), "nan", workspace, tiny_teacher, nan_at_step=3)
     with pytest.raises(TrialError, match="non-finite loss .* at step 3"):
         final_metrics(result)
