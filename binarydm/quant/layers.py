@@ -1,4 +1,4 @@
-"""Conv2d/Linear layers with fake-quantized weights and LSQ-quantized inputs.
+"""Conv2d/Linear layers with fake-quantized weights and LSQ- (or LSQ+-) quantized inputs.
 
 A quantized layer keeps its FP ``weight`` (the latent weight QAT updates) and
 quantizes on the fly. ``active`` is set by the progressive schedule: an inactive
@@ -13,9 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from binarydm.quant.binarizer import MultiBasisBinarizer
+from binarydm.quant.config import ActivationQuantizer
 from binarydm.quant.lsq import LSQQuantizer
+from binarydm.quant.lsq_plus import LSQPlusQuantizer
 
 Role = str  # "binary" | "lsq" | "first_last"
+
+
+def activation_quantizer(kind: ActivationQuantizer, bits: int) -> LSQQuantizer:
+    """The input quantizer of a layer: signed LSQ (the paper's) or LSQ+ (learned offset)."""
+    if kind == "lsq_plus":
+        return LSQPlusQuantizer(bits)
+    return LSQQuantizer(bits, signed=True)
 
 
 class QuantMixin:
@@ -26,10 +35,16 @@ class QuantMixin:
     act_quantizer: LSQQuantizer
 
     def _init_quant(
-        self, weight_quantizer: nn.Module, act_bits: int, *, level: str, stage: int
+        self,
+        weight_quantizer: nn.Module,
+        act_bits: int,
+        *,
+        level: str,
+        stage: int,
+        act_kind: ActivationQuantizer = "lsq",
     ) -> None:
         self.weight_quantizer = weight_quantizer
-        self.act_quantizer = LSQQuantizer(act_bits, signed=True)
+        self.act_quantizer = activation_quantizer(act_kind, act_bits)
         self.level = level  # "mid", "level0".., "first", "last", "other": for reports
         self.stage = stage  # progressive-init stage that switches this layer on
         self.active = True
@@ -71,7 +86,14 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, weight_quantizer: nn.Module, act_bits: int, *, level: str, stage: int
+        cls,
+        conv: nn.Conv2d,
+        weight_quantizer: nn.Module,
+        act_bits: int,
+        *,
+        level: str,
+        stage: int,
+        act_kind: ActivationQuantizer = "lsq",
     ) -> QuantConv2d:
         layer = cls(
             conv.in_channels,
@@ -87,7 +109,7 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
             dtype=conv.weight.dtype,
         )
         layer.load_state_dict(conv.state_dict())
-        layer._init_quant(weight_quantizer, act_bits, level=level, stage=stage)
+        layer._init_quant(weight_quantizer, act_bits, level=level, stage=stage, act_kind=act_kind)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +129,7 @@ class QuantLinear(QuantMixin, nn.Linear):
         *,
         level: str,
         stage: int,
+        act_kind: ActivationQuantizer = "lsq",
     ) -> QuantLinear:
         layer = cls(
             linear.in_features,
@@ -116,7 +139,7 @@ class QuantLinear(QuantMixin, nn.Linear):
             dtype=linear.weight.dtype,
         )
         layer.load_state_dict(linear.state_dict())
-        layer._init_quant(weight_quantizer, act_bits, level=level, stage=stage)
+        layer._init_quant(weight_quantizer, act_bits, level=level, stage=stage, act_kind=act_kind)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
