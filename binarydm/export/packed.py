@@ -1,6 +1,7 @@
 """Packed checkpoint of a binarized UNet: 1 bit per binary weight, one safetensors file.
 
-Format ``binarydm-packed`` version 1, a single ``.safetensors`` file:
+Format ``binarydm-packed`` version 2, a single ``.safetensors`` file (version 1, before
+``BinaryDMConfig`` carried a ``config_version``, is refused with a message to re-export):
 
 - metadata (strings): ``format``, ``format_version``, ``diffusers_config`` (the
   model's ``to_json_string()``, with ``_class_name``), ``binarydm_config``
@@ -10,11 +11,12 @@ Format ``binarydm-packed`` version 1, a single ``.safetensors`` file:
 - ``{name}.weight.signs.{i}``: the signs of binary basis ``i`` as uint8, 8 per byte,
   element ``j`` of each group of 8 in bit ``j`` (LSB first), bit 1 = +1 (sign(0) = +1);
 - ``{name}.weight_quantizer.scales``: the scales of the ``k`` active bases only
-  (an EBB model after its switch stores one basis);
+  (an EBB model after its switch stores one basis), as deployed: a second basis'
+  EBB anneal gain is multiplied in and stored as 1;
 - ``{name}.weight.codes``: LSQ weight integers ``q - qn`` packed ``8/bits`` per byte
   the same way (2/4/8-bit weights, incl. int8 first/last layers);
-- every other state-dict tensor as is: biases, norms, FP layers, LSQ steps,
-  init flags and basis counts.
+- every other state-dict tensor as is: biases, norms, FP layers, LSQ steps, LSQ+
+  offsets (``{name}.act_quantizer.offset``), init flags and basis counts.
 
 ``load_packed`` rebuilds the diffusers model from its config, applies
 ``binarize_`` with the stored config and loads the tensors. The latent FP weight
@@ -43,11 +45,12 @@ from binarydm.quant.apply import binarize_
 from binarydm.quant.binarizer import MultiBasisBinarizer
 from binarydm.quant.config import BinaryDMConfig
 from binarydm.quant.layers import QuantMixin, quant_layers
-from binarydm.quant.lsq import LSQQuantizer
+from binarydm.quant.lsq import LSQQuantizer, compute_dtype
+from binarydm.quant.lsq_plus import LSQPlusQuantizer
 from binarydm.quant.ste import sign_pm1
 
 FORMAT_NAME = "binarydm-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def save_packed(model: nn.Module, path: str | Path) -> Path:
@@ -109,6 +112,12 @@ def _check_format(path: str | Path, metadata: dict[str, str]) -> None:
             f"{path} has {FORMAT_NAME} format version {version}, this binarydm reads up to "
             f"{FORMAT_VERSION}: upgrade binarydm to load it"
         )
+    if version < FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has {FORMAT_NAME} format version {version}, written before the current "
+            f"quantization config (version {FORMAT_VERSION}); export it again from its "
+            "training checkpoint with this binarydm"
+        )
 
 
 # -- per-layer packing --------------------------------------------------------------
@@ -126,9 +135,17 @@ def _pack_layer(name: str, layer: QuantMixin, tensors: dict[str, torch.Tensor]) 
         for i, sign in enumerate(signs):
             tensors[f"{name}.weight.signs.{i}"] = pack_bits((sign > 0).to(torch.uint8), 1)
         scales_key = f"{name}.weight_quantizer.scales"
-        tensors[scales_key] = tensors[scales_key][: len(signs)].clone()
+        deployed = tensors[scales_key][: len(signs)].clone()
+        gain_key = f"{name}.weight_quantizer.second_basis_gain"
+        if gain_key in tensors:
+            # The latent weight is rebuilt from the scales the forward multiplies by.
+            if len(signs) > 1:
+                deployed[1] = deployed[1] * tensors[gain_key]
+            tensors[gain_key] = torch.ones_like(tensors[gain_key])
+        tensors[scales_key] = deployed
         return {"kind": "binary", "shape": shape, "bases": len(signs)}
-    if isinstance(quantizer, LSQQuantizer):
+    if isinstance(quantizer, LSQQuantizer) and not isinstance(quantizer, LSQPlusQuantizer):
+        # (LSQ+ quantizes activations only: codes without its offset would not rebuild.)
         codes = _lsq_codes(weight, quantizer)
         tensors[f"{name}.weight.codes"] = pack_bits(codes, quantizer.bits)
         return {"kind": "lsq", "shape": shape, "bits": quantizer.bits}
@@ -138,8 +155,9 @@ def _pack_layer(name: str, layer: QuantMixin, tensors: dict[str, torch.Tensor]) 
 @torch.no_grad()
 def _lsq_codes(weight: torch.Tensor, quantizer: LSQQuantizer) -> torch.Tensor:
     """Unsigned codes ``q - qn`` of the integers LSQ's forward multiplies by the step."""
-    step = quantizer.step.detach().to(weight.dtype)
-    q = torch.round(torch.clamp(weight / step, quantizer.qn, quantizer.qp))
+    work = compute_dtype(weight)  # LSQ's arithmetic, so a bf16 weight gets the same codes
+    step = quantizer.step.detach().to(work)
+    q = torch.round(torch.clamp(weight.to(work) / step, quantizer.qn, quantizer.qp))
     return (q - quantizer.qn).to(torch.uint8)
 
 

@@ -15,12 +15,21 @@ Conventions, chosen to reproduce the paper's LDM-4 LSUN-Bedrooms figures:
   keeps it in FP (``active = False``): the report describes the deployed model.
   A binary layer counts its currently computed bases (1 after an EBB switch).
 - Size: quantized weights at their bits; binarizer scales (one per active basis
-  and output channel) and the steps of enabled LSQ quantizers at 32 bits; every
-  other parameter (biases, norms, embeddings, FP layers) at 32 bits. Buffers are
+  and output channel), the steps of enabled LSQ quantizers and the offsets of enabled
+  LSQ+ ones at 32 bits; every other parameter (biases, norms, embeddings, FP layers)
+  at 32 bits. An LSQ+ offset adds no BOPs and keeps the activation bits: it is the
+  same ``beta`` on every input value, so at deployment ``W (s*codes + beta)`` folds
+  ``W beta`` into the layer's bias (plus a border term where zero padding meets the
+  kernel), and the matmul still runs on the b-bit codes. Buffers are
   bookkeeping (init flags, basis counts) and not counted. ``size_mib`` is in MiB,
   which is what the paper calls "MB" (LDM-4: 274,056,163 params * 4 B = 1045.4 MiB).
 - Savings are ratios against the same architecture all in FP32: every MAC a
-  FLOP, every parameter of the FP model at 32 bits (no scales, no steps).
+  FLOP, every parameter of the FP model at 32 bits (no scales, steps or offsets).
+- ``weight_bits``: the mean bits per weight of the quantized layers, bases counted
+  (a layer with k active bases has k bits per weight, an LSQ layer its bits, the
+  8-bit first/last layers 8), weighted by their weight counts. A model with a
+  second basis in some layers is not "W1": on ``ddpm-cifar10`` two bases in the 2
+  outer levels give 1.375.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class LayerEfficiency:
     quantized: bool
     params: int
     size_bytes: float
+    weight_count: int  # elements of the weight tensor alone (no bias)
 
     @property
     def flops(self) -> int:
@@ -84,6 +94,7 @@ class EfficiencyReport:
     size_mib: float
     fp32_ops_g: float
     fp32_size_mib: float
+    weight_bits: float  # mean over the quantized layers' weights; 32.0 for an FP model
 
     @property
     def ops_saving(self) -> float:
@@ -100,6 +111,7 @@ class EfficiencyReport:
             "bops_g": self.bops_g,
             "ops_g": self.ops_g,
             "size_mib": self.size_mib,
+            "weight_bits": self.weight_bits,
             "ops_saving": self.ops_saving,
             "size_saving": self.size_saving,
         }
@@ -126,6 +138,13 @@ def efficiency_report(
     flops_g = sum(row.flops for row in layers) / 1e9
     bops_g = sum(row.bops for row in layers) / 1e9
     size_bits, fp32_bits = _size_bits(model)
+    quantized = [row for row in layers if row.quantized]
+    weights = sum(row.weight_count for row in quantized)
+    weight_bits = (
+        sum(row.weight_count * row.weight_bits for row in quantized) / weights
+        if weights
+        else float(FP_BITS)
+    )
     return EfficiencyReport(
         layers=layers,
         macs=total_macs,
@@ -135,6 +154,7 @@ def efficiency_report(
         size_mib=size_bits / 8 / _MIB,
         fp32_ops_g=total_macs / 1e9,
         fp32_size_mib=fp32_bits / 8 / _MIB,
+        weight_bits=weight_bits,
     )
 
 
@@ -193,6 +213,7 @@ def _layer_row(name: str, module: nn.Conv2d | nn.Linear, macs: int) -> LayerEffi
         quantized=quantized,
         params=params,
         size_bytes=size_bits / 8,
+        weight_count=module.weight.numel(),
     )
 
 
@@ -204,6 +225,7 @@ def _owned_params(model: nn.Module):
 
 
 def _is_quantizer(module: nn.Module) -> bool:
+    # LSQPlusQuantizer is an LSQQuantizer: its step and offset are quantizer state too.
     return isinstance(module, MultiBasisBinarizer | LSQQuantizer)
 
 
@@ -212,7 +234,8 @@ def _param_bits(owner: nn.Module, pname: str, param: torch.Tensor) -> int:
     if isinstance(owner, MultiBasisBinarizer):
         return param[: owner.num_active].numel() * FP_BITS
     if isinstance(owner, LSQQuantizer):
-        # A 32-bit LSQ quantizer is the identity: its step is never deployed.
+        # Step (and LSQ+ offset) at 32 bits each; a 32-bit quantizer is the identity, so
+        # neither is ever deployed.
         return param.numel() * FP_BITS if owner.enabled else 0
     if isinstance(owner, QuantMixin) and pname == "weight":
         return param.numel() * owner.weight_bits

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -142,3 +144,20 @@ def build_unet(
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter elements (optionally only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def resolution_levels(preset_or_path: str) -> int | None:
+    """Resolution levels (``len(block_out_channels)``) of a preset or a local diffusers
+    folder (its ``config.json`` or ``unet/config.json``); None when not known without
+    loading the model (a hub id, an unreadable folder)."""
+    if preset_or_path in PRESETS:
+        return len(PRESETS[preset_or_path]["block_out_channels"])
+    folder = Path(preset_or_path).expanduser()
+    for config in (folder / "config.json", folder / "unet" / "config.json"):
+        try:
+            channels = json.loads(config.read_text()).get("block_out_channels")
+        except (OSError, ValueError):
+            continue
+        if isinstance(channels, list) and channels:
+            return len(channels)
+    return None

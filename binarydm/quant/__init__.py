@@ -1,4 +1,4 @@
-"""Weight binarizers, LSQ quantizers, quantized layers and the ``binarize_`` verb.
+"""Weight binarizers, LSQ and LSQ+ quantizers, quantized layers and the ``binarize_`` verb.
 
 Imports torch and diffusers only (never ray, mlflow, optuna).
 """
@@ -17,6 +17,7 @@ from binarydm.quant.config import (
 )
 from binarydm.quant.layers import QuantConv2d, QuantLinear, QuantMixin, quant_layers
 from binarydm.quant.lsq import LSQQuantizer
+from binarydm.quant.lsq_plus import LSQPlusQuantizer
 from binarydm.quant.ste import sign_pm1, sign_ste
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "EBBConfig",
     "LRMConfig",
+    "LSQPlusQuantizer",
     "LSQQuantizer",
     "MultiBasisBinarizer",
     "ProgressiveConfig",

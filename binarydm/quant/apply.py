@@ -4,7 +4,9 @@ Layer rules (method.md section 3): the time-embedding MLP, class embedding, norm
 and activations stay FP; ``conv_in``/``conv_out`` stay FP or go to 8 bits
 (``first_last``); every other Conv2d/Linear is quantized. Binary layers in the
 ``scope_levels`` outermost resolution levels (down_blocks 0..N-1 and the last N
-up_blocks) get ``weight.bases`` bases, the rest one basis.
+up_blocks) get ``weight.bases`` bases, the rest one basis. The inputs of the body
+layers get ``activation.quantizer`` (signed LSQ or LSQ+); the 8-bit first/last layers
+and the attention-matmul quantizers keep LSQ.
 
 Progressive-init stages (method.md section 5): 1 = mid block, 2 = innermost level,
 ..., L+1 = outermost level, L+2 = attention matmuls.
@@ -19,7 +21,7 @@ from torch import nn
 from binarydm.quant.attention import QuantAttnProcessor
 from binarydm.quant.binarizer import MultiBasisBinarizer
 from binarydm.quant.config import BinaryDMConfig
-from binarydm.quant.layers import QuantConv2d, QuantLinear
+from binarydm.quant.layers import QuantConv2d, QuantLinear, QuantMixin
 from binarydm.quant.lsq import LSQQuantizer
 
 _FP_PREFIXES = ("time_embedding", "class_embedding", "time_proj", "add_embedding")
@@ -100,11 +102,15 @@ def binarize_(model: nn.Module, config: BinaryDMConfig | None = None) -> nn.Modu
             shape = module.weight.shape
             wq = LSQQuantizer(8, channel_shape=(shape[0],) + (1,) * (len(shape) - 1))
             act_bits, stage = 8, 0  # first/last layers at 8 bits are never staged
+            act_kind = "lsq"  # the paper's 8-bit recipe; activation.quantizer is for the body
         else:
             wq = _weight_quantizer(module, name, config, levels)
             act_bits, stage = config.activation.bits, stage_of(name, levels)
+            act_kind = config.activation.quantizer
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        layer = cls.from_float(module, wq, act_bits, level=_level_label(name, levels), stage=stage)
+        layer = cls.from_float(
+            module, wq, act_bits, level=_level_label(name, levels), stage=stage, act_kind=act_kind
+        )
         layer.to(module.weight.device)  # quantizer state was created on the default device
         replacements.append((name, layer))
     for name, layer in replacements:
@@ -125,11 +131,19 @@ def _quantize_attention(model: nn.Module, config: BinaryDMConfig, levels: int) -
 
 
 def ebb_penalty(model: nn.Module):
-    """EBB regulariser: mean over two-basis layers of ``mean(s_2)`` (multiply by tau)."""
+    """EBB regulariser: mean over the active two-basis layers of ``mean(s_2)`` (times tau).
+
+    A layer that progressive init still keeps in FP does not use its binarizer; its
+    scales get no gradient from this step's forward, and none from the penalty either
+    (under DDP, which marks such parameters ready at once, a second gradient is an error).
+    """
     terms = [
-        m.ebb_penalty()
-        for m in model.modules()
-        if isinstance(m, MultiBasisBinarizer) and m.num_active >= 2
+        layer.weight_quantizer.ebb_penalty()
+        for layer in model.modules()
+        if isinstance(layer, QuantMixin)
+        and layer.active
+        and isinstance(layer.weight_quantizer, MultiBasisBinarizer)
+        and layer.weight_quantizer.num_active >= 2
     ]
     if not terms:
         return next(model.parameters()).new_zeros(())

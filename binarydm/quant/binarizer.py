@@ -2,8 +2,9 @@
 
 ``w_b = sum_i s_i * sign(r_{i-1})`` with ``r_0 = w`` and ``r_i = r_{i-1} - s_i b_i``;
 each ``s_i`` is a learnable per-output-channel scale initialised once to
-``mean(|r_{i-1}|)`` from the FP weights. All state (scales, the init flag and the
-number of bases still computed after an EBB switch) lives in the state dict.
+``mean(|r_{i-1}|)`` from the FP weights. All state (scales, the init flag, the
+number of bases still computed after an EBB switch and the gain EBB's anneal puts
+on the second basis) lives in the state dict.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class MultiBasisBinarizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         # Bases still computed: drops to 1 at the EBB switch and stays there.
         self.register_buffer("active_bases", torch.tensor(bases, dtype=torch.long))
+        if bases >= 2:
+            # EBB's anneal scales the second basis' term to 0 before the switch. A tensor, not
+            # a Python float: a float would be a constant to torch.compile, recompiled per step.
+            self.register_buffer("second_basis_gain", torch.tensor(1.0))
         # Python mirrors of the two buffers: reading a CUDA buffer in forward would sync the
         # GPU once per layer per step (and break torch.compile graphs).
         self._initialized = False
@@ -61,13 +66,40 @@ class MultiBasisBinarizer(nn.Module):
         self._initialized = bool(self.initialized)
         self._num_active = int(self.active_bases)
 
+    @torch.no_grad()
+    def set_second_basis_gain(self, gain: float) -> None:
+        """EBB's anneal: the second basis contributes ``gain * s_2 * b_2`` (1 = LMB)."""
+        if self.bases >= 2:
+            self.second_basis_gain.fill_(gain)  # queued on the device: no host sync
+
+    def _scale(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.scales[i]
+        if i == 1:
+            scale = scale * self.second_basis_gain
+        return scale.to(dtype)
+
+    @torch.no_grad()
+    def fold_second_basis(self, weight: torch.Tensor) -> None:
+        """Fold the second basis into the first scale before it is dropped (EBB ``fold``).
+
+        Per output channel, ``s_1 + g s_2 <b_1, b_2> / n`` is the least-squares scale of
+        the first sign basis for the two-basis weight ``s_1 b_1 + g s_2 b_2``.
+        """
+        if self.bases < 2 or self._num_active < 2:
+            return
+        signs = self.signs(weight)
+        reduce_dims = tuple(range(1, weight.dim()))
+        agreement = (signs[0] * signs[1]).float().mean(dim=reduce_dims, keepdim=True)
+        second = self.scales[1] * self.second_basis_gain
+        self.scales[0].add_(second * agreement.to(self.scales.dtype))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self._initialized:
             self.initialize(weight)
         residual = weight
         out = None
         for i in range(self.num_active):
-            term = self.scales[i].to(weight.dtype) * sign_ste(residual)
+            term = self._scale(i, weight.dtype) * sign_ste(residual)
             out = term if out is None else out + term
             residual = residual - term
         return out
@@ -80,7 +112,7 @@ class MultiBasisBinarizer(nn.Module):
         for i in range(self.num_active):
             b = sign_pm1(residual)
             signs.append(b)
-            residual = residual - self.scales[i].to(weight.dtype) * b
+            residual = residual - self._scale(i, weight.dtype) * b
         return signs
 
     def ebb_penalty(self) -> torch.Tensor:

@@ -3,6 +3,22 @@
 Every knob of the method (method.md sections 1-5) lives here so that a search
 space can address it by a dotted key (``weight.bases``, ``lrm.rank_divisor``)
 and a run can be reproduced from its JSON.
+
+Named recipes (``RECIPES``), each following one version of the paper:
+
+- ``BinaryDMConfig.baseline()``: the 1-bit baseline (one sign basis with a learned
+  per-channel scale, LSQ activations, no LRM, no progressive init).
+- ``BinaryDMConfig.v1()``: BinaryDM of paper v1/v2 (arXiv 2404.05662v1/v2): the
+  learnable multi-basis binarizer keeps 2 bases in the 2 outer resolution levels,
+  LRM, progressive init. NOT pure 1-bit: 1.375 bits per quantized weight on
+  ``ddpm-cifar10`` (the "W1.1" of the paper is LDM-4's share).
+- ``BinaryDMConfig.v5()`` = ``BinaryDMConfig()``: BinaryDM of paper v5 (ICLR 2025):
+  the evolvable-basis binarizer trains those 2 bases in a first stage and drops the
+  second at the switch, so the deployed model is pure 1-bit at the baseline's size;
+  LRM and progressive init as in v1.
+
+The bits a model really has are counted from it (``weight_bits`` of
+``binarydm.metrics.efficiency``), never read off a recipe's name.
 """
 
 from __future__ import annotations
@@ -10,13 +26,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from binarydm._typed import build, flatten, require, set_dotted
 
 WeightKind = Literal["binary", "lsq"]
 FirstLastMode = Literal["fp", "int8"]
 LRMAxis = Literal["channel", "width"]
+LRMGranularity = Literal["unit", "level"]
+ActivationQuantizer = Literal["lsq", "lsq_plus"]
+EBBTransition = Literal["anneal", "fold", "drop"]
 
 ACTIVATION_BITS = (4, 8, 32)
 LSQ_WEIGHT_BITS = (2, 4, 8)
@@ -58,29 +77,76 @@ class WeightQuantConfig:
         )
 
 
+#: The EBB switch leaves at least this share of the training steps to train the
+#: 1-basis model on (recovery); the EMA restarts at the switch.
+EBB_MIN_RECOVERY = 0.1
+
+
 @dataclass(frozen=True)
 class EBBConfig:
-    """Evolvable-basis binarizer: train with 2 bases, regularise s_2, drop it at ``switch_step``."""
+    """Evolvable-basis binarizer (paper v5): the 2-basis layers train with both bases,
+    ``tau * mean(s_2)`` regularises the second, and at the switch it is dropped.
 
-    enabled: bool = False
+    ``switch_at`` is a fraction of the training steps (paper: 100k of 200k = 0.5), so
+    the switch can never fall past the end of a run. ``transition`` is how the second
+    basis leaves: ``anneal`` scales its contribution linearly to 0 over the last
+    ``anneal_fraction`` of the two-basis stage, so the switch itself changes nothing
+    (the paper's regulariser does this slowly over 100k steps; at search budgets Adam
+    moves the scales by about lr per step, far too little); ``fold`` adds its least-
+    squares projection onto the first basis to the first scale at the switch; ``drop``
+    removes it as it is (the paper's switch; abrupt when s_2 was not shrunk).
+    """
+
+    enabled: bool = True
     tau: float = 9e-2
-    switch_step: int = 100_000
+    switch_at: float = 0.5
+    transition: EBBTransition = "anneal"
+    anneal_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _require(self.tau >= 0, "ebb.tau", self.tau, "a float >= 0")
         _require(
-            isinstance(self.switch_step, int) and self.switch_step >= 0,
-            "ebb.switch_step",
-            self.switch_step,
-            "an integer >= 0",
+            0 < self.switch_at <= 1 - EBB_MIN_RECOVERY,
+            "ebb.switch_at",
+            self.switch_at,
+            f"a fraction of training.steps in (0, {1 - EBB_MIN_RECOVERY:g}] (at least "
+            f"{EBB_MIN_RECOVERY:.0%} of the run trains the 1-basis model after the switch)",
         )
+        _require(
+            self.transition in ("anneal", "fold", "drop"),
+            "ebb.transition",
+            self.transition,
+            "'anneal', 'fold' or 'drop'",
+        )
+        _require(
+            0 < self.anneal_fraction <= 1,
+            "ebb.anneal_fraction",
+            self.anneal_fraction,
+            "a fraction in (0, 1] of the two-basis stage",
+        )
+
+    def switch_step(self, total_steps: int) -> int:
+        """The first step trained with one basis: ``round(switch_at * total_steps)``, >= 1."""
+        return max(1, round(self.switch_at * total_steps))
+
+    def anneal_start(self, total_steps: int) -> int:
+        """The first step whose second-basis gain is below 1 (``transition="anneal"``)."""
+        switch = self.switch_step(total_steps)
+        return switch - max(1, round(self.anneal_fraction * switch))
 
 
 @dataclass(frozen=True)
 class ActivationQuantConfig:
-    """LSQ activation quantization on the input of every quantized layer."""
+    """Activation quantization on the input of every quantized layer.
+
+    ``quantizer="lsq"``: the paper's LSQ, a signed symmetric range with a learned step.
+    ``quantizer="lsq_plus"``: LSQ+ (Bhalgat et al. 2020), an unsigned range shifted by a
+    learned offset: most quantized layers read SiLU outputs (>= -0.278), which a signed
+    range covers with half its levels wasted on negatives.
+    """
 
     bits: int = 4
+    quantizer: ActivationQuantizer = "lsq"
     attention_matmul: bool = False
 
     def __post_init__(self) -> None:
@@ -90,6 +156,12 @@ class ActivationQuantConfig:
             self.bits,
             f"one of {ACTIVATION_BITS} (32 = off)",
         )
+        _require(
+            self.quantizer in ("lsq", "lsq_plus"),
+            "activation.quantizer",
+            self.quantizer,
+            "'lsq' (signed, the paper's) or 'lsq_plus' (learned offset)",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -98,13 +170,21 @@ class ActivationQuantConfig:
 
 @dataclass(frozen=True)
 class LRMConfig:
-    """Low-rank representation mimicking of the FP teacher's block outputs."""
+    """Low-rank representation mimicking of the FP teacher's features.
+
+    ``granularity="unit"`` mimics every timestep-embedded unit, as the official code
+    hooks every ``TimestepEmbedSequential`` (conv_in, each resnet with its attention,
+    each downsampler, the mid block, each up unit with its upsampler: 25 on
+    ``ddpm-cifar10``); ``"level"`` only the 2L+1 outputs of the down blocks, the mid
+    block and the up blocks (9 on ``ddpm-cifar10``). One projection per feature.
+    """
 
     enabled: bool = True
     rank_divisor: int = 4
     axis: LRMAxis = "channel"
     weight: float = 1e-4
     refresh_every: int = 0  # 0 = projection fixed from the first batch (paper's best)
+    granularity: LRMGranularity = "unit"
 
     def __post_init__(self) -> None:
         _require(
@@ -114,6 +194,12 @@ class LRMConfig:
             "an integer >= 1",
         )
         _require(self.axis in ("channel", "width"), "lrm.axis", self.axis, "'channel' or 'width'")
+        _require(
+            self.granularity in ("unit", "level"),
+            "lrm.granularity",
+            self.granularity,
+            "'unit' (every timestep-embedded unit, the official code) or 'level'",
+        )
         _require(self.weight >= 0, "lrm.weight", self.weight, "a float >= 0")
         _require(
             isinstance(self.refresh_every, int) and self.refresh_every >= 0,
@@ -125,9 +211,11 @@ class LRMConfig:
 
 @dataclass(frozen=True)
 class ProgressiveConfig:
-    """Progressive initialization: iterations per stage, 0 = everything quantized at step 0."""
+    """Progressive initialization: stage i (1 = mid block, then inner to outer levels)
+    switches on at step ``(i - 1) * stage_steps``; 0 = everything quantized at step 0.
+    1 is the official code's warm-up (one step per stage)."""
 
-    stage_steps: int = 0
+    stage_steps: int = 1
 
     def __post_init__(self) -> None:
         _require(
@@ -140,7 +228,11 @@ class ProgressiveConfig:
 
 @dataclass(frozen=True)
 class BinaryDMConfig:
-    """One BinaryDM quantization recipe; ``BinaryDMConfig()`` is the paper's W1A4 default."""
+    """One BinaryDM quantization; ``BinaryDMConfig()`` is ``BinaryDMConfig.v5()``, the ICLR
+    (paper v5) BinaryDM at W1A4: pure 1-bit once trained (see the module docstring)."""
+
+    #: Version of this schema; a config JSON of another version is refused, not guessed.
+    CONFIG_VERSION: ClassVar[int] = 2
 
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     ebb: EBBConfig = field(default_factory=EBBConfig)
@@ -156,18 +248,71 @@ class BinaryDMConfig:
                 self.weight.kind == "binary" and self.weight.bases == 2,
                 "ebb.enabled",
                 True,
-                "only with weight.kind='binary' and weight.bases=2 (EBB evolves 2 bases into 1)",
+                "only with weight.kind='binary' and weight.bases=2 (EBB evolves 2 bases into "
+                f"1; weight is kind={self.weight.kind!r}, bases={self.weight.bases}): set "
+                "ebb.enabled=false for another weight representation",
             )
+            _require(
+                self.weight.scope_levels >= 1,
+                "ebb.enabled",
+                True,
+                "only with weight.scope_levels >= 1 (no layer would have the 2 bases EBB "
+                "evolves): set ebb.enabled=false or scope_levels >= 1",
+            )
+
+    # -- named recipes ---------------------------------------------------------------
+    @classmethod
+    def baseline(cls, **dotted: Any) -> BinaryDMConfig:
+        """The 1-bit baseline: one basis everywhere, LSQ A4, no LRM, no progressive init."""
+        return cls().replace(
+            **{
+                "weight.bases": 1,
+                "ebb.enabled": False,
+                "lrm.enabled": False,
+                "progressive.stage_steps": 0,
+                **dotted,
+            }
+        )
+
+    @classmethod
+    def v1(cls, **dotted: Any) -> BinaryDMConfig:
+        """BinaryDM of paper v1/v2 (LMB): 2 bases kept in the 2 outer levels (NOT pure 1-bit), LRM,
+        progressive init."""
+        return cls().replace(**{"ebb.enabled": False, **dotted})
+
+    @classmethod
+    def v5(cls, **dotted: Any) -> BinaryDMConfig:
+        """BinaryDM of paper v5 (ICLR 2025), = ``BinaryDMConfig()``: EBB (2 bases in the 2
+        outer levels, the second dropped at the switch: pure 1-bit), LRM, progressive init."""
+        return cls().replace(**dotted)
+
+    @property
+    def deployed_bases(self) -> int:
+        """Bases of the outer-level binary layers once trained (EBB drops its second)."""
+        return 1 if self.ebb.enabled else self.weight.bases
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_versioned_dict(self) -> dict[str, Any]:
+        """``to_dict`` plus ``config_version``: the form stored in packed checkpoints."""
+        return {"config_version": self.CONFIG_VERSION, **self.to_dict()}
+
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return json.dumps(self.to_versioned_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BinaryDMConfig:
+        """Strictly from ``to_dict()`` (or ``to_versioned_dict()``) output."""
+        data = dict(data)
+        version = data.pop("config_version", cls.CONFIG_VERSION)
+        _require(
+            version == cls.CONFIG_VERSION,
+            "config_version",
+            version,
+            f"{cls.CONFIG_VERSION} (written by another binarydm; re-export the model with it)",
+        )
         return build(cls, data)
 
     @classmethod
@@ -184,3 +329,11 @@ class BinaryDMConfig:
         for key, value in dotted.items():
             set_dotted(data, key, value)
         return BinaryDMConfig.from_dict(data)
+
+
+#: Recipe name -> factory (keyword overrides as dotted keys: ``RECIPES["v5"](**{...})``).
+RECIPES = {
+    "baseline": BinaryDMConfig.baseline,
+    "v1": BinaryDMConfig.v1,
+    "v5": BinaryDMConfig.v5,
+}

@@ -7,6 +7,11 @@ copied too, or the average would drag it towards its placeholder value of 1.
 Quantizers keep Python mirrors of their flag buffers (so forward never syncs the
 GPU); the EMA copies those mirrors too, or the averaged model would re-initialise
 a quantizer that the live model initialised after the EMA was created.
+
+With ``warmup`` the decay of update n is ``min(decay, (1 + n) / (10 + n))``, DDPM's
+schedule: a fixed 0.999 would still put 22% of its weight on the freshly binarized
+start after 1500 steps. ``reset`` restarts the average from the live model (at the
+EBB switch, so the deployed 1-basis model is not averaged with 2-basis weights).
 """
 
 from __future__ import annotations
@@ -20,15 +25,37 @@ from torch import nn
 class ModelEMA:
     """Holds ``module``, an EMA copy of a model, updated after each optimizer step."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False) -> None:
         self.decay = decay
+        self.warmup = warmup
+        self.updates = 0  # since creation or the last reset
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self._pairs: tuple[int, _Pairs] | None = None
 
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average at ``model``'s current weights (and its warm-up)."""
+        pairs = self._pairs_for(model)
+        torch._foreach_copy_(pairs.ema_params, pairs.params)
+        if pairs.buffers:
+            torch._foreach_copy_(pairs.ema_buffers, pairs.buffers)
+        for src, dst in pairs.quantizers:
+            for attr in src.host_mirrors:
+                setattr(dst, attr, getattr(src, attr))
+        self.updates = 0
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
         pairs = self._pairs_for(model)
         # A quantizer initialised since the last update (progressive stages switch layers
         # on later) has its fresh scales copied. Read from the mirrors: no GPU sync.
@@ -47,7 +74,7 @@ class ModelEMA:
                 params.append(param)
         if ema_params:
             # One fused kernel series instead of a Python loop of lerps over every tensor.
-            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         if pairs.buffers:
             torch._foreach_copy_(pairs.ema_buffers, pairs.buffers)
         for src, dst in pairs.quantizers:
@@ -60,10 +87,11 @@ class ModelEMA:
         return self._pairs[1]
 
     def state_dict(self) -> dict:
-        return self.module.state_dict()
+        return {"module": self.module.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
 
 
 class _Pairs:

@@ -184,6 +184,16 @@ def run_loop(config: dict[str, Any], session) -> None:
     lr = train.lr if train else settings.teacher.lr
     method = settings.method if mode == "qat" else None
 
+    ebb_switch = None
+    if method is not None:
+        from binarydm.quant import num_levels
+        from binarydm.schedule import check_schedule
+
+        # The settings checked this for presets and local folders; a hub model's levels
+        # are known only now.
+        check_schedule(num_levels(model), method, steps, prefix="method.")
+        ebb_switch = method.ebb.switch_step(steps) if method.ebb.enabled else None
+
     lrm = None
     if method is not None and method.lrm.enabled:
         from binarydm.distill import LowRankMimicking
@@ -203,7 +213,9 @@ def run_loop(config: dict[str, Any], session) -> None:
             schedule=train.lr_schedule if train else "constant",
         ),
     )
-    ema_decay = train.ema_decay if train else 0.0
+    # The teacher keeps DDPM's warmed-up EMA and is saved as it; QAT's is configurable.
+    ema_decay = train.ema_decay if train else settings.teacher.ema_decay
+    ema_warmup = train.ema_warmup if train else True
     ema = None
     start_step, resume_notes, curve_tail = 0, [], {}
     checkpoint = session.checkpoint_path()
@@ -217,14 +229,14 @@ def run_loop(config: dict[str, Any], session) -> None:
             from binarydm.schedule import apply_schedule
 
             # Quantizer on/off and basis count must match the saved step before loading.
-            apply_schedule(model, max(0, start_step - 1), method)
+            apply_schedule(model, max(0, start_step - 1), steps, method)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler_lr.load_state_dict(state["lr_scheduler"])
         if lrm is not None and state.get("lrm") is not None:
             lrm.load_state_dict(state["lrm"])
         if ema_decay and state.get("ema") is not None:
-            ema = ModelEMA(model, ema_decay)
+            ema = ModelEMA(model, ema_decay, warmup=ema_warmup)
             ema.load_state_dict(state["ema"])
         curve_tail = state.get("metrics", {})
 
@@ -258,7 +270,11 @@ def run_loop(config: dict[str, Any], session) -> None:
             from binarydm.quant import ebb_penalty
             from binarydm.schedule import apply_schedule
 
-            apply_schedule(model, step, method)
+            apply_schedule(model, step, steps, method)
+            if step == ebb_switch and ema is not None:
+                # The deployed model has one basis: its average must not include the
+                # two-basis weights of the first stage.
+                ema.reset(model)
         idx = batch_indices(
             step,
             rank=rank,
@@ -312,7 +328,7 @@ def run_loop(config: dict[str, Any], session) -> None:
         optimizer.step()
         scheduler_lr.step()
         if ema_decay:
-            ema = ema or ModelEMA(model, ema_decay)
+            ema = ema or ModelEMA(model, ema_decay, warmup=ema_warmup)
             ema.update(model)
         images_seen += clean.shape[0] * world
         if progress is not None:
@@ -398,7 +414,8 @@ def _finish(session, config, settings, mode, parts, steps, metrics, *, reuse=Non
         final = dict(metrics)
         if session.rank == 0:
             if mode == "teacher":
-                model.save_pretrained(Path(tmp) / "unet")
+                # DDPM's teacher is its EMA (the shared CIFAR-10 teacher is too).
+                (ema.module if ema is not None else model).save_pretrained(Path(tmp) / "unet")
             elif config.get("evaluate", True):  # False: benchmarks time training alone
                 from binarydm.train.evaluate import evaluate
 

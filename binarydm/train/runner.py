@@ -114,7 +114,12 @@ def ensure_teacher(
         data.resolution,
         teacher.steps,
         teacher.seed,
-        extra={"batch_size": teacher.batch_size, "lr": teacher.lr, "channels": data.channels},
+        extra={
+            "batch_size": teacher.batch_size,
+            "lr": teacher.lr,
+            "channels": data.channels,
+            "ema_decay": teacher.ema_decay,
+        },
     )
     target = cache / "teachers" / key
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -58,9 +58,13 @@ class TeacherSettings:
     steps: int = 3000
     batch_size: int = 64
     lr: float = 2e-4
+    # The pretrained teacher is the EMA of its weights (DDPM's standard), with the decay
+    # warmed up as min(ema_decay, (1 + s) / (10 + s)); 0 = the raw weights.
+    ema_decay: float = 0.9999
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "teacher.steps", self.steps, "an integer >= 1")
+        require(0 <= self.ema_decay < 1, "teacher.ema_decay", self.ema_decay, "a float in [0, 1)")
         require(self.batch_size >= 1, "teacher.batch_size", self.batch_size, "an integer >= 1")
         require(self.lr > 0, "teacher.lr", self.lr, "a float > 0")
 
@@ -77,6 +81,9 @@ class TrainingSettings:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = no EMA
+    # Warm the EMA decay up as min(ema_decay, (1 + n) / (10 + n)) over its n updates, so a
+    # short run's average is not dominated by the freshly binarized start.
+    ema_warmup: bool = True
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     max_failures: int = 2
@@ -135,6 +142,9 @@ class EvalSettings:
     test_loss_images: int = 512
     grid_images: int = 64
     use_ema: bool = True
+    # Improved precision/recall (Kynkaanniemi et al. 2019) from the FID features: the k of
+    # its k-NN manifolds (the paper's 3); 0 = not computed.
+    precision_recall_k: int = 3
 
     def __post_init__(self) -> None:
         require(
@@ -151,6 +161,12 @@ class EvalSettings:
             "evaluation.sampling_steps",
             self.sampling_steps,
             "an integer >= 1",
+        )
+        require(
+            0 <= self.precision_recall_k < self.fid_samples,
+            "evaluation.precision_recall_k",
+            self.precision_recall_k,
+            f"an integer in [0, fid_samples={self.fid_samples}) (0 = off; the paper's 3)",
         )
         require(
             self.test_loss_images >= 1,
@@ -205,6 +221,16 @@ class TrialSettings:
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from binarydm.models import resolution_levels
+        from binarydm.schedule import check_schedule
+
+        # The student has the teacher's architecture; a hub id's is known only once loaded,
+        # and the trial checks it there.
+        levels = resolution_levels(self.teacher.pretrained or self.teacher.preset)
+        if levels is not None:
+            check_schedule(levels, self.method, self.training.steps, prefix="method.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

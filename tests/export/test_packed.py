@@ -21,7 +21,7 @@ from binarydm.export import (
     save_packed,
     unpack_bits,
 )
-from binarydm.quant import LSQQuantizer, MultiBasisBinarizer, quant_layers
+from binarydm.quant import LSQPlusQuantizer, LSQQuantizer, MultiBasisBinarizer, quant_layers
 from binarydm.schedule import apply_schedule
 
 
@@ -92,6 +92,8 @@ def _trained_like(config: BinaryDMConfig) -> torch.nn.Module:
             if isinstance(module, MultiBasisBinarizer | LSQQuantizer):
                 param = module.scales if isinstance(module, MultiBasisBinarizer) else module.step
                 param.mul_(torch.empty(param.shape).uniform_(0.5, 2.0, generator=gen))
+            if isinstance(module, LSQPlusQuantizer):
+                module.offset.add_(torch.empty(()).uniform_(-0.2, 0.2, generator=gen))
     return model
 
 
@@ -108,15 +110,21 @@ ROUND_TRIPS = {
     "lsq_w2a4": {"weight.kind": "lsq", "weight.bits": 2},
     "lsq_w4a4": {"weight.kind": "lsq", "weight.bits": 4},
     "lsq_w8a32": {"weight.kind": "lsq", "weight.bits": 8, "activation.bits": 32},
+    "lsq_plus_a4_int8_first_last_attn": {
+        "activation.quantizer": "lsq_plus",
+        "first_last": "int8",
+        "activation.attention_matmul": True,
+    },
+    "lsq_plus_w2a4": {"activation.quantizer": "lsq_plus", "weight.kind": "lsq", "weight.bits": 2},
 }
 
 
 @pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
 def test_round_trip_reproduces_outputs_signs_and_scales(case, tmp_path):
-    config = BinaryDMConfig().replace(**ROUND_TRIPS[case])
+    config = BinaryDMConfig.v1(**ROUND_TRIPS[case])
     model = _trained_like(config)
     if config.ebb.enabled:
-        apply_schedule(model, config.ebb.switch_step)
+        apply_schedule(model, config.ebb.switch_step(100), 100)
     model.eval()
     with torch.no_grad():
         expected = model(*_inputs()).sample
@@ -127,11 +135,18 @@ def test_round_trip_reproduces_outputs_signs_and_scales(case, tmp_path):
     with torch.no_grad():
         got = loaded(*_inputs()).sample
     assert (got - expected).abs().max().item() <= 1e-5
+    if config.activation.quantizer == "lsq_plus":
+        assert torch.equal(got, expected)  # offsets travel as stored: bit for bit
     assert loaded.binarydm_config == config
     loaded_layers = dict(quant_layers(loaded))
     for name, layer in quant_layers(model):
         twin = loaded_layers[name]
         assert torch.equal(twin.quantized_weight(), layer.quantized_weight()), name
+        act, twin_act = layer.act_quantizer, twin.act_quantizer
+        assert type(twin_act) is type(act) and twin_act._initialized == act._initialized
+        assert torch.equal(twin_act.step, act.step), name
+        if isinstance(act, LSQPlusQuantizer):
+            assert torch.equal(twin_act.offset, act.offset), name
         quantizer = layer.weight_quantizer
         if isinstance(quantizer, MultiBasisBinarizer):
             active = quantizer.num_active
@@ -144,7 +159,7 @@ def test_round_trip_reproduces_outputs_signs_and_scales(case, tmp_path):
 
 
 def test_resaving_a_loaded_model_gives_the_same_tensors(tmp_path):
-    config = BinaryDMConfig().replace(**{"weight.bases": 3, "weight.scope_levels": 2})
+    config = BinaryDMConfig.v1(**{"weight.bases": 3, "weight.scope_levels": 2})
     first = save_packed(_trained_like(config), tmp_path / "first.safetensors")
     second = save_packed(load_packed(first), tmp_path / "second.safetensors")
     with safe_open(first, "pt") as a, safe_open(second, "pt") as b:
@@ -154,7 +169,7 @@ def test_resaving_a_loaded_model_gives_the_same_tensors(tmp_path):
 
 
 def test_file_holds_one_bit_per_binary_weight(tmp_path):
-    model = _trained_like(BinaryDMConfig().replace(**{"weight.bases": 2, "weight.scope_levels": 1}))
+    model = _trained_like(BinaryDMConfig.v1(**{"weight.bases": 2, "weight.scope_levels": 1}))
     path = save_packed(model, tmp_path / "model.safetensors")
     with safe_open(path, "pt") as reader:
         meta = reader.metadata()

@@ -59,7 +59,7 @@ def test_golden_fp_model():
 
 
 def test_golden_w1a4_one_basis():
-    model = binarize_(ConvThenTokens(), BinaryDMConfig().replace(**{"weight.bases": 1}))
+    model = binarize_(ConvThenTokens(), BinaryDMConfig.v1(**{"weight.bases": 1}))
     report = efficiency_report(model, _golden_inputs())
     conv, linear = report.layers
     # BOPs = MACs * 1 bit * 4 bits: 27648 + 5120 = 32768; OPs = 32768 / 64 = 512.
@@ -75,7 +75,7 @@ def test_golden_w1a4_one_basis():
 
 
 def test_golden_two_bases_in_scope_and_batch_independence():
-    config = BinaryDMConfig().replace(**{"weight.bases": 2, "weight.scope_levels": 1})
+    config = BinaryDMConfig.v1(**{"weight.bases": 2, "weight.scope_levels": 1})
     model = binarize_(ConvThenTokens(), config)
     report = efficiency_report(model, _golden_inputs(batch=3))
     conv, linear = report.layers
@@ -88,11 +88,32 @@ def test_golden_two_bases_in_scope_and_batch_independence():
 
 
 def test_golden_w1a32_counts_32_bit_activations_and_no_step():
-    config = BinaryDMConfig().replace(**{"weight.bases": 1, "activation.bits": 32})
+    config = BinaryDMConfig.v1(**{"weight.bases": 1, "activation.bits": 32})
     report = efficiency_report(binarize_(ConvThenTokens(), config), _golden_inputs())
     # BOPs = 8192 * 1 * 32 = 262144 -> 4096 OPs; an identity act quantizer has no deployed step.
     assert report.ops_g == pytest.approx(4096e-9)
     assert report.size_mib * _MIB == pytest.approx((396 - 32 + 372 - 32) / 8)
+
+
+def test_golden_w1a4_lsq_plus_counts_one_offset_per_layer_and_no_bops():
+    config = BinaryDMConfig.v1(**{"weight.bases": 1, "activation.quantizer": "lsq_plus"})
+    report = efficiency_report(binarize_(ConvThenTokens(), config), _golden_inputs())
+    conv, linear = report.layers
+    # Activation bits stay 4, so BOPs are the LSQ W1A4 ones: 27648 + 5120 = 32768, 512 OPs.
+    assert (conv.act_bits, linear.act_bits) == (4, 4)
+    assert (conv.bops, linear.bops) == (27648, 5120) and report.ops_g == pytest.approx(512e-9)
+    # The W1A4 bits plus one 32-bit offset per layer: conv 396 + 32 = 428, linear 372 + 32 =
+    # 404: 832 bits = 104 bytes. The FP32 model has no quantizers, so no offsets: 548 bytes.
+    assert (conv.size_bytes * 8, linear.size_bytes * 8) == (428, 404)
+    assert report.size_mib * _MIB == pytest.approx(104)
+    assert report.fp32_size_mib * _MIB == pytest.approx(FP32_BYTES)
+    assert report.size_saving == pytest.approx(FP32_BYTES / 104)
+    # At 32 bits LSQ+ is the identity: neither its step nor its offset is deployed.
+    off = BinaryDMConfig.v1(
+        **{"weight.bases": 1, "activation.bits": 32, "activation.quantizer": "lsq_plus"}
+    )
+    report_off = efficiency_report(binarize_(ConvThenTokens(), off), _golden_inputs())
+    assert report_off.size_mib * _MIB == pytest.approx((396 - 32 + 372 - 32) / 8)
 
 
 def test_report_leaves_model_state_alone_and_counts_inactive_layers():
@@ -127,9 +148,11 @@ def test_fp_small_unet_has_unit_savings():
         "bops_g",
         "ops_g",
         "size_mib",
+        "weight_bits",
         "ops_saving",
         "size_saving",
     }
+    assert report.weight_bits == 32.0  # nothing quantized
 
 
 # -- the paper's LDM-4 LSUN-Bedrooms figures (method.md section 7) -------------------------
@@ -168,7 +191,7 @@ def ldm4_reports() -> dict:
     inputs = _ldm4_inputs("meta")
     reports = {"fp": efficiency_report(fp, inputs)}
     for name, overrides in _LDM4_CONFIGS.items():
-        model = binarize_(copy.deepcopy(fp), BinaryDMConfig().replace(**overrides))
+        model = binarize_(copy.deepcopy(fp), BinaryDMConfig.v1(**overrides))
         reports[name] = efficiency_report(model, inputs)
         if name == "w1a4":
             reports["quantized_weights"] = sum(m.weight.numel() for _, m in quant_layers(model))
@@ -186,9 +209,12 @@ def _give_mid_block_two_bases(model: nn.Module) -> None:
             layer.weight_quantizer = MultiBasisBinarizer(layer.weight.shape, 2)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"weight.kind": "lsq", "weight.bits": 4}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"weight.kind": "lsq", "weight.bits": 4}, {"activation.quantizer": "lsq_plus"}],
+)
 def test_meta_device_report_equals_cpu_report(overrides):
-    config = BinaryDMConfig().replace(**overrides)
+    config = BinaryDMConfig.v1(**overrides)
     cpu = efficiency_report(
         binarize_(small_unet(), config), (torch.randn(2, 3, 16, 16), torch.tensor([3, 4]))
     )
@@ -202,7 +228,7 @@ def test_meta_device_report_equals_cpu_report(overrides):
 @pytest.mark.slow
 def test_ldm4_w1a4_report_on_cpu_equals_meta(ldm4_reports):
     """The full-size model on CPU, one real forward (tens of seconds on 2 cores)."""
-    model = binarize_(build_unet("ldm4-bedroom"), BinaryDMConfig().replace(**{"weight.bases": 1}))
+    model = binarize_(build_unet("ldm4-bedroom"), BinaryDMConfig.v1(**{"weight.bases": 1}))
     assert efficiency_report(model, _ldm4_inputs("cpu")) == ldm4_reports["w1a4"]
 
 

@@ -13,6 +13,8 @@ from torch import nn
 from binarydm import BinaryDMConfig, binarize_
 from binarydm.quant import (
     ConfigError,
+    LSQPlusQuantizer,
+    LSQQuantizer,
     MultiBasisBinarizer,
     QuantAttnProcessor,
     QuantMixin,
@@ -54,7 +56,7 @@ def test_layer_rules_and_basis_scope():
 
 
 def test_scope_zero_and_full():
-    none = binarize_(small_unet(), BinaryDMConfig().replace(**{"weight.scope_levels": 0}))
+    none = binarize_(small_unet(), BinaryDMConfig.v1(**{"weight.scope_levels": 0}))
     assert {layer.weight_bits for _, layer in quant_layers(none)} == {1}
     full = binarize_(small_unet(), BinaryDMConfig().replace(**{"weight.scope_levels": 3}))
     bits = {n: layer.weight_bits for n, layer in quant_layers(full)}
@@ -63,7 +65,7 @@ def test_scope_zero_and_full():
 
 
 def test_first_last_int8_and_lsq_weights():
-    cfg = BinaryDMConfig().replace(**{"first_last": "int8", "weight.kind": "lsq", "weight.bits": 4})
+    cfg = BinaryDMConfig.v1(**{"first_last": "int8", "weight.kind": "lsq", "weight.bits": 4})
     model = binarize_(small_unet(), cfg)
     layers = dict(quant_layers(model))
     assert layers["conv_in"].weight_bits == 8 and layers["conv_in"].act_bits == 8
@@ -73,8 +75,57 @@ def test_first_last_int8_and_lsq_weights():
     assert torch.isfinite(out).all()
 
 
+def test_lsq_plus_quantizes_every_body_layer_input():
+    cfg = BinaryDMConfig.v1(
+        **{
+            "activation.quantizer": "lsq_plus",
+            "activation.attention_matmul": True,
+            "first_last": "int8",
+            "progressive.stage_steps": 0,
+        }
+    )
+    model = binarize_(small_unet(), cfg)
+    layers = dict(quant_layers(model))
+    first_last = {"conv_in", "conv_out"}
+    for name, layer in layers.items():
+        quantizer = layer.act_quantizer
+        if name in first_last:  # the 8-bit first/last layers keep signed LSQ
+            assert type(quantizer) is LSQQuantizer and quantizer.signed and quantizer.bits == 8
+        else:
+            assert isinstance(quantizer, LSQPlusQuantizer) and quantizer.bits == 4, name
+    processors = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
+    assert processors and all(
+        type(q) is LSQQuantizer for p in processors for q in p.children()
+    )  # attention matmuls stay LSQ
+    x, t = _inputs()
+    out = model(x, t).sample
+    assert torch.isfinite(out).all()
+    plus = [layer.act_quantizer for name, layer in layers.items() if name not in first_last]
+    assert all(q._initialized for q in plus)
+    assert any(q.offset.item() < 0 for q in plus)  # SiLU inputs: the grid starts below 0
+    out.square().mean().backward()
+    assert all(q.offset.grad is not None and torch.isfinite(q.offset.grad) for q in plus)
+    # State dict round trip: offsets and init flags travel, nothing re-initialises.
+    with torch.no_grad():
+        for q in plus:
+            q.offset.sub_(0.05)
+            q.step.mul_(1.1)
+        expected = model(x, t).sample
+    state = model.state_dict()
+    assert sum(key.endswith("act_quantizer.offset") for key in state) == len(plus)
+    fresh = binarize_(small_unet(seed=99), cfg)
+    fresh.load_state_dict(state)
+    assert all(layer.act_quantizer._initialized for _, layer in quant_layers(fresh))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t).sample, expected, rtol=0, atol=0)
+    # 32 bits: LSQ+ is the identity, as LSQ is.
+    off = binarize_(small_unet(), cfg.replace(**{"activation.bits": 32}))
+    body = [layer.act_quantizer for n, layer in quant_layers(off) if n not in first_last]
+    assert all(isinstance(q, LSQPlusQuantizer) and q(x) is x for q in body)
+
+
 def test_binarized_weights_are_two_valued_per_channel():
-    cfg = BinaryDMConfig().replace(**{"weight.bases": 1})
+    cfg = BinaryDMConfig.v1(**{"weight.bases": 1})
     model = binarize_(small_unet(), cfg)
     layer = dict(quant_layers(model))["mid_block.resnets.0.conv1"]
     w = layer.quantized_weight()
@@ -97,14 +148,17 @@ def test_progressive_stage_order():
     assert layers["down_blocks.1.resnets.0.conv1"].stage == 3
     assert layers["down_blocks.0.resnets.0.conv1"].stage == 4  # outermost level last
     assert layers["up_blocks.2.resnets.0.conv1"].stage == 4
-    expected = {0: 0, 4: 0, 5: 1, 10: 2, 15: 3, 20: 4, 25: 5, 1000: 5}
+    # Stage i from step (i - 1) * 5: the mid block from step 0 (the official code's order).
+    expected = {0: 1, 4: 1, 5: 2, 10: 3, 15: 4, 20: 5, 25: 5, 1000: 5}
     assert {s: active_stage(s, 5, 3) for s in expected} == expected
-    apply_schedule(model, 12)
+    apply_schedule(model, 7, 100)
     on = {n for n, layer in layers.items() if layer.active}
     assert "mid_block.resnets.0.conv1" in on and "up_blocks.0.resnets.0.conv1" in on
     assert "down_blocks.1.resnets.0.conv1" not in on
-    # Four-level UNet with stage_steps=1: fully binarized after 5 steps (official warm-up).
-    assert active_stage(5, 1, 4) == 5 and active_stage(4, 1, 4) == 4
+    # Four-level UNet with stage_steps=1: fully binarized at step 4 (stage 5 = the
+    # outermost level), attention matmuls (stage 6) at step 5: the official 5-step warm-up.
+    assert active_stage(4, 1, 4) == 5 and active_stage(3, 1, 4) == 4
+    assert active_stage(5, 1, 4) == 6
 
 
 def test_inactive_layers_compute_full_precision():
@@ -112,9 +166,13 @@ def test_inactive_layers_compute_full_precision():
     x, t = _inputs()
     reference = fp(x, t).sample
     model = binarize_(small_unet(), BinaryDMConfig().replace(**{"progressive.stage_steps": 3}))
-    apply_schedule(model, 0)  # stage 0: everything FP
+    apply_schedule(model, 0, 100)  # stage 1: the mid block only
+    active = {name for name, layer in quant_layers(model) if layer.active}
+    assert active and all(name.startswith("mid_block.") for name in active)
+    for _, layer in quant_layers(model):
+        layer.active = False  # with the mid block off too, the model is the FP one exactly
     torch.testing.assert_close(model(x, t).sample, reference, rtol=1e-5, atol=1e-5)
-    apply_schedule(model, 100)
+    apply_schedule(model, 99, 100)
     assert (model(x, t).sample - reference).abs().max() > 1e-3
 
 
@@ -125,9 +183,9 @@ def test_attention_matmul_quantizers_switch_on_last():
     model = binarize_(small_unet(), cfg)
     procs = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
     assert len(procs) == 4 and {p.stage for p in procs} == {5}
-    apply_schedule(model, 4)
+    apply_schedule(model, 3, 100)  # stage 4, the outermost level
     assert not any(p.active for p in procs)
-    apply_schedule(model, 5)
+    apply_schedule(model, 4, 100)
     x, t = _inputs()
     model(x, t)
     assert all(p.active and bool(p.probs_quantizer.initialized) for p in procs)
@@ -135,12 +193,12 @@ def test_attention_matmul_quantizers_switch_on_last():
 
 
 def test_ebb_switch_through_schedule():
-    cfg = BinaryDMConfig().replace(**{"ebb.enabled": True, "ebb.switch_step": 10})
+    cfg = BinaryDMConfig().replace(**{"ebb.enabled": True, "ebb.switch_at": 0.5})
     model = binarize_(small_unet(), cfg)
     two = [m for m in model.modules() if isinstance(m, MultiBasisBinarizer) and m.bases == 2]
-    apply_schedule(model, 9)
+    apply_schedule(model, 9, 20)
     assert {m.num_active for m in two} == {2}
-    apply_schedule(model, 10)
+    apply_schedule(model, 10, 20)
     assert {m.num_active for m in two} == {1}
 
 
@@ -149,15 +207,16 @@ def test_ebb_switch_through_schedule():
     [
         {},
         {"weight.bases": 3, "activation.attention_matmul": True},
-        {"ebb.enabled": True, "ebb.switch_step": 0},
+        {"ebb.enabled": True, "ebb.switch_at": 0.1},
         {"weight.kind": "lsq", "weight.bits": 2, "first_last": "int8"},
         {"activation.bits": 32},
     ],
 )
 def test_state_dict_round_trip_gives_identical_outputs(overrides):
-    cfg = BinaryDMConfig().replace(**overrides)
+    # Every layer quantized from step 0 (v1's progressive init would leave most FP at step 1).
+    cfg = BinaryDMConfig.v1(**{"progressive.stage_steps": 0, **overrides})
     model = binarize_(small_unet(seed=0), cfg)
-    apply_schedule(model, 1)
+    apply_schedule(model, 1, 2)  # EBB (switch at step 1 of 2): one basis
     x, t = _inputs()
     model(x, t)  # initialise scales and steps
     with torch.no_grad():  # move the learned state away from its init values
@@ -167,7 +226,7 @@ def test_state_dict_round_trip_gives_identical_outputs(overrides):
     expected = model(x, t).sample
     state = model.state_dict()
     fresh = binarize_(small_unet(seed=99), cfg)
-    apply_schedule(fresh, 1)
+    apply_schedule(fresh, 1, 2)
     fresh.load_state_dict(state)
     quantizers = [m for m in fresh.modules() if getattr(m, "enabled", True)]
     assert all(bool(m.initialized) for m in quantizers if hasattr(m, "initialized"))
@@ -184,7 +243,7 @@ def test_frozen_weights_give_same_output():
 
 
 def test_config_json_round_trip_and_errors():
-    cfg = BinaryDMConfig().replace(**{"lrm.axis": "width", "weight.bases": 3})
+    cfg = BinaryDMConfig.v1(**{"lrm.axis": "width", "weight.bases": 3})
     assert BinaryDMConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match=r"weight.bases=4 is invalid"):
         cfg.replace(**{"weight.bases": 4})

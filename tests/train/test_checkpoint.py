@@ -135,11 +135,12 @@ def test_ema_follows_quantizers_switched_on_after_it_was_created():
     from binarydm.schedule import apply_schedule
 
     config = BinaryDMConfig().replace(
-        **{"progressive.stage_steps": 1, "ebb.enabled": True, "ebb.switch_step": 9}
+        **{"progressive.stage_steps": 1, "ebb.enabled": True, "ebb.switch_at": 0.45}
     )
+    assert config.ebb.switch_step(20) == 9
     model = binarize_(small_unet(), config)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
-    apply_schedule(model, 0, config)  # only the mid block is quantized
+    apply_schedule(model, 0, 20, config)  # only the mid block is quantized
     model(x, t)
     ema = ModelEMA(model, decay=0.9)
     late = [
@@ -148,7 +149,7 @@ def test_ema_follows_quantizers_switched_on_after_it_was_created():
         if isinstance(m, LSQQuantizer | MultiBasisBinarizer) and not m._initialized
     ]
     assert late, "the schedule should leave some quantizers uninitialised at step 0"
-    apply_schedule(model, 10, config)  # every stage on, EBB switched to one basis
+    apply_schedule(model, 10, 20, config)  # every stage on, EBB switched to one basis
     model(x, t)
     ema.update(model)
     ema_modules = dict(ema.module.named_modules())
@@ -157,7 +158,7 @@ def test_ema_follows_quantizers_switched_on_after_it_was_created():
         assert e._initialized and bool(e.initialized), name
         if isinstance(m, MultiBasisBinarizer):
             assert e.num_active == m.num_active == (1 if m.bases == 2 else m.bases), name
-    apply_schedule(ema.module, 10, config)
+    apply_schedule(ema.module, 10, 20, config)
     state = {k: v.clone() for k, v in ema.module.state_dict().items()}
     with torch.no_grad():
         ema.module(x, t)
@@ -169,12 +170,12 @@ def test_ema_follows_quantizers_switched_on_after_it_was_created():
     "overrides",
     [
         {},
-        {"weight.bases": 1},
-        {"first_last": "int8", "weight.kind": "lsq", "weight.bits": 2},
-        {"activation.attention_matmul": True},
+        {"progressive.stage_steps": 0},
+        {"weight.bases": 1, "ebb.enabled": False, "progressive.stage_steps": 0},
+        {"first_last": "int8", "weight.kind": "lsq", "weight.bits": 2, "ebb.enabled": False},
+        {"activation.attention_matmul": True, "progressive.stage_steps": 0},
         {"progressive.stage_steps": 5},
-        {"ebb.enabled": True, "ebb.switch_step": 0},
-        {"activation.bits": 32},
+        {"activation.bits": 32, "progressive.stage_steps": 0},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
 )
@@ -190,7 +191,7 @@ def test_ddp_unused_parameter_search_only_where_some_get_no_gradient(overrides):
     config = BinaryDMConfig().replace(**overrides)
     model = binarize_(small_unet(), config)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
-    apply_schedule(model, 0, config)
+    apply_schedule(model, 0, 100, config)
     model(x, t).sample.square().mean().backward()
     without_grad = [n for n, p in model.named_parameters() if p.grad is None]
     assert may_leave_unused(model, config) == bool(without_grad), without_grad[:3]

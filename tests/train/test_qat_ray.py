@@ -53,7 +53,7 @@ def test_qat_trial_end_to_end(tiny_teacher, workspace):
     assert len(kept) == 2
 
 
-@pytest.mark.parametrize("stage_steps", [0, 4], ids=["all-active", "progressive"])
+@pytest.mark.parametrize("stage_steps", [0, 3], ids=["all-active", "progressive"])
 def test_two_ddp_workers_train_with_and_without_unused_parameters(
     tiny_teacher, workspace, stage_steps
 ):
@@ -63,6 +63,8 @@ def test_two_ddp_workers_train_with_and_without_unused_parameters(
         **{
             "workers.num_workers": 2,
             "method.progressive.stage_steps": stage_steps,
+            # The last stage begins at step 9: EBB switches after it, at step 10 of 12.
+            "method.ebb.switch_at": 0.8,
             "training.steps": 12,
             "training.checkpoint_every": 12,
             "training.log_every": 4,
@@ -84,7 +86,8 @@ def test_compiled_qat_trains_and_evaluates(tiny_teacher, workspace):
         **{
             "training.compile": True,
             "training.compile_mode": "reduce-overhead",
-            "method.progressive.stage_steps": 6,
+            "method.progressive.stage_steps": 2,
+            "method.ebb.switch_at": 0.8,  # after the last stage (step 6): a recompile too
             "training.steps": 10,
             "training.checkpoint_every": 5,
             "training.log_every": 5,
