@@ -1,9 +1,11 @@
 """Low-rank Representation Mimicking (LRM), method.md section 4.
 
-The binarized student mimics the frozen FP teacher's block outputs inside a
-low-rank PCA subspace of the teacher's features:
+The binarized student mimics the frozen FP teacher's features, each inside a
+low-rank PCA subspace of the teacher's, at the feature points ``config.granularity``
+picks (``binarydm.distill.hooks``: every timestep-embedded unit, 25 on
+``ddpm-cifar10``, or the 2L+1 block outputs, 9 there; "block" below names either):
 
-    loss_lrm = lambda * mean_over_blocks( MSE(project(student_b), project(teacher_b)) )
+    loss_lrm = lambda * mean_over_points( MSE(project(student_p), project(teacher_p)) )
 
 added to the usual noise-prediction loss. Typical use in a training step::
 
@@ -97,7 +99,8 @@ class LowRankMimicking:
     """LRM between a student and its frozen FP teacher: hooks on both, the loss, the state.
 
     Construction freezes the teacher (``requires_grad_(False)``, eval mode) and
-    installs a ``FeatureRecorder`` on each model. After ``student(x_t, t)``, call
+    installs a ``FeatureRecorder`` of ``config.granularity`` on each model (build it
+    after ``binarize_``: the hooks sit on the modules). After ``student(x_t, t)``, call
     ``lrm(x_t, t, step=step)``: it runs the teacher under ``torch.no_grad`` on the
     same input and returns the ``LRMTerms`` of that batch. Not an ``nn.Module`` on
     purpose (its state dict would swallow both UNets): ``state_dict()`` holds only
@@ -121,13 +124,14 @@ class LowRankMimicking:
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
         self._teacher_call: Any = None  # torch.compile(teacher) after compile_teacher()
-        self.student_recorder = FeatureRecorder(student)
-        self.teacher_recorder = FeatureRecorder(teacher)
+        self.student_recorder = FeatureRecorder(student, config.granularity)
+        self.teacher_recorder = FeatureRecorder(teacher, config.granularity)
         if self.student_recorder.block_names != self.teacher_recorder.block_names:
             self.remove()
             raise ValueError(
-                f"student blocks {self.student_recorder.block_names} differ from teacher blocks "
-                f"{self.teacher_recorder.block_names}: the teacher must be the student's FP copy"
+                f"student {config.granularity} points {self.student_recorder.block_names} differ "
+                f"from teacher points {self.teacher_recorder.block_names}: the teacher must be "
+                "the student's FP copy"
             )
         self.loss_fn = LRMLoss(
             self.student_recorder.block_names, config, process_group=process_group
