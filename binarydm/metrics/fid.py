@@ -17,6 +17,11 @@ features go into one preallocated numpy array, every forward runs under
 padded), and nothing per image outlives its batch. On CPU the network runs in
 channels_last layout (faster); on CUDA its convolutions run without TF32, so
 CPU and GPU features agree to about 1e-5 relative.
+
+A reference set's statistics and, for precision and recall
+(``binarydm.metrics.precision_recall``), its features are cached per key
+(name, dims, count); ``reference_statistics_and_features`` gets both with at
+most one pass of the network.
 """
 
 from __future__ import annotations
@@ -189,60 +194,168 @@ def reference_statistics(
 
     ``name`` says which images, e.g. ``"cifar10/test/32px"`` (dataset, split,
     resolution); the cache key adds ``dims`` and ``count``. ``images_fn`` is
-    called only on a cache miss and must return exactly ``count`` images.
+    called only on a cache miss and must return exactly ``count`` images. Features
+    of the same key cached by :func:`reference_features` give the statistics
+    without calling ``images_fn`` or the network.
     """
     require_nonsingular_covariance(count, dims)
     path = reference_statistics_path(name, dims, count, cache_dir)
     cached = _load_statistics(path, name, dims, count)
     if cached is not None:
         return cached
-    images = images_fn()
-    if len(images) != count:
-        raise ValueError(f"images_fn for {name!r} returned {len(images)} images, not count={count}")
-    if scorer is None:
-        scorer = FIDScorer(dims, device=device, batch_size=batch_size)
-    elif scorer.dims != dims:
-        raise ValueError(f"scorer has dims={scorer.dims}, reference asked for dims={dims}")
-    mu, sigma = scorer.activation_statistics(images, value_range=value_range)
+    features = _load_features(
+        reference_features_path(name, dims, count, cache_dir), name, dims, count
+    )
+    if features is None:
+        images = _reference_images(name, images_fn, count)
+        scorer = _reference_scorer(scorer, dims, device, batch_size)
+        features = scorer.features(images, value_range=value_range)
+    mu, sigma = feature_statistics(features)
     _save_statistics(path, mu, sigma, name, dims, count)
     return mu, sigma
+
+
+def reference_features(
+    name: str,
+    images_fn: Callable[[], Images],
+    dims: int,
+    cache_dir: str | os.PathLike,
+    *,
+    count: int,
+    scorer: FIDScorer | None = None,
+    value_range: tuple[float, float] | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 50,
+) -> np.ndarray:
+    """(count, dims) float64 features of a reference set, cached beside its statistics.
+
+    Same key and arguments as :func:`reference_statistics` (for precision and
+    recall, which need the points and not only their Gaussian). The file stores
+    float32, losslessly: the network computes in float32, so its float64
+    features are float32 values (checked; other features are stored as float64),
+    and a cache hit returns exactly what the miss did.
+    """
+    path = reference_features_path(name, dims, count, cache_dir)
+    cached = _load_features(path, name, dims, count)
+    if cached is not None:
+        return cached
+    images = _reference_images(name, images_fn, count)
+    scorer = _reference_scorer(scorer, dims, device, batch_size)
+    features = scorer.features(images, value_range=value_range)
+    compact = features.astype(np.float32)
+    if not np.array_equal(compact, features):
+        compact = features
+    _save_archive(path, name, dims, count, features=compact)
+    return features
+
+
+def reference_statistics_and_features(
+    name: str,
+    images_fn: Callable[[], Images],
+    dims: int,
+    cache_dir: str | os.PathLike,
+    *,
+    count: int,
+    scorer: FIDScorer | None = None,
+    value_range: tuple[float, float] | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 50,
+) -> tuple[Statistics, np.ndarray]:
+    """``((mu, sigma), features)`` of a reference set with at most one network pass.
+
+    On a miss the features are computed (one call of ``images_fn``) and cached
+    first, and the statistics come from them; either file is reused when present.
+    """
+    require_nonsingular_covariance(count, dims)
+    options = dict(
+        count=count, scorer=scorer, value_range=value_range, device=device, batch_size=batch_size
+    )
+    features = reference_features(name, images_fn, dims, cache_dir, **options)
+    statistics = reference_statistics(name, images_fn, dims, cache_dir, **options)
+    return statistics, features
 
 
 def reference_statistics_path(
     name: str, dims: int, count: int, cache_dir: str | os.PathLike
 ) -> Path:
     """Cache file of one reference key; readable by ``python -m pytorch_fid``."""
+    return _reference_path(name, dims, count, cache_dir, suffix="")
+
+
+def reference_features_path(name: str, dims: int, count: int, cache_dir: str | os.PathLike) -> Path:
+    """Cache file of one reference key's features, beside its statistics."""
+    return _reference_path(name, dims, count, cache_dir, suffix="_features")
+
+
+def _reference_path(name: str, dims: int, count: int, cache_dir, suffix: str) -> Path:
     key = f"{name}|dims={dims}|count={count}"
     # The readable part may collide ("a/b" and "a-b"); the checksum of the key does not.
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
     checksum = f"{zlib.crc32(key.encode()):08x}"
-    return Path(cache_dir) / "fid_stats" / f"{readable}_d{dims}_n{count}_{checksum}.npz"
+    return Path(cache_dir) / "fid_stats" / f"{readable}_d{dims}_n{count}_{checksum}{suffix}.npz"
+
+
+def _reference_images(name: str, images_fn: Callable[[], Images], count: int) -> Images:
+    images = images_fn()
+    if len(images) != count:
+        raise ValueError(f"images_fn for {name!r} returned {len(images)} images, not count={count}")
+    return images
+
+
+def _reference_scorer(scorer: FIDScorer | None, dims: int, device, batch_size: int) -> FIDScorer:
+    if scorer is None:
+        return FIDScorer(dims, device=device, batch_size=batch_size)
+    if scorer.dims != dims:
+        raise ValueError(f"scorer has dims={scorer.dims}, reference asked for dims={dims}")
+    return scorer
 
 
 def _load_statistics(path: Path, name: str, dims: int, count: int) -> Statistics | None:
+    stored = _load_archive(path, name, dims, count, "statistics", ("mu", "sigma"))
+    return None if stored is None else (stored["mu"], stored["sigma"])
+
+
+def _load_features(path: Path, name: str, dims: int, count: int) -> np.ndarray | None:
+    stored = _load_archive(path, name, dims, count, "features", ("features",))
+    if stored is None:
+        return None
+    features = stored["features"]
+    if features.shape != (count, dims) or not np.isfinite(features).all():
+        return None  # written by something else under the right key: computed again
+    return features.astype(np.float64)
+
+
+def _load_archive(
+    path: Path, name: str, dims: int, count: int, what: str, fields: tuple[str, ...]
+) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as archive:
-            stored = {key: archive[key] for key in ("name", "dims", "count", "mu", "sigma")}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            stored = {key: archive[key] for key in ("name", "dims", "count", *fields)}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         return None  # damaged or foreign file: computed again and replaced
-    if (str(stored["name"]), int(stored["dims"]), int(stored["count"])) != (name, dims, count):
+    found = (str(stored["name"]), int(stored["dims"]), int(stored["count"]))
+    if found != (name, dims, count):
         raise ValueError(
-            f"{path} holds statistics of {stored['name']!r} (dims={stored['dims']}, "
-            f"count={stored['count']}), not {name!r} (dims={dims}, count={count})"
+            f"{path} holds {what} of {found[0]!r} (dims={found[1]}, count={found[2]}), "
+            f"not {name!r} (dims={dims}, count={count})"
         )
-    return stored["mu"], stored["sigma"]
+    return stored
 
 
 def _save_statistics(path: Path, mu, sigma, name: str, dims: int, count: int) -> None:
+    _save_archive(path, name, dims, count, mu=mu, sigma=sigma)
+
+
+def _save_archive(path: Path, name: str, dims: int, count: int, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Parallel trials may compute the same reference: each writes a private file
     # and the rename makes one whole file win.
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".partial")
     try:
         with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, mu=mu, sigma=sigma, name=name, dims=dims, count=count)
+            np.savez(stream, name=name, dims=dims, count=count, **arrays)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

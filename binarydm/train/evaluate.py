@@ -60,10 +60,19 @@ def save_grid(images_uint8, path: Path, nrow: int = 8) -> None:
     Image.fromarray(array).save(path)
 
 
-def score_fid(samples_uint8, settings: TrialSettings, *, data_root, cache_dir, device) -> float:
-    """FID of generated uint8 NHWC samples against cached statistics of the reference split."""
+def score_fid(
+    samples_uint8, settings: TrialSettings, *, data_root, cache_dir, device
+) -> dict[str, float]:
+    """FID of generated uint8 NHWC samples against cached statistics of the reference split,
+    and improved precision/recall (Kynkaanniemi et al. 2019) from the same features."""
     from binarydm.data import cache_dir as resolve_cache_dir
-    from binarydm.metrics.fid import FIDScorer, reference_statistics
+    from binarydm.metrics.fid import (
+        FIDScorer,
+        feature_statistics,
+        frechet_distance,
+        reference_statistics_and_features,
+    )
+    from binarydm.metrics.precision_recall import improved_precision_recall
 
     evaluation, data = settings.evaluation, settings.data
     count = evaluation.fid_samples
@@ -78,15 +87,23 @@ def score_fid(samples_uint8, settings: TrialSettings, *, data_root, cache_dir, d
             )
         return images
 
-    reference = reference_statistics(
+    reference, reference_features = reference_statistics_and_features(
         fid_reference_name(settings),
         reference_images,
         evaluation.fid_dims,
-        Path(resolve_cache_dir(cache_dir)) / "fid_stats",
+        resolve_cache_dir(cache_dir),
         count=count,
         scorer=scorer,
     )
-    return scorer.fid(samples_uint8, reference)
+    features = scorer.features(samples_uint8)  # one pass serves the FID and P/R
+    scores = {"fid": frechet_distance(*feature_statistics(features), *reference)}
+    k = evaluation.precision_recall_k
+    if k:
+        precision, recall = improved_precision_recall(
+            reference_features, features, k=k, device=device
+        )
+        scores.update(precision=precision, recall=recall)
+    return scores
 
 
 @torch.no_grad()
@@ -101,7 +118,10 @@ def evaluate(
     device = next(model.parameters()).device
     model.eval()
     if getattr(model, "binarydm_config", None) is not None:
-        apply_schedule(model, settings.training.steps, model.binarydm_config)
+        # The model as trained at its last step (steps - 1): every stage on (validated),
+        # EBB's second basis dropped.
+        steps = settings.training.steps
+        apply_schedule(model, steps - 1, steps, model.binarydm_config)
     t0 = time.perf_counter()
     test_images = _test_images(settings, data_root, cache_dir, evaluation.test_loss_images)
     test_loss = held_out_loss(
@@ -130,16 +150,16 @@ def evaluate(
     samples_uint8 = to_uint8(samples)
     save_grid(samples_uint8[: evaluation.grid_images], out_dir / "samples.png")
     t_fid = time.perf_counter()
-    fid = score_fid(
+    scores = score_fid(
         samples_uint8, settings, data_root=data_root, cache_dir=cache_dir, device=device
     )
     fid_s = time.perf_counter() - t_fid
     if getattr(model, "binarydm_config", None) is not None:
         save_packed(model, out_dir / "model.bdm")
     metrics = {
-        "fid": fid,
+        **scores,
         "test_loss": test_loss,
-        **{k: report[k] for k in ("ops_g", "bops_g", "flops_g", "size_mib")},
+        **{k: report[k] for k in ("ops_g", "bops_g", "flops_g", "size_mib", "weight_bits")},
         **{k: report[k] for k in ("ops_saving", "size_saving")},
         # Where evaluation time goes: sampling, FID (Inception features of the samples and,
         # until cached, of the reference), the rest (test loss, OPs report, export).

@@ -1,4 +1,4 @@
-"""FID: offline Inception weights against fid-helper's TorchScript, scoring, stats cache.
+"""FID: offline Inception weights vs fid-helper's TorchScript, scoring, stats and features cache.
 
 The whole file converts the FID weights once into a session-private TORCH_HOME
 (never the user's cache) and scores real CIFAR-10 test images from the offline
@@ -27,7 +27,9 @@ from binarydm.metrics.fid import (
     FIDScorer,
     feature_statistics,
     frechet_distance,
+    reference_features_path,
     reference_statistics,
+    reference_statistics_and_features,
     reference_statistics_path,
     require_nonsingular_covariance,
 )
@@ -241,6 +243,37 @@ def test_reference_statistics_are_cached_per_key(scorer64, cifar_test, tmp_path)
     again = reference_statistics(name, airplanes, 64, tmp_path, count=66, scorer=scorer64)
     assert len(calls) == 3
     np.testing.assert_array_equal(again[1], first[1])
+
+
+def test_reference_features_cost_one_pass_and_lose_nothing_in_float32(
+    scorer64, cifar_test, tmp_path, monkeypatch
+):
+    passes = []
+    network_features = scorer64.features
+
+    def counted_features(images, **kwargs):
+        passes.append(len(images))
+        return network_features(images, **kwargs)
+
+    monkeypatch.setattr(scorer64, "features", counted_features)
+    name, images_fn = "cifar10/test/32px", lambda: cifar_test(AIRPLANE, 66)
+    (mu, sigma), cached = reference_statistics_and_features(
+        name, images_fn, 64, tmp_path, count=66, scorer=scorer64
+    )
+    assert passes == [66]
+    with np.load(reference_features_path(name, 64, 66, tmp_path)) as archive:
+        assert archive["features"].dtype == np.float32
+    again = reference_statistics_and_features(name, None, 64, tmp_path, count=66, scorer=scorer64)
+    assert passes == [66]  # all from the cache; images_fn=None is never called
+
+    direct = network_features(cifar_test(AIRPLANE, 66))
+    frogs = feature_statistics(network_features(cifar_test(FROG, 66)))
+    # The network's outputs are float32: stored as float32 they come back bit for
+    # bit, so the FID from the cached features equals the float64 one exactly.
+    assert np.array_equal(cached, direct) and np.array_equal(again[1], direct)
+    fid_cached = frechet_distance(mu, sigma, *frogs)
+    assert fid_cached == frechet_distance(*feature_statistics(direct), *frogs)
+    assert fid_cached == frechet_distance(*again[0], *frogs) and fid_cached > 1.0
 
 
 @pytest.mark.gpu
