@@ -1,12 +1,16 @@
-"""Loading pretrained FP UNets (local directory or Hugging Face Hub) and naming teacher caches.
+"""Loading pretrained FP UNets (local directory or Hugging Face Hub), naming teacher caches
+and identifying a teacher by its weights.
 
 A teacher pretrained by the platform is cached under ``<cache_dir>/teachers/<key>``,
 where the key hashes everything that determines its weights, so trials of a study
 (and later studies) reuse one teacher instead of each training its own.
+``weights_sha256`` is what runs log as ``teacher.sha256``: the same bytes give the
+same hash wherever the folder lives or whatever the hub id is called.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,7 +25,10 @@ from huggingface_hub import constants as hub_constants
 from binarydm.data import cache_dir as resolve_cache_dir
 from binarydm.models._presets import PRESETS
 
-_TEACHER_KEY_VERSION = 1  # bump when teacher training changes what a key's weights are
+# Bump when teacher training changes what a key's weights are. 2: the EMA of the weights.
+_TEACHER_KEY_VERSION = 2
+#: The weights file of a diffusers model, in the order ``from_pretrained`` prefers them.
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 class ModelLoadError(OSError):
@@ -122,3 +129,62 @@ def teacher_cache_key(
 def teacher_dir(cache_dir: str | os.PathLike | None, key: str) -> Path:
     """Where the teacher with ``key`` lives: ``<cache_dir>/teachers/<key>`` (not created)."""
     return resolve_cache_dir(cache_dir) / "teachers" / key
+
+
+def weights_file(
+    path_or_hub_id: str | os.PathLike, *, hf_cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """The weights file ``load_unet`` reads: a local folder's, or a hub id's in the HF cache.
+
+    Looked for at the top and in ``unet/`` (a pipeline's), safetensors before ``.bin``.
+    A hub id is never downloaded here: only the local Hugging Face cache is read
+    (``hf_cache_dir``, default ``HF_HUB_CACHE``). ``ModelLoadError`` says what was tried.
+    """
+    name = str(path_or_hub_id)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        # Like load_unet: a saved model keeps its files at the top, a pipeline in unet/.
+        folder = local if (local / "config.json").is_file() else local / "unet"
+        for weights in WEIGHTS_NAMES:
+            if (folder / weights).is_file():
+                return folder.resolve() / weights
+        raise ModelLoadError(
+            f"{local.resolve()} has no weights file: looked for {' or '.join(WEIGHTS_NAMES)} "
+            f"in {folder.resolve()} (a sharded or variant-only model has no single file)"
+        )
+    if local.exists() or name.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"{name} is not a model folder; pass the folder of save_pretrained")
+    from huggingface_hub import try_to_load_from_cache
+
+    tried = []
+    for subfolder in ("", "unet/"):
+        for weights in WEIGHTS_NAMES:
+            found = try_to_load_from_cache(name, subfolder + weights, cache_dir=hf_cache_dir)
+            if isinstance(found, str):  # else None (unknown) or a cached "does not exist"
+                return Path(found)
+            tried.append(subfolder + weights)
+    where = hf_cache_dir or hub_constants.HF_HUB_CACHE
+    raise ModelLoadError(
+        f"hub model {name!r} has none of {', '.join(tried)} in the Hugging Face cache {where}; "
+        "load it once (load_unet) so its files are cached, or pass a local folder"
+    )
+
+
+def weights_sha256(
+    path_or_hub_id: str | os.PathLike, *, hf_cache_dir: str | os.PathLike | None = None
+) -> str:
+    """sha256 of a diffusers model's weights file (``weights_file``): the teacher's identity."""
+    file = weights_file(path_or_hub_id, hf_cache_dir=hf_cache_dir).resolve()
+    stat = file.stat()
+    return _file_sha256(str(file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # Size and mtime in the cache key: every trial of a study hashes the same teacher, and a
+    # file rewritten in place must not keep its old hash.
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,7 +2,10 @@
 
 Used at the end of ``bdm-search FILE`` and by ``bdm-search pareto EXPERIMENT``:
 reads the child runs, marks ``pareto=true/false``, logs the hypervolume, trial
-counts, plots and the Pareto members' packed checkpoints.
+counts, plots and the Pareto members' packed checkpoints. The study's FP reference
+run (``binarydm.search.reference``) is read beside the trials, never among them: it
+gives every finished trial its ``fid_ratio_to_fp`` and the table and plots their FP
+point, and stays out of the front, the hypervolume and its reference point.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any
 import numpy as np
 
 from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
+
+FID_RATIO = "fid_ratio_to_fp"
+FP_ROW = "FP"
 
 
 def _objective_values(record: dict[str, Any], metrics: list[str]) -> list[float] | None:
@@ -31,12 +37,20 @@ def summarize(
     study_file_text: str = "",
     log_checkpoints: bool = True,
 ) -> dict[str, Any]:
-    """Recompute and record the study's Pareto front; returns what was found."""
-    from binarydm.tracking import load_study_results, plot_points
+    """Recompute and record the study's Pareto front; returns what was found.
+
+    ``reference`` in the result is the study's FINISHED FP reference run
+    (``tracking.load_reference``), or None.
+    """
+    from binarydm.tracking import load_reference, load_study_results, plot_points
 
     metrics = [m for m, _ in objectives]
     directions = [d for _, d in objectives]
     records = load_study_results(tracker.experiment, tracker.study, tracker.tracking_uri)
+    reference = load_reference(tracker.experiment, tracker.study, tracker.tracking_uri)
+    if reference is not None and reference["status"] != "FINISHED":
+        reference = None
+    log_fid_ratios(tracker, records, reference)
     counts: dict[str, int] = {}
     for record in records:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
@@ -61,7 +75,8 @@ def summarize(
         record["pareto"] = record["trial_id"] in pareto_ids
     tracker.log_study_summary(objectives, ref, volume, counts, study_file_text)
     if complete:
-        tracker.log_pareto_plots(plot_points(records), objectives)
+        fp = reference["metrics"] if reference is not None else None
+        tracker.log_pareto_plots(plot_points(records), objectives, fp=fp)
     if log_checkpoints:
         for record in records:
             packed = Path(record["tags"].get("checkpoint", "")) / "model.bdm"
@@ -74,22 +89,60 @@ def summarize(
         "reference_point": ref,
         "counts": counts,
         "objectives": objectives,
+        "reference": reference,
     }
 
 
+def log_fid_ratios(tracker, records: list[dict[str, Any]], reference: dict[str, Any] | None):
+    """Log ``fid_ratio_to_fp`` (trial FID / FP FID) on every finished trial with a FID.
+
+    Idempotent: a run already holding the same value is not written again, so
+    re-summarising (``bdm-search pareto``, a resume) adds no points to its history.
+    """
+    fp_fid = (reference or {}).get("metrics", {}).get("fid")
+    if fp_fid is None or not math.isfinite(fp_fid) or fp_fid <= 0:
+        return
+    for record in records:
+        fid = record["metrics"].get("fid")
+        if record["status"] != "FINISHED" or fid is None or not math.isfinite(fid):
+            continue
+        ratio = fid / fp_fid
+        logged = record["metrics"].get(FID_RATIO)
+        if logged is None or not math.isclose(logged, ratio, rel_tol=1e-12, abs_tol=0.0):
+            tracker.log_metrics(record["run_id"], {FID_RATIO: ratio})
+            record["metrics"][FID_RATIO] = ratio
+
+
 def pareto_table(summary: dict[str, Any]):
-    """A rich table of the Pareto members, sorted by the first objective."""
+    """A rich table of the Pareto members, sorted by the first objective, and below them,
+    apart, the FP reference (row ``FP``) when the study has one."""
     from rich.table import Table
 
     metrics = [m for m, _ in summary["objectives"]]
+    reference = summary.get("reference")
+    columns = list(metrics)
+    if reference is not None and FID_RATIO not in metrics:
+        columns.append(FID_RATIO)
     table = Table(title=f"Pareto front (hypervolume {summary['hypervolume']:.4g})")
     table.add_column("trial")
     table.add_column("run")
-    for metric in metrics:
-        table.add_column(metric, justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
     members = [r for r in summary["records"] if r["pareto"]]
     members.sort(key=lambda r: r["metrics"].get(metrics[0], math.inf))
     for record in members:
-        cells = [f"{record['metrics'][m]:.4g}" for m in metrics]
-        table.add_row(str(record["trial_id"]), record["run_id"][:12], *cells)
+        table.add_row(str(record["trial_id"]), record["run_id"][:12], *_cells(record, columns))
+    if reference is not None:
+        table.add_section()
+        fp = {**reference, "metrics": {**reference["metrics"], FID_RATIO: 1.0}}
+        table.add_row(FP_ROW, reference["run_id"][:12], *_cells(fp, columns), style="italic")
+        table.caption = (
+            f"{FP_ROW}: the FP teacher scored with the trials' settings "
+            "(reference run; not a trial, not in the front)"
+        )
     return table
+
+
+def _cells(record: dict[str, Any], columns: list[str]) -> list[str]:
+    values = [record["metrics"].get(column) for column in columns]
+    return ["-" if value is None else f"{value:.4g}" for value in values]

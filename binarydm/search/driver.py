@@ -9,6 +9,9 @@ which case finished trials are not rerun and unfinished ones continue under thei
 own Optuna trial and MLflow run. Optuna trials that a killed driver left RUNNING
 and that no restored Tune trial will finish are settled on resume (FAIL, or
 COMPLETE when their MLflow run finished), so no trial stays RUNNING forever.
+Beside the trials, the study's FP teacher is scored once with the trials' own
+evaluation settings (``binarydm.search.reference``): launched before Tune starts,
+collected after it ends, reused by a resume or by a later study of the same key.
 """
 
 from __future__ import annotations
@@ -286,6 +289,7 @@ def run_study(
     from binarydm.data import cache_dir as resolve_cache_dir
     from binarydm.search.analysis import summarize
     from binarydm.search.callbacks import StudyProgress
+    from binarydm.search.reference import finish_reference, start_reference
     from binarydm.search.trainable import StudyContext, run_trial
     from binarydm.tracking import StudyTracker
 
@@ -348,10 +352,13 @@ def run_study(
                 failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
             ),
         )
+    # Scored beside the first trials (it holds one trial worker's resources meanwhile).
+    reference = start_reference(spec, tracker, teacher, cache_dir)
     # When trials could start: the overhead accounting (benchmarks/study_overhead.py)
     # counts Ray Tune's launch of the first actors from here.
     tracker.set_tags(parent, {"tune_started_unix": f"{time.time():.3f}"})
     tuner.fit()
+    finish_reference(tracker, reference)
     objectives = list(zip(spec.search.metrics, spec.search.directions, strict=True))
     summary = summarize(
         tracker,

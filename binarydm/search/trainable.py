@@ -26,7 +26,8 @@ from binarydm.search.searcher import TRIAL_NUMBER_KEY
 
 # Metrics averaged over seeds (the rest are identical across seeds or per-run details).
 AVERAGED = (
-    "fid", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib", "ops_saving", "size_saving",
+    "fid", "precision", "recall", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib",
+    "weight_bits", "ops_saving", "size_saving",
     "loss", "loss_noise", "loss_lrm", "loss_ebb", "train_s", "eval_s", "setup_s", "sample_s",
     "fid_s", "fit_s", "ray_start_s", "ray_stop_s", "train_images_per_s", "sample_images_per_s",
     "setup_device_s", "setup_data_s", "setup_build_s", "setup_lrm_s", "checkpoint_s",
@@ -71,8 +72,19 @@ def trial_params(context: StudyContext, params: dict[str, Any]) -> dict[str, Any
     spec = context.spec
     settings = spec.trial_settings(params, spec.search.seeds[0]).flat()
     settings.pop("seed")
+    # A cases dimension's label (``row: ebb``) is no settings key: logged beside them.
+    labels = {key: params[key] for key in params if key not in settings}
+    if settings.get("teacher.pretrained"):
+        # A given teacher is loaded, not pretrained here: logging the pretraining fields
+        # would claim settings that shaped no weights (teacher.sha256 says which were used).
+        settings = {
+            key: value
+            for key, value in settings.items()
+            if not key.startswith("teacher.") or key == "teacher.pretrained"
+        }
     return {
         **settings,
+        **labels,
         "seeds": list(spec.search.seeds),
         "seed": spec.search.seeds[0] if len(spec.search.seeds) == 1 else "per-seed",
         "profile": spec.profile or "none",
@@ -239,6 +251,7 @@ def execute_trial(
 
     The MLflow run ends FINISHED, or FAILED with the traceback before the error propagates.
     """
+    from binarydm.models import weights_sha256
     from binarydm.search.callbacks import MlflowCurveCallback, curve_buffer
     from binarydm.tracking import reproducibility_params
     from binarydm.train.runner import dataset_sha256, ensure_teacher, final_metrics, fit_qat
@@ -256,12 +269,14 @@ def execute_trial(
         tracker.log_artifact_json(run_id, "config.json", {"params": config, **settings0.to_dict()})
         per_seed, checkpoints = [], []
         storage = str(Path(spec.storage.ray_results) / "trials")
+        # One teacher for every seed: its cache key holds teacher.seed, not the QAT seed.
+        teacher = context.teacher_dir or ensure_teacher(
+            settings0, storage_path=storage, data_root=data_root, cache_dir=context.cache_dir
+        )
+        tracker.log_params(run_id, {"teacher.sha256": weights_sha256(teacher)})
         prepare_s = None
         for seed in spec.search.seeds:
             settings = spec.trial_settings(config, seed)
-            teacher = context.teacher_dir or ensure_teacher(
-                settings, storage_path=storage, data_root=data_root, cache_dir=context.cache_dir
-            )
             prefix = f"seed{seed}." if len(spec.search.seeds) > 1 else ""
             fit_start, fit_start_unix = time.perf_counter(), time.time()
             if prepare_s is None:

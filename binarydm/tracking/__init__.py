@@ -12,6 +12,7 @@ from binarydm.tracking.buffer import BufferedLogger, is_tracking_outage
 from binarydm.tracking.repro import reproducibility_params
 from binarydm.tracking.results import (
     list_studies,
+    load_reference,
     load_study_results,
     load_study_summary,
     plot_points,
@@ -25,6 +26,7 @@ __all__ = [
     "flatten_params",
     "is_tracking_outage",
     "list_studies",
+    "load_reference",
     "load_study_results",
     "load_study_summary",
     "log_pareto_plots",

@@ -2,8 +2,10 @@
 
 Each objective pair gets one scatter panel; Pareto members are highlighted, and
 with exactly two objectives they are joined into the front. Points missing an
-objective (failed or pruned trials) are left out. The HTML embeds plotly.js, so
-it opens without network access (MLflow's own plotly logging links a CDN).
+objective (failed or pruned trials) are left out. The study's FP teacher, when it
+was scored (its reference run), is a point of its own in every panel where it has
+both values: a star, never part of the front. The HTML embeds plotly.js, so it
+opens without network access (MLflow's own plotly logging links a CDN).
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ HTML_NAME = "pareto.html"
 MAX_HOVER_PARAMS = 24
 DOMINATED_COLOR = "#9e9e9e"
 PARETO_COLOR = "#d62728"
+FP_COLOR = "#1f77b4"
+FP_LABEL = "FP teacher (reference)"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def _complete(points: Sequence[Mapping[str, Any]], metrics: list[str]) -> list[Mapping[str, Any]]:
-    def finite(value: Any) -> bool:
-        return isinstance(value, numbers.Real) and math.isfinite(value)
+    return [p for p in points if all(_finite(p.get(m)) for m in metrics)]
 
-    return [p for p in points if all(finite(p.get(m)) for m in metrics)]
+
+def _fp_in_panel(fp: Mapping[str, Any] | None, x: str, y: str) -> bool:
+    # The FP model has no trial number: the one-objective panel (x = trial_id) leaves it out.
+    return fp is not None and _finite(fp.get(x)) and _finite(fp.get(y))
 
 
 def _panels(metrics: list[str]) -> list[tuple[str, str]]:
@@ -59,7 +69,10 @@ def _front(points: list[Mapping[str, Any]], x: str, y: str) -> list[Mapping[str,
 
 
 def _matplotlib_figure(
-    points: list[Mapping[str, Any]], panels: list[tuple[str, str]], directions: dict[str, str]
+    points: list[Mapping[str, Any]],
+    panels: list[tuple[str, str]],
+    directions: dict[str, str],
+    fp: Mapping[str, Any] | None = None,
 ) -> Figure:
     rows, cols = _grid(len(panels))
     figure = Figure(figsize=(4.8 * cols, 4.2 * rows), layout="constrained")
@@ -92,6 +105,11 @@ def _matplotlib_figure(
                 xytext=(3, 3),
                 textcoords="offset points",
             )
+        if _fp_in_panel(fp, x, y):
+            ax.scatter(
+                [fp[x]], [fp[y]], c=FP_COLOR, marker="*", s=160, edgecolors="black",
+                linewidths=0.6, label=FP_LABEL, zorder=4,
+            )  # fmt: skip
         ax.set_xlabel(_axis_label(x, directions))
         ax.set_ylabel(_axis_label(y, directions))
         ax.grid(alpha=0.3)
@@ -106,7 +124,12 @@ def _matplotlib_figure(
             va="center",
             transform=axes[0].transAxes,
         )
-    axes[0].legend(loc="best", fontsize=8)
+    # One legend for every panel: the FP point may be missing from the first one.
+    entries: dict[str, Any] = {}
+    for ax in axes[: len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    axes[0].legend(list(entries.values()), list(entries), loc="best", fontsize=8)
     figure.suptitle(f"Pareto front: {len(_front(points, *panels[0]))} of {len(points)} trials")
     return figure
 
@@ -121,17 +144,25 @@ def _hover_text(point: Mapping[str, Any], metrics: list[str]) -> str:
     return "<br>".join(lines)
 
 
+def _fp_hover_text(fp: Mapping[str, Any], metrics: list[str]) -> str:
+    lines = [f"<b>{FP_LABEL}</b>", "not a trial, not in the front"]
+    lines += [f"{m} = {fp[m]:.6g}" for m in metrics if _finite(fp.get(m))]
+    return "<br>".join(lines)
+
+
 def _plotly_html(
     points: list[Mapping[str, Any]],
     panels: list[tuple[str, str]],
     directions: dict[str, str],
     metrics: list[str],
+    fp: Mapping[str, Any] | None = None,
 ) -> str:
     from plotly import graph_objects as go
     from plotly.subplots import make_subplots
 
     rows, cols = _grid(len(panels))
     figure = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.08, vertical_spacing=0.12)
+    fp_shown = False
     for index, (x, y) in enumerate(panels):
         row, col = divmod(index, cols)
         groups = (
@@ -159,6 +190,28 @@ def _plotly_html(
                 row=row + 1,
                 col=col + 1,
             )
+        if _fp_in_panel(fp, x, y):
+            figure.add_trace(
+                go.Scatter(
+                    x=[fp[x]],
+                    y=[fp[y]],
+                    mode="markers",
+                    name=FP_LABEL,
+                    legendgroup=FP_LABEL,
+                    showlegend=not fp_shown,
+                    marker={
+                        "color": FP_COLOR,
+                        "size": 16,
+                        "symbol": "star",
+                        "line": {"width": 0.5, "color": "black"},
+                    },
+                    hovertext=[_fp_hover_text(fp, metrics)],
+                    hoverinfo="text",
+                ),
+                row=row + 1,
+                col=col + 1,
+            )
+            fp_shown = True
         figure.update_xaxes(title_text=_axis_label(x, directions), row=row + 1, col=col + 1)
         figure.update_yaxes(title_text=_axis_label(y, directions), row=row + 1, col=col + 1)
     figure.update_layout(
@@ -172,29 +225,38 @@ def _plotly_html(
 
 
 def pareto_plots(
-    points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]
+    points: Sequence[Mapping[str, Any]],
+    objectives: Sequence[tuple[str, str]],
+    fp: Mapping[str, Any] | None = None,
 ) -> tuple[Figure, str]:
     """The PNG-ready matplotlib figure and the interactive HTML of a study's trials.
 
     ``points``: one dict per trial with every objective metric, ``trial_id``,
     ``pareto`` (bool) and optionally ``params`` (shown on hover).
     ``objectives``: ``[(metric, "minimize"|"maximize"), ...]``.
+    ``fp``: metrics of the study's FP reference run, drawn as its own point, or None.
     """
-    return pareto_figure(points, objectives), pareto_html(points, objectives)
+    return pareto_figure(points, objectives, fp), pareto_html(points, objectives, fp)
 
 
 def pareto_figure(
-    points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]
+    points: Sequence[Mapping[str, Any]],
+    objectives: Sequence[tuple[str, str]],
+    fp: Mapping[str, Any] | None = None,
 ) -> Figure:
     """The matplotlib figure of ``pareto_plots`` alone."""
     complete, panels, directions, _ = _layout(points, objectives)
-    return _matplotlib_figure(complete, panels, directions)
+    return _matplotlib_figure(complete, panels, directions, fp)
 
 
-def pareto_html(points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]) -> str:
+def pareto_html(
+    points: Sequence[Mapping[str, Any]],
+    objectives: Sequence[tuple[str, str]],
+    fp: Mapping[str, Any] | None = None,
+) -> str:
     """The interactive HTML page of ``pareto_plots`` alone (needs plotly)."""
     complete, panels, directions, metrics = _layout(points, objectives)
-    return _plotly_html(complete, panels, directions, metrics)
+    return _plotly_html(complete, panels, directions, metrics, fp)
 
 
 def _layout(points, objectives):
@@ -209,15 +271,17 @@ def log_pareto_plots(
     parent_run_id: str,
     points: Sequence[Mapping[str, Any]],
     objectives: Sequence[tuple[str, str]],
+    fp: Mapping[str, Any] | None = None,
 ) -> None:
-    """Log ``pareto.png`` and ``pareto.html`` on the study's parent run.
+    """Log ``pareto.png`` and ``pareto.html`` on the study's parent run (``fp``: see
+    ``pareto_plots``).
 
     Runs after every trial is in MLflow, so an environment without plotly (seen on a GPU
     image) gets the PNG and a warning instead of failing a finished study.
     """
-    tracker.log_figure(parent_run_id, pareto_figure(points, objectives), PNG_NAME)
+    tracker.log_figure(parent_run_id, pareto_figure(points, objectives, fp), PNG_NAME)
     try:
-        page = pareto_html(points, objectives)
+        page = pareto_html(points, objectives, fp)
     except ImportError as exc:
         warnings.warn(
             f"{HTML_NAME} not logged: {exc} (pip install plotly); {PNG_NAME} was",

@@ -2,6 +2,8 @@
 
 ``bdm-search pareto EXPERIMENT`` recomputes the Pareto front, the hypervolume and
 the plots from these records, so nothing here may depend on Ray or Optuna state.
+Trials (``load_study_results``) and the study's FP reference run (``load_reference``)
+are read apart: the reference is never a trial.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from binarydm.tracking.runs import (
     OBJECTIVES_ARTIFACT,
     ROLE_PARENT,
+    ROLE_REFERENCE,
     ROLE_TRIAL,
     TAG_ATTEMPT,
     TAG_PARETO,
+    TAG_REFERENCE_KEY,
+    TAG_REUSED_FROM,
     TAG_ROLE,
     TAG_STUDY,
     TAG_TRIAL_ID,
@@ -100,6 +105,40 @@ def load_study_results(
     for run in search_all_runs(client, experiment_id, query):
         by_trial.setdefault(int(run.data.tags[TAG_TRIAL_ID]), []).append(run)
     return [_trial_record(oldest_run(runs)) for _, runs in sorted(by_trial.items())]
+
+
+def load_reference(
+    experiment: str, study: str, tracking_uri: str | None = None
+) -> dict[str, Any] | None:
+    """The FP reference run of ``study`` (any status), or None if it has none.
+
+    Keys: ``run_id``, ``status``, ``reference_key``, ``reused_from`` (the run its values
+    were copied from, or None), ``params``, ``metrics``, ``tags``, ``start_time``,
+    ``end_time``. Not a trial: ``load_study_results`` never returns it.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    parent = _parent_run(client, experiment_id, experiment, study)
+    query = (
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
+        f"AND tags.`{TAG_ROLE}` = '{ROLE_REFERENCE}'"
+    )
+    runs = search_all_runs(client, experiment_id, query)
+    if not runs:
+        return None
+    run = oldest_run(runs)
+    tags = run.data.tags
+    return {
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "reference_key": tags.get(TAG_REFERENCE_KEY),
+        "reused_from": tags.get(TAG_REUSED_FROM),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(tags),
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+    }
 
 
 def plot_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@
 Ray driver and the Ray workers share no process state, so the global
 ``mlflow.start_run`` stack would point each process at a different (or no) run.
 Every run is found again by its tags (``study``, ``bdm.role``, ``trial_id``), so a
-restored Tune trial or a resumed study logs into the run it already has.
+restored Tune trial or a resumed study logs into the run it already has. A study
+also has one FP reference run (role ``reference``, see ``binarydm.search.reference``),
+which is no trial: nothing that reads trials sees it.
 
 A tracker pickles without its client (Ray ships it to workers) and contacts
 MLflow only on first use, so building one never blocks on an unreachable server.
@@ -38,8 +40,16 @@ TAG_ATTEMPT = "attempt"
 TAG_PARETO = "pareto"
 TAG_ERROR = "error"
 TAG_ERROR_ATTEMPT = "error_attempt"
+TAG_REFERENCE_KEY = "reference_key"
+TAG_REUSED_FROM = "reused_from"
+TAG_REPLACED_BY = "replaced_by"
 ROLE_PARENT = "parent"
 ROLE_TRIAL = "trial"
+#: The study's FP teacher scored with the trials' settings (``binarydm.search.reference``).
+ROLE_REFERENCE = "reference"
+#: A reference run a newer one replaced (its key changed, or it did not finish).
+ROLE_REPLACED_REFERENCE = "reference-replaced"
+REFERENCE_RUN_NAME = "fp-reference"
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 OBJECTIVE_DIRECTIONS = ("minimize", "maximize")
@@ -155,6 +165,18 @@ def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str
         page_token = page.token
         if not page_token:
             return runs
+
+
+def search_store_runs(client: MlflowClient, filter_string: str) -> list[Run]:
+    """Every active run matching ``filter_string`` in any active experiment of the store."""
+    experiments, page_token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=page_token)
+        experiments.extend(e.experiment_id for e in page)
+        page_token = page.token
+        if not page_token:
+            break
+    return [run for eid in experiments for run in search_all_runs(client, eid, filter_string)]
 
 
 def oldest_run(runs: Iterable[Run]) -> Run:
@@ -286,6 +308,37 @@ class StudyTracker:
         for run in runs:
             by_trial.setdefault(int(run.data.tags[TAG_TRIAL_ID]), []).append(run)
         return {trial: oldest_run(found).info.run_id for trial, found in sorted(by_trial.items())}
+
+    def reference_runs(self) -> list[Run]:
+        """This study's active FP reference runs (one, or none before the first study run)."""
+        return search_all_runs(self.client, self.experiment_id, self._study_filter(ROLE_REFERENCE))
+
+    def create_reference_run(self, key: str) -> str:
+        """A new RUNNING reference run of this study for ``key`` under the parent run."""
+        tags = {
+            TAG_STUDY: self.study,
+            TAG_ROLE: ROLE_REFERENCE,
+            TAG_REFERENCE_KEY: key,
+            MLFLOW_PARENT_RUN_ID: self.parent_run_id(),
+        }
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=REFERENCE_RUN_NAME)
+        return run.info.run_id
+
+    def replace_reference_run(self, run_id: str, replaced_by: str | None) -> None:
+        """Take an old reference run out of the study (role ``reference-replaced``), kept."""
+        tags = {TAG_ROLE: ROLE_REPLACED_REFERENCE, TAG_REPLACED_BY: replaced_by or "none"}
+        self.set_tags(run_id, tags)
+        if self.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            self.client.set_terminated(run_id, status="KILLED")
+
+    def finished_reference_runs(self, key: str) -> list[Run]:
+        """FINISHED reference runs of ``key`` in any experiment of this store, oldest first."""
+        query = (
+            f"tags.`{TAG_ROLE}` = '{ROLE_REFERENCE}' AND tags.{TAG_REFERENCE_KEY} = "
+            f"{quote_filter_value(key)} AND attributes.status = 'FINISHED'"
+        )
+        found = search_store_runs(self.client, query)
+        return sorted(found, key=lambda run: (run.info.start_time or 0, run.info.run_id))
 
     def start_attempt(self, trial_id: int) -> tuple[str, int]:
         """Count one more start of ``trial_id`` (tag ``attempt``) and mark its run RUNNING."""
@@ -451,12 +504,16 @@ class StudyTracker:
         return parent
 
     def log_pareto_plots(
-        self, points: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]
+        self,
+        points: Sequence[Mapping[str, Any]],
+        objectives: Sequence[tuple[str, str]],
+        fp: Mapping[str, Any] | None = None,
     ) -> None:
-        """``pareto.png`` and ``pareto.html`` on the parent run (see ``plots.pareto_plots``)."""
+        """``pareto.png`` and ``pareto.html`` on the parent run (see ``plots.pareto_plots``);
+        ``fp``: the FP reference's metrics, drawn as its own point."""
         from binarydm.tracking.plots import log_pareto_plots  # matplotlib/plotly only when used
 
-        log_pareto_plots(self, self.parent_run_id(), points, objectives)
+        log_pareto_plots(self, self.parent_run_id(), points, objectives, fp=fp)
 
 
 def _absolute_location(location: str | None) -> str | None:

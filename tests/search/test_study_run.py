@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -112,7 +113,7 @@ def test_pareto_and_sample_commands_work_from_mlflow_alone(finished_study, tmp_p
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     result = CliRunner().invoke(app, ["pareto", "lrm_rank", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
-    assert "Pareto front" in result.output
+    assert "Pareto front" in result.output and "│ FP " in result.output  # the FP reference
     _, _, children = _runs(workdir)
     out = tmp_path / "grid.png"
     args = ["sample", children[0].info.run_id, "--tracking-uri", uri, "--out", str(out)]
@@ -127,6 +128,161 @@ def test_rerun_without_resume_is_refused(finished_study, monkeypatch):
     result = CliRunner().invoke(app, [LRM_STUDY, *TINY, "--trials", "2"])
     assert result.exit_code == 2
     assert "--resume" in result.output
+
+
+def _references(workdir: Path, experiment: str = "lrm_rank"):
+    """Every reference run of the experiment, replaced ones included."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    return [r for r in runs if r.data.tags.get("bdm.role", "").startswith("reference")]
+
+
+def test_trials_log_the_teacher_they_distil_by_its_sha256(finished_study, tiny_teacher):
+    from binarydm.models import weights_sha256
+
+    workdir, _ = finished_study
+    _, _, children = _runs(workdir)
+    for child in children:
+        params = child.data.params
+        assert params["teacher.sha256"] == weights_sha256(tiny_teacher)
+        # Pretrained by the platform: its pretraining settings are what made the weights.
+        assert params["teacher.preset"] == "tiny" and params["teacher.steps"] == "40"
+        assert params["teacher.pretrained"] == "None"
+
+
+def test_the_fp_teacher_is_scored_like_the_trials_and_kept_out_of_the_front(finished_study):
+    from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
+
+    workdir, output = finished_study
+    client, (parent,), children = _runs(workdir)
+    (reference,) = _references(workdir)
+    tags, params, metrics = reference.data.tags, reference.data.params, reference.data.metrics
+    assert reference.info.status == "FINISHED" and reference.info.run_name == "fp-reference"
+    assert tags["bdm.role"] == "reference" and tags["study"] == "lrm_rank"
+    assert tags["mlflow.parentRunId"] == parent.info.run_id and len(tags["reference_key"]) == 64
+    assert "pareto" not in tags and "reused_from" not in tags and "trial_id" not in tags
+    for child in children:  # exactly the trials' evaluation
+        for key in ("fid_samples", "fid_dims", "sampling_steps", "fid_reference", "seed",
+                    "teacher.sha256"):  # fmt: skip
+            assert params[key] == child.data.params[key], key
+    assert params["evaluation.sample_batch_size"] == "100" and params["device"] == "cpu"
+    for metric in ("fid", "test_loss", "ops_g", "size_mib", "eval_s", "sample_s"):
+        assert metrics[metric] > 0, metric
+    assert {a.path for a in client.list_artifacts(reference.info.run_id)} == {"samples.png"}
+    assert parent.data.tags["fp_reference"] == reference.info.run_id
+
+    for child in children:
+        ratio = child.data.metrics["fid_ratio_to_fp"]
+        assert ratio == pytest.approx(child.data.metrics["fid"] / metrics["fid"], abs=1e-9)
+    # The front, its hypervolume and reference point come from the trials alone.
+    objectives = ["fid", "test_loss"]
+    points = np.array([[c.data.metrics[m] for m in objectives] for c in children])
+    directions = ["minimize", "minimize"]
+    corner = default_reference_point(points, directions)
+    for metric, value in zip(objectives, corner, strict=True):
+        assert float(parent.data.tags[f"reference_point.{metric}"]) == pytest.approx(value)
+    front = points[pareto_front(points, directions)]
+    expected = hypervolume(front, corner, directions)
+    assert parent.data.metrics["hypervolume"] == pytest.approx(expected)
+    assert parent.data.metrics["trials_total"] == 2
+    assert "│ FP " in output and "fid_ratio_to_fp" in output
+
+
+def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
+    finished_study, monkeypatch
+):
+    """Another study (its own experiment) in the same store copies the FP scores."""
+    import dataclasses
+
+    from binarydm.data import cache_dir
+    from binarydm.search import load_study
+    from binarydm.search.driver import _shared_teacher
+    from binarydm.search.reference import start_reference
+    from binarydm.tracking import StudyTracker, load_reference
+
+    workdir, _ = finished_study
+    (original,) = _references(workdir)
+    monkeypatch.chdir(workdir)
+    spec = load_study(LRM_STUDY, overrides=TINY[1::2])
+    spec = dataclasses.replace(spec, name="lrm_rank_again").resolve_paths(workdir)
+    tracking = spec.tracking
+    tracker = StudyTracker(tracking.uri, tracking.experiment, spec.name, tracking.artifact_location)
+    teacher = _shared_teacher(spec, str(cache_dir(None)))
+    # None: nothing was launched, so nothing is evaluated.
+    assert start_reference(spec, tracker, teacher, str(cache_dir(None))) is None
+    (copy,) = _references(workdir, "lrm_rank_again")
+    assert copy.info.status == "FINISHED" and copy.data.tags["reused_from"] == original.info.run_id
+    assert copy.data.tags["reference_key"] == original.data.tags["reference_key"]
+    assert copy.data.metrics["fid"] == original.data.metrics["fid"]
+    for key in ("fid_samples", "fid_dims", "sampling_steps", "fid_reference", "seed"):
+        assert copy.data.params[key] == original.data.params[key]
+    assert load_reference("lrm_rank_again", "lrm_rank_again", tracking.uri)["run_id"] == (
+        copy.info.run_id
+    )
+    assert start_reference(spec, tracker, teacher, str(cache_dir(None))) is None  # again: kept
+    assert [r.info.run_id for r in _references(workdir, "lrm_rank_again")] == [copy.info.run_id]
+
+
+def test_a_resumed_study_keeps_its_reference_and_does_not_score_it_again(
+    finished_study, monkeypatch
+):
+    workdir, _ = finished_study
+    (before,) = _references(workdir)
+    monkeypatch.chdir(workdir)
+    result = CliRunner().invoke(app, [LRM_STUDY, *TINY, "--trials", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    (after,) = _references(workdir)  # no second reference run, none replaced
+    assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
+    client, _, children = _runs(workdir)
+    for metric in ("fid", "eval_s"):  # scored once
+        assert len(client.get_metric_history(after.info.run_id, metric)) == 1
+    for child in children:  # re-summarised, not re-logged
+        assert len(client.get_metric_history(child.info.run_id, "fid_ratio_to_fp")) == 1
+    assert "│ FP " in result.output
+
+
+def test_a_failed_reference_evaluation_leaves_the_study_finished(
+    ray_cluster, tiny_teacher, tmp_path, monkeypatch
+):
+    """The teacher folder is gone between the key and the evaluation (a real load error in
+    the Ray task); it is back once the task failed, so the trial distils it as usual."""
+    import shutil
+
+    from binarydm.models import weights_sha256
+    from binarydm.search import reference
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    launch = reference.launch_evaluation
+
+    def launch_without_the_teacher(settings, teacher_dir, cache_dir):
+        gone = teacher.with_name("teacher-moved")
+        teacher.rename(gone)
+        task = launch(settings, teacher_dir, cache_dir)
+        ray_cluster.wait([task], timeout=300)
+        gone.rename(teacher)
+        return task
+
+    monkeypatch.setattr(reference, "launch_evaluation", launch_without_the_teacher)
+    monkeypatch.chdir(tmp_path)
+    args = [LRM_STUDY, *TINY, "--set", f"teacher.pretrained={teacher}", "--trials", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    _, (parent,), (child,) = _runs(tmp_path)
+    assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
+    (failed,) = _references(tmp_path)
+    assert failed.info.status == "FAILED" and failed.data.tags["bdm.role"] == "reference"
+    assert "ModelLoadError" in failed.data.tags["error"]
+    assert "fid_ratio_to_fp" not in child.data.metrics and "│ FP " not in result.output
+    # A given teacher: its sha256, and no pretraining settings that shaped no weights.
+    teacher_params = {k: v for k, v in child.data.params.items() if k.startswith("teacher.")}
+    assert teacher_params == {
+        "teacher.pretrained": str(teacher),
+        "teacher.sha256": weights_sha256(teacher),
+    }
 
 
 @pytest.mark.parametrize(

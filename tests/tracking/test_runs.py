@@ -27,6 +27,7 @@ from binarydm.tracking import (
     ParamConflictError,
     StudyTracker,
     list_studies,
+    load_reference,
     load_study_results,
     load_study_summary,
     pareto_plots,
@@ -430,3 +431,68 @@ def test_a_rejected_entry_is_dropped_without_blocking_the_rest(tracker, tmp_path
         assert BufferedLogger(tracker, buffer_path).flush() == 0
     assert "rejected buffered metrics" in caplog.text
     assert [m.value for m in tracker.client.get_metric_history(run_id, "loss")] == [2.0]
+
+
+def test_the_reference_run_is_read_apart_from_the_trials(tracker, store, tmp_path):
+    runs = _finished_study(tracker)
+    reference = tracker.create_reference_run("k" * 64)
+    tracker.log_metrics(reference, {"fid": 5.0, "ops_g": 9.0})
+    tracker.client.set_terminated(reference, "FINISHED")
+    elsewhere = StudyTracker(store, "another-experiment", "other", str(tmp_path / "art2"))
+    copied = elsewhere.create_reference_run("k" * 64)
+    elsewhere.client.set_terminated(copied, "FINISHED")
+    elsewhere.create_reference_run("k" * 64)  # still running: not a finished reference
+
+    records = load_study_results(EXPERIMENT, "lrm_rank", tracking_uri=store)
+    assert {r["trial_id"]: r["run_id"] for r in records} == runs  # no reference among them
+    assert tracker.trial_runs() == runs
+    found = load_reference(EXPERIMENT, "lrm_rank", tracking_uri=store)
+    assert found["run_id"] == reference and found["status"] == "FINISHED"
+    assert found["reference_key"] == "k" * 64 and found["reused_from"] is None
+    assert found["metrics"] == {"fid": 5.0, "ops_g": 9.0}
+    assert found["tags"]["bdm.role"] == "reference"
+    assert found["tags"]["mlflow.parentRunId"] == tracker.parent_run_id()
+    assert tracker.client.get_run(reference).info.run_name == "fp-reference"
+    StudyTracker(store, EXPERIMENT, "no-reference").parent_run_id()
+    assert load_reference(EXPERIMENT, "no-reference", tracking_uri=store) is None
+    # Across every experiment of the store, finished only, oldest first.
+    finished = [r.info.run_id for r in tracker.finished_reference_runs("k" * 64)]
+    assert finished == [reference, copied]
+    assert tracker.finished_reference_runs("z" * 64) == []
+
+    tracker.replace_reference_run(reference, copied)
+    assert load_reference(EXPERIMENT, "lrm_rank", tracking_uri=store) is None
+    assert tracker.client.get_run(reference).data.tags["replaced_by"] == copied
+
+
+def test_pareto_plots_draw_the_fp_teacher_as_its_own_point(tracker, tmp_path):
+    points = [
+        {"trial_id": 0, "fid": 20.0, "ops_g": 1.0, "size_mib": 0.5, "pareto": True},
+        {"trial_id": 1, "fid": 10.0, "ops_g": 3.0, "size_mib": 1.5, "pareto": True},
+        {"trial_id": 2, "fid": 25.0, "ops_g": 3.5, "size_mib": 1.7, "pareto": False},
+    ]
+    fp = {"fid": 5.0, "ops_g": 9.0, "test_loss": 0.1}  # no size_mib: left out of its panels
+    three = [*OBJECTIVES, ("size_mib", "minimize")]
+    figure, page = pareto_plots(points, three, fp)
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    drawn = [[c.get_label() for c in ax.collections] for ax in panels]
+    assert drawn[0] == ["dominated", "Pareto", "FP teacher (reference)"]
+    assert all("FP teacher (reference)" not in labels for labels in drawn[1:])
+    star = panels[0].collections[2].get_offsets().tolist()
+    assert star == [[5.0, 9.0]]
+    # Never joined to the front: only the front's own line in a two-objective plot.
+    two, _ = pareto_plots(points, OBJECTIVES, fp)
+    (line,) = two.axes[0].lines
+    assert [5.0, 9.0] not in np.column_stack(line.get_data()).tolist()
+    legend = [t.get_text() for t in two.axes[0].get_legend().get_texts()]
+    assert legend == ["dominated", "Pareto", "FP teacher (reference)"]
+    assert page.count('"name":"FP teacher (reference)"') == 1
+    assert "not a trial, not in the front" in page
+    one, one_page = pareto_plots(points, OBJECTIVES[:1], fp)  # against trial_id: no FP
+    assert "FP teacher (reference)" not in [c.get_label() for c in one.axes[0].collections]
+    assert '"name":"FP teacher (reference)"' not in one_page
+
+    tracker.log_pareto_plots(points, OBJECTIVES, fp=fp)
+    parent = tracker.parent_run_id()
+    html = Path(tracker.client.download_artifacts(parent, "pareto.html", str(tmp_path)))
+    assert "FP teacher (reference)" in html.read_text()
