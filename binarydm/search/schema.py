@@ -39,6 +39,8 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SHIPPED_SCHEMA = Path(__file__).resolve().parents[2] / "search_spaces" / "study.schema.json"
 
 _SIMPLE = {bool: "boolean", int: "integer", float: "number", str: "string"}
+#: The key of a cases dimension: a label without dots.
+CASES_LABEL = r"^[^.]+$"
 _SCALAR = {"type": ["string", "number", "boolean", "null"]}
 
 
@@ -120,14 +122,26 @@ def _dimension_schema() -> dict[str, Any]:
         "int": {**pair, "items": {"type": "integer"}},
         "float": {**pair, "items": {"type": "number"}},
         "logfloat": {**pair, "items": {"type": "number", "exclusiveMinimum": 0}},
+        "cases": {
+            "description": "named configurations: case name -> {dotted settings key: value}",
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": {
+                "type": "object",
+                "minProperties": 1,
+                "propertyNames": {"enum": list(SEARCHABLE_KEYS)},
+                "additionalProperties": _SCALAR,
+            },
+        },
     }
     options = {
         "step": {"type": "integer", "minimum": 1, "default": 1},
         "log": {"type": "boolean", "default": False},
         "when": {
-            "description": "sample only if these earlier choice dimensions took these values",
+            "description": "sample only if these earlier choice or cases dimensions took "
+            "these values",
             "type": "object",
-            "propertyNames": {"enum": list(SEARCHABLE_KEYS)},
+            "propertyNames": {"anyOf": [{"enum": list(SEARCHABLE_KEYS)}, {"pattern": CASES_LABEL}]},
             "additionalProperties": {"anyOf": [_SCALAR, {"type": "array", "items": _SCALAR}]},
         },
     }
@@ -148,7 +162,8 @@ def _space_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "minProperties": 1,
-        "propertyNames": {"enum": list(SEARCHABLE_KEYS)},
+        # A dotted settings key, or the label of a cases dimension (no dots).
+        "propertyNames": {"anyOf": [{"enum": list(SEARCHABLE_KEYS)}, {"pattern": CASES_LABEL}]},
         "additionalProperties": {"$ref": "#/$defs/Dimension"},
     }
 

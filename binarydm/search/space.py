@@ -13,6 +13,18 @@ only if each named dimension was sampled with one of the listed values, otherwis
 the setting keeps its fixed value. That keeps knobs that only mean something
 together (EBB needs two bases) from producing trials that cannot be built.
 
+A ``cases`` dimension names whole configurations, for ablations whose rows are not
+a product of choices; its key is a label (no dots), each case a bundle of dotted
+settings that the trial applies together::
+
+    row:
+      cases:
+        baseline: {method.weight.bases: 1, method.ebb.enabled: false}
+        ebb: {method.ebb.enabled: true, method.lrm.enabled: false}
+
+Optuna sees it as a categorical over the case names (``expand_params`` turns the
+sampled name back into its settings).
+
 This module turns dimensions into ``optuna.distributions`` for
 ``ray.tune.search.optuna.OptunaSearch``, builds the sampler of each algorithm,
 and describes a study for ``--dry-run`` (space table, combination check, cost
@@ -39,7 +51,7 @@ if TYPE_CHECKING:
     from binarydm.search.study import SearchSpec, StudySpec
     from binarydm.train.settings import TrialSettings
 
-DimensionKind = Literal["choice", "int", "float"]
+DimensionKind = Literal["choice", "int", "float", "cases"]
 
 #: The YAML tags of a dimension and the options each accepts; the parser and the
 #: JSON Schema are both generated from this table.
@@ -48,8 +60,14 @@ DIMENSION_FORMS: dict[str, tuple[str, ...]] = {
     "int": ("step", "log", "when"),
     "float": ("log", "when"),
     "logfloat": ("when",),
+    "cases": ("when",),
 }
-_FORMS_TEXT = "{choice: [..]}, {int: [low, high]}, {float: [low, high]}, {logfloat: [low, high]}"
+_FORMS_TEXT = (
+    "{choice: [..]}, {int: [low, high]}, {float: [low, high]}, {logfloat: [low, high]}, "
+    "{cases: {name: {dotted key: value}}}"
+)
+#: Dimension kinds sampled from a finite list of values (grid-able, usable in ``when``).
+CATEGORICAL = ("choice", "cases")
 # Optuna's CategoricalDistribution stores only these types (and they survive its storages).
 _SCALARS = (type(None), bool, int, float, str)
 
@@ -75,10 +93,14 @@ class Dimension:
     step: int = 1
     log: bool = False
     when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: ``kind == "cases"``: case name -> the dotted settings it sets (names = ``choices``).
+    cases: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"search.space.{self.key}"
-        if self.kind == "choice":
+        if self.kind == "cases":
+            self._check_cases(where)
+        elif self.kind == "choice":
             self._check_choices(where)
         elif self.kind in ("int", "float"):
             self._check_range(where)
@@ -105,6 +127,26 @@ class Dimension:
         for i, value in enumerate(self.choices):
             if any(_same(value, other) for other in self.choices[:i]):
                 raise ConfigError(f"{where}.choice: {value!r} is invalid: listed twice")
+
+    def _check_cases(self, where: str) -> None:
+        if "." in self.key:
+            raise ConfigError(
+                f"{where}: a cases dimension is invalid under a dotted key: allowed a label "
+                "without dots (each case sets dotted keys itself)"
+            )
+        if not self.cases:
+            raise ConfigError(
+                f"{where}.cases={self.cases!r} is invalid: allowed a non-empty mapping"
+            )
+        for name, settings in self.cases.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{where}.cases: {name!r} is invalid: allowed string names")
+            if not isinstance(settings, dict) or not settings:
+                raise ConfigError(
+                    f"{where}.cases.{name}={settings!r} is invalid: allowed a non-empty mapping "
+                    "of dotted settings keys to values"
+                )
+        object.__setattr__(self, "choices", tuple(self.cases))
 
     def _check_range(self, where: str) -> None:
         tag = "logfloat" if self.kind == "float" and self.log else self.kind
@@ -139,12 +181,19 @@ class Dimension:
 
     @property
     def size(self) -> int | None:
-        """Number of values of a choice dimension; None for ranges."""
-        return len(self.choices) if self.kind == "choice" else None
+        """Number of values of a choice or cases dimension; None for ranges."""
+        return len(self.choices) if self.kind in CATEGORICAL else None
 
     def candidates(self) -> tuple[Any, ...]:
-        """The values that bound this dimension: every choice, or both ends of a range."""
-        return self.choices if self.kind == "choice" else (self.low, self.high)
+        """The values that bound this dimension: every choice (case name), or both ends
+        of a range."""
+        return self.choices if self.kind in CATEGORICAL else (self.low, self.high)
+
+    def settings_of(self, value: Any) -> dict[str, Any]:
+        """The dotted settings a sampled ``value`` sets: its case's, or ``{key: value}``."""
+        if self.kind == "cases":
+            return dict(self.cases[value])
+        return {self.key: value}
 
     def active(self, params: dict[str, Any]) -> bool:
         """Whether this dimension is sampled given the parameters sampled before it."""
@@ -155,8 +204,10 @@ class Dimension:
 
     def to_yaml(self) -> dict[str, Any]:
         """The study-file form; ``parse_dimension(key, dim.to_yaml()) == dim``."""
-        if self.kind == "choice":
-            form: dict[str, Any] = {"choice": list(self.choices)}
+        if self.kind == "cases":
+            form: dict[str, Any] = {"cases": {k: dict(v) for k, v in self.cases.items()}}
+        elif self.kind == "choice":
+            form = {"choice": list(self.choices)}
         elif self.kind == "int":
             form = {"int": [self.low, self.high]}
             form.update({"step": self.step} if self.step != 1 else {})
@@ -174,14 +225,14 @@ class Dimension:
             IntDistribution,
         )
 
-        if self.kind == "choice":
+        if self.kind in CATEGORICAL:
             return CategoricalDistribution(list(self.choices))
         if self.kind == "int":
             return IntDistribution(int(self.low), int(self.high), log=self.log, step=self.step)
         return FloatDistribution(float(self.low), float(self.high), log=self.log)
 
     def suggest(self, trial: optuna.Trial) -> Any:
-        if self.kind == "choice":
+        if self.kind in CATEGORICAL:
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.kind == "int":
             return trial.suggest_int(
@@ -208,6 +259,13 @@ def parse_dimension(key: str, raw: Any) -> Dimension:
         )
     when = _parse_when(where, raw.get("when", {}))
     values = raw[tag]
+    if tag == "cases":
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{where}.cases={values!r} is invalid: allowed a mapping of case name to "
+                "{dotted key: value}"
+            )
+        return Dimension(key, "cases", cases={str(k): v for k, v in values.items()}, when=when)
     if tag == "choice":
         if not isinstance(values, list):
             raise ConfigError(f"{where}.choice={values!r} is invalid: allowed a non-empty list")
@@ -247,10 +305,11 @@ def parse_space(raw: Any) -> dict[str, Dimension]:
         dimension = parse_dimension(str(key), form)
         for name, allowed in dimension.when.items():
             earlier = space.get(name)
-            if earlier is None or earlier.kind != "choice":
+            if earlier is None or earlier.kind not in CATEGORICAL:
                 raise ConfigError(
                     f"search.space.{key}.when.{name}={list(allowed)!r} is invalid: allowed only "
-                    f"choice dimensions listed before {key}: {', '.join(space) or 'none'}"
+                    f"choice or cases dimensions listed before {key}: "
+                    f"{', '.join(space) or 'none'}"
                 )
             for value in allowed:
                 if not any(_same(value, c) for c in earlier.choices):
@@ -265,12 +324,22 @@ def parse_space(raw: Any) -> dict[str, Dimension]:
 # -- checks against the trial settings ---------------------------------------------------
 
 
+def expand_params(params: dict[str, Any], space: dict[str, Dimension]) -> dict[str, Any]:
+    """Sampled ``params`` as dotted settings overrides: each case name replaced by its
+    settings; keys that are no dimension pass through (the caller rejects them)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        dimension = space.get(key)
+        out.update(dimension.settings_of(value) if dimension is not None else {key: value})
+    return out
+
+
 def _condition_context(dimension: Dimension, space: dict[str, Dimension]) -> dict[str, Any]:
     """Values that make ``dimension`` active: the first allowed value along its ``when`` chain."""
     context: dict[str, Any] = {}
     for name, allowed in dimension.when.items():
         context.update(_condition_context(space[name], space))
-        context[name] = allowed[0]
+        context.update(space[name].settings_of(allowed[0]))
     return context
 
 
@@ -284,7 +353,7 @@ def check_values(settings: TrialSettings, space: dict[str, Dimension]) -> None:
         context = _condition_context(dimension, space)
         for value in dimension.candidates():
             try:
-                settings.replace(**{**context, dimension.key: value})
+                settings.replace(**{**context, **dimension.settings_of(value)})
             except ConfigError as exc:
                 raise ConfigError(
                     f"search.space.{dimension.key}={value!r} is invalid: the settings reject it "
@@ -327,7 +396,7 @@ def invalid_combinations(
     failures: dict[str, tuple[dict[str, Any], str]] = {}
     for params in _corner_samples(space, limit, seed):
         try:
-            settings.replace(**params)
+            settings.replace(**expand_params(params, space))
         except ConfigError as exc:
             failures.setdefault(str(exc), (params, str(exc)))
     return list(failures.values())
@@ -417,6 +486,12 @@ def describe_space(spec: StudySpec) -> Table:
     fixed = spec.settings.flat()
     for dimension in search.space.values():
         when = "; ".join(f"{k} in {list(v)}" for k, v in dimension.when.items())
+        if dimension.kind == "cases":  # a row per case: what it sets, and the fixed values
+            for name, settings in dimension.cases.items():
+                values = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+                before = ", ".join(repr(fixed[k]) for k in settings)
+                table.add_row(f"{dimension.key}={name}", "case", values, when, before)
+            continue
         kind = "logfloat" if dimension.kind == "float" and dimension.log else dimension.kind
         table.add_row(dimension.key, kind, _range_text(dimension), when, repr(fixed[dimension.key]))
     return table
@@ -447,7 +522,11 @@ GPU_COST = CostModel("gpu", 2e-3, 1.2e-3, 2e-4, 5e-4, 60.0, 32)
 def _typical(spec: StudySpec, key: str) -> float:
     """The fixed value of ``key``, or the middle of its dimension if it is searched."""
     dimension = spec.search.space.get(key)
+    cases = [d for d in spec.search.space.values() if d.kind == "cases"]
     if dimension is None:
+        values = [c[key] for d in cases for c in d.cases.values() if key in c]
+        if values:
+            return statistics.fmean(float(v) for v in values)
         return float(spec.settings.flat()[key])
     if dimension.kind == "choice":
         return statistics.fmean(float(v) for v in dimension.choices)

@@ -26,7 +26,14 @@ import numpy as np
 import yaml
 
 from binarydm._typed import ConfigError, build, require
-from binarydm.search.space import Dimension, check_values, invalid_combinations, parse_space
+from binarydm.search.space import (
+    CATEGORICAL,
+    Dimension,
+    check_values,
+    expand_params,
+    invalid_combinations,
+    parse_space,
+)
 from binarydm.train.settings import TrialSettings
 
 Algorithm = Literal["nsga2", "tpe", "random", "grid"]
@@ -35,10 +42,13 @@ Direction = Literal["minimize", "maximize"]
 #: The direction in which each metric of design.md's contract improves: an objective's default.
 METRIC_DIRECTIONS: dict[str, Direction] = {
     "fid": "minimize",
+    "precision": "maximize",
+    "recall": "maximize",
     "ops_g": "minimize",
     "bops_g": "minimize",
     "flops_g": "minimize",
     "size_mib": "minimize",
+    "weight_bits": "minimize",
     "test_loss": "minimize",
     "ops_saving": "maximize",
     "size_saving": "maximize",
@@ -220,10 +230,10 @@ class SearchSpec:
     def _resolve_grid_trials(self) -> None:
         for key, dimension in self.space.items():
             require(
-                dimension.kind == "choice" and not dimension.when,
+                dimension.kind in CATEGORICAL and not dimension.when,
                 f"search.space.{key}",
                 dimension.to_yaml(),
-                "only {choice: [...]} without when for algorithm grid "
+                "only {choice: [...]} or {cases: {...}} without when for algorithm grid "
                 "(Optuna's GridSampler enumerates choices)",
             )
         size = self.grid_size
@@ -375,7 +385,7 @@ class StudySpec:
                 f"{self.name}; allowed: {', '.join(self.search.space)}"
             )
         values = {key: _plain(value) for key, value in params.items()}
-        return self.settings.replace(**values, seed=_plain(seed))
+        return self.settings.replace(**expand_params(values, self.search.space), seed=_plain(seed))
 
     def max_concurrent_trials(self, cluster_cpus: float, cluster_gpus: float = 0) -> int:
         """``resources.max_concurrent_trials``, or how many trials fit the cluster at once."""
@@ -759,6 +769,9 @@ def _assemble(
 
 def _check_space_keys(space: dict[str, Dimension]) -> None:
     for key, dimension in space.items():
+        if dimension.kind == "cases":
+            _check_case_keys(dimension, space)
+            continue
         if key in SEARCHABLE_KEYS:
             continue
         reason = "unknown key"
@@ -774,6 +787,36 @@ def _check_space_keys(space: dict[str, Dimension]) -> None:
         raise ConfigError(
             f"search.space.{key}={dimension.to_yaml()!r} is invalid: {reason}; allowed: {allowed}"
         )
+
+
+def _check_case_keys(dimension: Dimension, space: dict[str, Dimension]) -> None:
+    """Every key a case sets is a searchable settings key that no other dimension sets."""
+    others = {
+        name
+        for other in space.values()
+        if other is not dimension
+        for name in (
+            [k for case in other.cases.values() for k in case]
+            if other.kind == "cases"
+            else [other.key]
+        )
+    }
+    for case, settings in dimension.cases.items():
+        for key, value in settings.items():
+            where = f"search.space.{dimension.key}.cases.{case}.{key}"
+            if key not in SEARCHABLE_KEYS:
+                close = difflib.get_close_matches(str(key), SEARCHABLE_KEYS, n=1)
+                hint = f"did you mean {close[0]}?" if close else "see docs/study-file.md"
+                raise ConfigError(
+                    f"{where}={value!r} is invalid: not a searchable settings key; allowed: "
+                    f"a dotted settings key ({hint})"
+                )
+            require(
+                key not in others,
+                where,
+                value,
+                "a key no other dimension of the space sets (two dimensions would both set it)",
+            )
 
 
 # -- paths -------------------------------------------------------------------------------
