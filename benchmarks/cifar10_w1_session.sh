@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One GPU session of the CIFAR-10 results (benchmarks/results/cifar10_w1.md) on one H200,
+# as back-to-back device calls: the payload (bundle, FID weights, the shared teacher, the
+# full CIFAR-10 copy) travels in parts, then a smoke run, then the study in the background,
+# polled until it ends; its MLflow store, Optuna storage and log come back in $OUT.
+#
+# Here, once:
+#   ../shared/tools/device-bundle
+#   python benchmarks/device_payload.py pack --out .bdmpayload --part-mib 60 \
+#       --item .devbundle=.devbundle --item fid.pth=$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth \
+#       --item teacher=../shared/teachers/ddpm-cifar10-jpeg \
+#       --item data/cifar10_jpeg_bytes.npz=../shared/data/cifar10_jpeg_bytes.npz
+# Device calls (carry the one part; the last also carries .bdmpayload/manifest.json):
+#   bash benchmarks/cifar10_w1_session.sh part 00          # ... one call per part
+#   bash benchmarks/cifar10_w1_session.sh unpack           # join, check, install, smoke run
+#   bash benchmarks/cifar10_w1_session.sh start STUDY NAME [--set KEY=VALUE ...]
+#   bash benchmarks/cifar10_w1_session.sh poll SECONDS     # repeat until it reports "done"
+# A machine idle for over 30 s goes back and takes /tmp with it: no pauses between calls.
+set -eo pipefail
+stage="$1"
+shift || true
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT" /tmp/bdmparts /tmp/bdmcache /tmp/run
+export TORCH_HOME=/tmp/th BINARYDM_CACHE_DIR=/tmp/bdmcache BINARYDM_DATA_ROOT=/tmp/bdm/data
+export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0
+weights="$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"
+teacher_sha=f5f579c3a819fcb0f1ba512713008d179671296bd2c2e27c8a49480e765ec4df
+
+setup() {
+    # shellcheck disable=SC1091
+    source /tmp/bdm-setup.sh
+}
+
+case "$stage" in
+part)
+    cp ".bdmpayload/part-$1" /tmp/bdmparts/
+    [ -f .bdmpayload/manifest.json ] && cp .bdmpayload/manifest.json /tmp/bdmparts/
+    ls -la /tmp/bdmparts
+    nvidia-smi -L
+    ;;
+unpack)
+    [ -f .bdmpayload/manifest.json ] && cp .bdmpayload/manifest.json /tmp/bdmparts/
+    for part in .bdmpayload/part-*; do [ -f "$part" ] && cp "$part" /tmp/bdmparts/; done
+    python3 benchmarks/device_payload.py unpack --parts /tmp/bdmparts --to /tmp/bdm
+    rm -rf /tmp/bdmparts
+    rm -rf .devbundle && cp -r /tmp/bdm/.devbundle .devbundle
+    cp .devbundle/setup.sh /tmp/bdm-setup.sh
+    mkdir -p "$(dirname "$weights")" && mv /tmp/bdm/fid.pth "$weights"
+    echo "$teacher_sha  /tmp/bdm/teacher/diffusion_pytorch_model.safetensors" | sha256sum -c
+    setup
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    nproc | tee -a "$OUT/gpu.txt"
+    python3 -c "import torch, ray, diffusers, mlflow, optuna; print(torch.__version__, \
+torch.version.cuda, ray.__version__, diffusers.__version__, mlflow.__version__, \
+optuna.__version__)" | tee -a "$OUT/gpu.txt"
+    # A smoke run of the real study file at a toy size: every GPU code path (EBB, LRM
+    # units, the FP reference task, inline trials, FID, precision/recall) in a minute.
+    cd /tmp/run
+    timeout 400 bdm-search "$OLDPWD/benchmarks/studies/cifar10_w1a4.yaml" \
+        --set teacher.pretrained=/tmp/bdm/teacher --set name=smoke --set 'search.seeds=[0]' \
+        --set training.steps=20 --set training.checkpoint_every=10 --set training.log_every=10 \
+        --set evaluation.fid_dims=64 --set evaluation.fid_samples=200 \
+        --set evaluation.sampling_steps=5 --set evaluation.sample_batch_size=200 \
+        --set evaluation.test_loss_images=64 2>&1 | tail -40 | tee "$OUT/smoke.log"
+    ;;
+start)
+    setup
+    study="$1"
+    name="$2"
+    shift 2
+    cd /tmp/run
+    # Its own session: it outlives this call and is polled by the next ones.
+    setsid nohup bdm-search "$OLDPWD/$study" --set teacher.pretrained=/tmp/bdm/teacher \
+        --set "name=$name" "$@" >"/tmp/run/$name.log" 2>&1 </dev/null &
+    echo $! >/tmp/run/study.pid
+    echo "$name" >/tmp/run/study.name
+    sleep 20
+    tail -5 "/tmp/run/$name.log"
+    ;;
+poll)
+    limit="${1:-500}"
+    name="$(cat /tmp/run/study.name)"
+    pid="$(cat /tmp/run/study.pid)"
+    waited=0
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$limit" ]; do
+        sleep 10
+        waited=$((waited + 10))
+    done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
+    grep -E "trial|Pareto|error|Error" "/tmp/run/$name.log" | tail -15 || true
+    tail -25 "/tmp/run/$name.log"
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "running after ${waited}s"
+    else
+        echo "done"
+        cd /tmp/run
+        # Stores and small artifacts only (sample grids, plots, configs); packed models
+        # stay: they are rebuilt from the checkpoints' runs when needed.
+        tar --exclude='*.bdm' -czf "$OUT/$name-stores.tgz" mlflow.db optuna.db \
+            "$name.log" mlartifacts
+        ls -la "$OUT"
+    fi
+    ;;
+*)
+    echo "usage: $0 part NN | unpack | start STUDY NAME [--set ...] | poll SECONDS" >&2
+    exit 2
+    ;;
+esac
