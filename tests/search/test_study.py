@@ -780,3 +780,16 @@ def test_cases_label_is_logged_beside_the_settings() -> None:
     assert params["row"] == "lmb"
     assert params["method.ebb.enabled"] == "False" or params["method.ebb.enabled"] is False
     assert params["method.weight.bases"] == 2
+
+
+BENCHMARK_STUDIES = sorted((REPO / "benchmarks" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCHMARK_STUDIES, ids=[p.stem for p in BENCHMARK_STUDIES])
+def test_benchmark_study_files_load(path: Path) -> None:
+    # The studies the results were measured with must keep loading as the settings evolve.
+    spec = load_study(path)
+    assert spec.search.trials >= 1
+    rows = spec.search.space.get("row")
+    for params in [{"row": name} for name in rows.choices] if rows else [{}]:
+        spec.trial_settings(params, seed=0)

@@ -41,9 +41,15 @@ def test_qat_trial_end_to_end(tiny_teacher, workspace):
     assert metrics["fid_dims"] == 64 and metrics["fid_samples"] == 100
     assert metrics["fid_reference"] == "mnist/test/16px"
     assert metrics["step"] == 20 and metrics["loss_lrm"] > 0
+    # The default recipe is paper v5: its deployed model has one basis everywhere and the
+    # 1-bit baseline's size, whatever it trained with before the EBB switch.
+    assert settings.method.ebb.enabled and metrics["weight_bits"] == 1.0
+    assert metrics["size_mib"] == pytest.approx(_baseline_size_mib(tiny_teacher), rel=1e-12)
     with result.checkpoint.as_directory() as ckpt:
         files = set(os.listdir(ckpt))
         assert {"samples.png", "model.bdm", "eval.json", "state.pt", "manifest.json"} <= files
+        layers = _packed_layers(Path(ckpt) / "model.bdm")
+        assert {entry["bases"] for entry in layers.values()} == {1}
         assert Path(ckpt, "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert json.loads(Path(ckpt, "eval.json").read_text())["fid"] == metrics["fid"]
     # keep_checkpoints=2: older checkpoints were deleted.
@@ -51,6 +57,30 @@ def test_qat_trial_end_to_end(tiny_teacher, workspace):
         p for p in Path(result.path).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")
     ]
     assert len(kept) == 2
+
+
+def _baseline_size_mib(teacher_dir) -> float:
+    """size_mib of the teacher binarized with the 1-bit baseline recipe."""
+    import torch
+
+    from binarydm import BinaryDMConfig, binarize_
+    from binarydm.metrics.efficiency import efficiency_report
+    from binarydm.models import load_unet
+
+    model = binarize_(load_unet(teacher_dir), BinaryDMConfig.baseline())
+    config = model.config
+    example = (
+        torch.zeros(1, config.in_channels, config.sample_size, config.sample_size),
+        torch.zeros(1, dtype=torch.long),
+    )
+    return efficiency_report(model, example).size_mib
+
+
+def _packed_layers(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as reader:
+        return json.loads(reader.metadata()["layers"])
 
 
 @pytest.mark.parametrize("stage_steps", [0, 3], ids=["all-active", "progressive"])
