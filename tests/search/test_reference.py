@@ -44,6 +44,7 @@ EVALUATION_CHANGES = {
     "test_loss_images": 256,
     "grid_images": 16,
     "use_ema": False,
+    "precision_recall_k": 5,
 }
 
 
