@@ -141,10 +141,10 @@ class LowRankMimicking:
     def projection(self) -> LowRankProjection:
         return self.loss_fn.projection
 
-    def compile_teacher(self, mode: str = "default") -> None:
-        """Run the teacher through ``torch.compile(mode=mode)`` from now on (its recording
+    def compile_teacher(self, **options: Any) -> None:
+        """Run the teacher through ``torch.compile(**options)`` from now on (its recording
         hooks too); ``self.teacher`` itself stays the eager module."""
-        self._teacher_call = torch.compile(self.teacher, mode=mode)
+        self._teacher_call = torch.compile(self.teacher, **options)
 
     @torch.no_grad()
     def teacher_forward(self, *args: Any, **kwargs: Any) -> Any:

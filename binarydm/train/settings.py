@@ -97,6 +97,17 @@ class TrainingSettings:
     # CUDA graphs: a step of this UNet at batch 128 is host-bound without them (on a CPU
     # it is the same as "default").
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # torch.compile's backend. "aot_eager" traces the same graphs (dynamo and AOTAutograd,
+    # the same guards and recompiles) and runs them without inductor's code generation:
+    # for finding a compile problem, and for CPU tests, where inductor's C++ build takes
+    # minutes a graph. Only "inductor" is faster than eager; compile_mode applies to it.
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+
+    def compile_options(self) -> dict[str, str]:
+        """``torch.compile`` keyword arguments of this training (mode: inductor only)."""
+        if self.compile_backend == "inductor":
+            return {"backend": "inductor", "mode": self.compile_mode}
+        return {"backend": self.compile_backend}
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "training.steps", self.steps, "an integer >= 1")
@@ -107,6 +118,13 @@ class TrainingSettings:
             "training.compile_mode",
             self.compile_mode,
             "'default' unless training.compile is true (nothing is compiled otherwise)",
+        )
+        require(
+            self.compile_backend == "inductor" or self.compile_mode == "default",
+            "training.compile_mode",
+            self.compile_mode,
+            f"'default' with training.compile_backend={self.compile_backend!r} (modes are "
+            "inductor's)",
         )
         require(0 <= self.ema_decay < 1, "training.ema_decay", self.ema_decay, "a float in [0, 1)")
         require(

@@ -208,6 +208,14 @@ def test_compile_mode_needs_compile() -> None:
         TrialSettings.from_dict({"training": {"compile_mode": "reduce-overhead"}})
     with pytest.raises(ConfigError, match=r"compile_mode='fast' is invalid"):
         TrialSettings.from_dict({"training": {"compile": True, "compile_mode": "fast"}})
+    traced = {"compile": True, "compile_backend": "aot_eager"}
+    assert TrialSettings.from_dict({"training": traced}).training.compile_options() == {
+        "backend": "aot_eager"
+    }
+    with pytest.raises(ConfigError, match=r"compile_mode='reduce-overhead'.*aot_eager"):
+        TrialSettings.from_dict({"training": {**traced, "compile_mode": "reduce-overhead"}})
+    with pytest.raises(ConfigError, match=r"compile_backend='tvm' is invalid"):
+        TrialSettings.from_dict({"training": {"compile": True, "compile_backend": "tvm"}})
 
 
 def test_set_overrides_win_over_the_profile() -> None:

@@ -107,25 +107,38 @@ def test_two_ddp_workers_train_with_and_without_unused_parameters(
     assert "fid" not in result.metrics  # evaluate=False: training alone
 
 
-def test_compiled_qat_trains_and_evaluates(tiny_teacher, workspace):
+@pytest.mark.parametrize(
+    "backend",
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
+)
+def test_compiled_qat_trains_and_evaluates(tiny_teacher, workspace, backend):
     """``training.compile``: the student's and teacher's training forward compiled after the
-    first step (a progressive stage switch recompiles); LRM hooks, checkpoints and the
-    eager evaluation still work. ``reduce-overhead`` (CUDA graphs on a GPU) compiles like
-    ``default`` on a CPU; this checks its step marking and the teacher-first order run."""
+    first step; the EBB switch recompiles the student (a layer's traced attributes change,
+    as at a progressive stage switch, which the inductor variant adds); LRM hooks,
+    checkpoints and the eager evaluation still work. ``aot_eager`` traces, guards and
+    differentiates exactly as ``inductor`` does, without its code generation; still, each
+    graph of the tiny UNet costs about 40 s of tracing on a 2-core CPU, so the fast variant
+    has two student graphs. ``reduce-overhead`` (CUDA graphs on a GPU) compiles like
+    ``default`` on a CPU; the slow inductor variant checks its step marking and the
+    teacher-first order run."""
+    options = {"training.compile_backend": backend, "method.progressive.stage_steps": 0}
+    if backend == "inductor":
+        options["training.compile_mode"] = "reduce-overhead"
+        options["method.progressive.stage_steps"] = 2  # stages at steps 0, 2, 4, 6
     settings = tiny_settings(
         **{
             "training.compile": True,
-            "training.compile_mode": "reduce-overhead",
-            "method.progressive.stage_steps": 2,
-            "method.ebb.switch_at": 0.8,  # after the last stage (step 6): a recompile too
+            **options,
+            "method.ebb.switch_at": 0.8,  # at step 8, after the last stage
             "training.steps": 10,
             "training.checkpoint_every": 5,
             "training.log_every": 5,
         }
     )
-    metrics = final_metrics(fit_tiny(settings, "compiled", workspace, tiny_teacher))
+    metrics = final_metrics(fit_tiny(settings, f"compiled-{backend}", workspace, tiny_teacher))
     assert metrics["step"] == 10 and 0 < metrics["loss"] < 10 and metrics["loss_lrm"] > 0
     assert metrics["fid"] > 0 and metrics["size_saving"] > 4
+    assert metrics["weight_bits"] == 1.0  # switched while compiled
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_teacher, workspace, tmp_path):
