@@ -164,6 +164,9 @@ def _start_reference(spec, tracker, teacher_dir: str | None, cache_dir: str):
     from binarydm.models import weights_sha256
 
     parent = tracker.parent_run_id()
+    if not spec.search.fp_reference:
+        tracker.set_tags(parent, {TAG_FP_REFERENCE: "none: search.fp_reference is false"})
+        return None
     searched = per_trial_keys(spec)
     if searched or teacher_dir is None:
         reason = (

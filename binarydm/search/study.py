@@ -144,6 +144,11 @@ class SearchSpec:
     startup_trials: int | None = _doc(
         "TPE random start-up trials; null = max(2, min(10, trials // 4))", default=None
     )
+    fp_reference: bool = _doc(
+        "score the FP teacher once with the trials' settings (the FP point, fid_ratio_to_fp);"
+        " false only for smoke runs that need no FP point",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         self._check_objectives()

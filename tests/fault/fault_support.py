@@ -28,8 +28,10 @@ BDM_SEARCH = str(Path(sys.executable).with_name("bdm-search"))
 
 def tiny(steps: int = 20, every: int = 10, log_every: int | None = None) -> list[str]:
     """``--set`` arguments of a seconds-long trial; the teacher keys match the session's
-    cached tiny teacher (tests/conftest.tiny_settings), so no study pretrains one."""
+    cached tiny teacher (tests/conftest.tiny_settings), so no study pretrains one. The
+    faults hit trials: these studies score no FP reference (tests/search covers it)."""
     values = {
+        "search.fp_reference": "false",
         "teacher.steps": 40, "teacher.batch_size": 32,
         "training.steps": steps, "training.batch_size": 16,
         "training.checkpoint_every": every, "training.log_every": log_every or every,

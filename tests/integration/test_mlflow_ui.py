@@ -47,9 +47,12 @@ def ui_study(mlflow_server_factory, run_study, study_env, tmp_path_factory):
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("bdm.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == TRIALS and len(runs) == TRIALS + 1
+    trials = [r for r in children if r.data.tags.get("bdm.role") == "trial"]
+    # Under the parent: the trials and the FP reference run, nothing else.
+    assert len(trials) == TRIALS and len(runs) == TRIALS + 2
+    assert [r.data.tags.get("bdm.role") for r in children].count("reference") == 1
     return SimpleNamespace(
-        url=server.url, experiment_id=experiment.experiment_id, parent=parent, children=children
+        url=server.url, experiment_id=experiment.experiment_id, parent=parent, children=trials
     )
 
 

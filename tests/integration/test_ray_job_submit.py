@@ -137,7 +137,9 @@ def test_job_submit_runs_a_study(ray_head, layout, workspace, tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("bdm.role") == "parent"]
     assert parent.info.status == "FINISHED"
-    assert len(runs) == 2  # the parent and the one trial, each exactly once
+    # The parent, the one trial and the FP reference run, each exactly once.
+    roles = sorted(r.data.tags.get("bdm.role") for r in runs)
+    assert roles == ["parent", "reference", "trial"]
     assert trial["tags"]["mlflow.parentRunId"] == parent.info.run_id
     artifacts = tmp_path / "mlartifacts"
     assert (artifacts / trial["run_id"] / "artifacts" / "config.json").is_file()

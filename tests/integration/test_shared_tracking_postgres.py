@@ -47,7 +47,11 @@ def mlflow_runs(shared_study):
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     (parent,) = [r for r in runs if r.data.tags.get("bdm.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return SimpleNamespace(experiment=experiment, runs=runs, parent=parent, children=children)
+    trials = [r for r in children if r.data.tags.get("bdm.role") == "trial"]
+    references = [r for r in children if r.data.tags.get("bdm.role") == "reference"]
+    return SimpleNamespace(
+        experiment=experiment, runs=runs, parent=parent, children=trials, references=references
+    )
 
 
 def test_every_trial_is_one_finished_mlflow_run(shared_study, mlflow_runs):
@@ -56,7 +60,8 @@ def test_every_trial_is_one_finished_mlflow_run(shared_study, mlflow_runs):
     assert mlflow_runs.parent.info.status == "FINISHED"
     trial_ids = sorted(int(r.data.tags["trial_id"]) for r in mlflow_runs.children)
     assert trial_ids == list(range(TRIALS)), "a trial is missing or was logged twice"
-    assert len(mlflow_runs.runs) == TRIALS + 1  # nothing but the parent and its trials
+    # Nothing but the parent, its trials and the study's one FP reference run.
+    assert len(mlflow_runs.runs) == TRIALS + 2 and len(mlflow_runs.references) == 1
     records = load_study_results(STUDY, STUDY, tracking_uri=shared_study.server.url)
     assert [r["trial_id"] for r in records] == list(range(TRIALS))
     for record in records:
@@ -84,7 +89,7 @@ def test_the_trials_ran_concurrently(mlflow_runs):
 def test_the_records_are_in_postgres(postgres, shared_study):
     """Not in a SQLite file that a typo in a URL would have silently created instead."""
     for database, query, expected in (
-        ("mlflow", "SELECT count(*) FROM runs", TRIALS + 1),
+        ("mlflow", "SELECT count(*) FROM runs", TRIALS + 2),
         ("optuna", "SELECT count(*) FROM trials WHERE state = 'COMPLETE'", TRIALS),
     ):
         connection = postgres.connect(database)

@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 from rich.console import Console
 
+from binarydm._typed import ConfigError
 from binarydm.search import parse_study
 from binarydm.search.analysis import FID_RATIO, pareto_table, summarize
 from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
@@ -109,7 +110,7 @@ def test_evaluation_data_sha256_is_of_the_images_evaluate_reads(shared_data, tmp
     assert evaluation_data_sha256(limited, str(shared_data), cache) == digest
 
 
-def _spec(tmp_path: Path, name: str = "fp_study", space=None, **settings):
+def _spec(tmp_path: Path, name: str = "fp_study", space=None, search=None, **settings):
     data = {
         "name": name,
         "settings": {
@@ -121,6 +122,7 @@ def _spec(tmp_path: Path, name: str = "fp_study", space=None, **settings):
             "trials": 2,
             "objectives": [{"metric": m} for m, _ in OBJECTIVES],
             "space": space or {"method.lrm.weight": {"logfloat": [1e-4, 1.0]}},
+            **(search or {}),
         },
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
@@ -275,3 +277,14 @@ def test_no_reference_when_the_space_changes_what_it_would_be_scored_on(workdir)
     assert tracker.reference_runs() == []
     note = tracker.client.get_run(tracker.parent_run_id()).data.tags[TAG_FP_REFERENCE]
     assert note.startswith("none: the space searches evaluation.sampling_steps")
+
+
+def test_no_reference_when_the_study_file_turns_it_off(workdir, teacher_dir) -> None:
+    spec = _spec(workdir, name="smoke", search={"fp_reference": False})
+    tracker = _tracker(spec)
+    assert start_reference(spec, tracker, teacher_dir, str(workdir / "cache")) is None
+    assert tracker.reference_runs() == []
+    note = tracker.client.get_run(tracker.parent_run_id()).data.tags[TAG_FP_REFERENCE]
+    assert note == "none: search.fp_reference is false"
+    with pytest.raises(ConfigError, match=r"search.fp_reference"):
+        _spec(workdir, search={"fp_reference": "yes"})
