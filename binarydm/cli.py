@@ -7,7 +7,9 @@
     bdm-search search_spaces/joint.yaml --dry-run           # resolved space, trial count, cost
     bdm-search trial search_spaces/lrm_rank.yaml            # one trial of the fixed settings
     bdm-search pareto lrm_rank                              # recompute the front from MLflow
-    bdm-search sample RUN_ID --out samples.png              # images from a trial's checkpoint
+    bdm-search sample RUN_ID --out samples.png              # images from a trial's packed model
+    bdm-search export cifar10_w1a4 --out DIR                # runs as JSON + small artifacts
+    bdm-search import DIR                                   # recreate them in a local MLflow
 
 Every error in the input is one line naming the key, the value and what is allowed,
 with exit code 2; nothing is written before the input is valid.
@@ -288,7 +290,9 @@ def sample(
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Generate images from a trial's packed 1-bit checkpoint."""
+    """Generate images from a trial's packed 1-bit model (local checkpoint or logged artifact)."""
+    import tempfile
+
     import mlflow
 
     from binarydm.export import load_packed
@@ -302,13 +306,79 @@ def sample(
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
         _fail(f"run {run_id!r} not found in {uri}: {exc.message}")
-    packed = Path(run.data.tags.get("checkpoint", "")) / "model.bdm"
-    if not packed.is_file():
-        _fail(f"run {run_id} has no packed checkpoint at {packed} (trial not finished?)")
-    model = load_packed(packed).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        packed = _packed_model(client, run, Path(tmp))
+        model = load_packed(packed).eval()
     images = to_uint8(ddim_sample(model, num, steps=steps, seed=seed))
     save_grid(images, out)
-    typer.echo(f"wrote {num} samples ({steps} DDIM steps) to {out}")
+    typer.echo(f"wrote {num} samples ({steps} DDIM steps) from {packed.name} to {out}")
+
+
+def _packed_model(client, run, tmp: Path) -> Path:
+    """The run's ``model.bdm``: its local checkpoint if this machine has it, else the copy
+    logged to MLflow (``checkpoint/model.bdm``, logged for the Pareto front's trials)."""
+    local = Path(run.data.tags.get("checkpoint", "")) / "model.bdm"
+    if run.data.tags.get("checkpoint") and local.is_file():
+        return local
+    logged = "checkpoint/model.bdm"
+    if any(a.path == logged for a in client.list_artifacts(run.info.run_id, "checkpoint")):
+        return Path(client.download_artifacts(run.info.run_id, logged, str(tmp)))
+    _fail(
+        f"run {run.info.run_id} has no packed model: not at {local} on this machine and no "
+        f"{logged} artifact (logged for Pareto-front trials once the study finished)"
+    )
+
+
+@app.command("export")
+def export_runs(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment to export")],
+    out: Annotated[Path, typer.Option(help="empty folder to write runs.json and artifacts to")],
+    max_artifact_mib: Annotated[
+        float, typer.Option(help="skip artifacts larger than this (weights are always skipped)")
+    ] = 2.0,
+    artifacts_from: Annotated[
+        Path | None,
+        typer.Option(help="the store's mlartifacts folder, copied from the machine that ran it"),
+    ] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Write an experiment's runs (params, metrics with history, tags, small artifacts) to a
+    folder that can be committed; `bdm-search import` recreates them (docs/run-archive.md)."""
+    from binarydm.tracking.archive import export_experiment
+
+    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    _check_tracking_uri(uri)
+    try:
+        done = export_experiment(
+            experiment, out, uri, int(max_artifact_mib * 1024 * 1024), artifacts_from
+        )
+    except (LookupError, FileExistsError) as exc:
+        _fail(str(exc))
+    typer.echo(f"exported {done['runs']} runs and {done['artifacts']} artifacts to {out}")
+    for skipped in done["skipped"]:
+        typer.echo(f"  not exported: {skipped}")
+
+
+@app.command("import")
+def import_runs(
+    archive: Annotated[Path, typer.Argument(help="folder written by bdm-search export")],
+    experiment: Annotated[
+        str | None, typer.Option(help="experiment to create (default: the archived name)")
+    ] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Recreate an exported experiment's runs in an MLflow store (for the UI and `pareto`)."""
+    from binarydm.tracking.archive import import_archive, read_archive
+
+    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    _check_tracking_uri(uri)
+    try:
+        name = experiment or read_archive(archive)["experiment"]["name"]
+        created = import_archive(archive, uri, experiment)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"imported {len(created)} runs into experiment {name!r} at {uri}")
+    typer.echo(f"  browse: mlflow ui --backend-store-uri {uri}")
 
 
 def main() -> None:

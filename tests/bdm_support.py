@@ -18,6 +18,16 @@ import urllib.request
 from pathlib import Path
 
 SERVER_START_TIMEOUT_S = 120
+LRM_STUDY = str(Path(__file__).resolve().parents[1] / "search_spaces" / "lrm_rank.yaml")
+#: ``--set`` arguments of seconds-long trials of lrm_rank.yaml; the teacher keys match
+#: ``tiny_settings`` so studies share the session's cached tiny teacher.
+TINY_STUDY = [
+    "--set", "teacher.steps=40", "--set", "teacher.batch_size=32",
+    "--set", "training.steps=10", "--set", "training.batch_size=16",
+    "--set", "training.checkpoint_every=5", "--set", "training.log_every=5",
+    "--set", "evaluation.fid_samples=100", "--set", "evaluation.sampling_steps=4",
+    "--set", "evaluation.test_loss_images=64", "--set", "evaluation.sample_batch_size=100",
+]  # fmt: skip
 
 
 def small_unet(sample_size: int = 16, channels: int = 3, seed: int = 0):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from bdm_support import tiny_settings
+from bdm_support import LRM_STUDY, TINY_STUDY, tiny_settings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -51,3 +51,22 @@ def tiny_teacher(ray_cluster, workspace) -> Path:
         data_root=workspace["data_root"],
         cache_dir=workspace["cache_dir"],
     )
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory, ray_cluster, tiny_teacher):
+    """(workdir, output) of one finished two-trial lrm_rank study through the CLI, with
+    sqlite MLflow and Optuna stores in workdir; shared by the tests that read a study back."""
+    from typer.testing import CliRunner
+
+    from binarydm.cli import app
+
+    workdir = tmp_path_factory.mktemp("study")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        result = CliRunner().invoke(app, [LRM_STUDY, *TINY_STUDY, "--trials", "2"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return workdir, result.output

@@ -7,35 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bdm_support import TINY_STUDY
 from typer.testing import CliRunner
 
 from binarydm.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 LRM_STUDY = str(REPO / "search_spaces" / "lrm_rank.yaml")
-# Shares the session's cached tiny teacher (same teacher keys as tests/conftest.tiny_settings).
-TINY = [
-    "--set", "teacher.steps=40", "--set", "teacher.batch_size=32",
-    "--set", "training.steps=10", "--set", "training.batch_size=16",
-    "--set", "training.checkpoint_every=5", "--set", "training.log_every=5",
-    "--set", "evaluation.fid_samples=100", "--set", "evaluation.sampling_steps=4",
-    "--set", "evaluation.test_loss_images=64", "--set", "evaluation.sample_batch_size=100",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory, ray_cluster, tiny_teacher):
-    import os
-
-    workdir = tmp_path_factory.mktemp("study")
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        result = CliRunner().invoke(app, [LRM_STUDY, *TINY, "--trials", "2"])
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0, result.output
-    return workdir, result.output
+# The session's finished study (tests/conftest.finished_study) ran with these.
+TINY = TINY_STUDY
 
 
 def _runs(workdir: Path):
