@@ -52,7 +52,11 @@ def ui_study(mlflow_server_factory, run_study, study_env, tmp_path_factory):
     assert len(trials) == TRIALS and len(runs) == TRIALS + 2
     assert [r.data.tags.get("bdm.role") for r in children].count("reference") == 1
     return SimpleNamespace(
-        url=server.url, experiment_id=experiment.experiment_id, parent=parent, children=trials
+        url=server.url,
+        experiment_id=experiment.experiment_id,
+        parent=parent,
+        children=children,
+        trials=trials,
     )
 
 
@@ -74,11 +78,13 @@ def _render(chromium, url: str, out: Path, ready: str) -> str:
 def test_runs_table_shows_the_study_with_its_trials_folded(chromium, ui_study, tmp_path):
     experiment, parent = ui_study.experiment_id, ui_study.parent
     url = f"{ui_study.url}/#/experiments/{experiment}/runs"
-    dom = _render(chromium, url, tmp_path / "runs", f"{TRIALS + 1} matching runs")
+    # The parent, its trials and the study's FP reference run.
+    matching = f"{len(ui_study.children) + 1} matching runs"
+    dom = _render(chromium, url, tmp_path / "runs", matching)
     text = _text(dom)
     chromium.screenshot(url, tmp_path / "runs.png")
 
-    assert f"{TRIALS + 1} matching runs" in text, text[:3000]
+    assert matching in text, text[:3000]
     assert parent.info.run_name in text
     parent_link = f'href="#/experiments/{experiment}/runs/{parent.info.run_id}"'
     assert parent_link in dom
@@ -96,7 +102,7 @@ def test_runs_table_shows_the_study_with_its_trials_folded(chromium, ui_study, t
 
 def test_trial_page_shows_metrics_and_pareto_tag(chromium, ui_study, tmp_path):
     # A Pareto member: its page is the one worth a screenshot.
-    trial = next(r for r in ui_study.children if r.data.tags["pareto"] == "true")
+    trial = next(r for r in ui_study.trials if r.data.tags["pareto"] == "true")
     url = f"{ui_study.url}/#/experiments/{ui_study.experiment_id}/runs/{trial.info.run_id}"
     dom = _render(chromium, url, tmp_path / "trial", "pareto")
     text = _text(dom)
