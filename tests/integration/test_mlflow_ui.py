@@ -22,7 +22,7 @@ import pytest
 pytestmark = pytest.mark.timeout(900)
 
 STUDY = "lrm_rank"
-TRIALS = 2
+TRIALS = 1  # the parent folds its trial and the FP reference run
 #: A slow server (a loaded CI machine) may answer after the virtual time budget: retry.
 RENDER_ATTEMPTS = 3
 SCREENSHOT_COPY = Path("/tmp/bdm_mlflow_ui.png")
