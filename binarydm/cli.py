@@ -92,6 +92,13 @@ def _check_tracking_uri(uri: str | None) -> None:
         )
 
 
+def _store_uri(tracking_uri: str | None) -> str:
+    """The MLflow store a command reads: ``--tracking-uri``, else ./mlflow.db; checked."""
+    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    _check_tracking_uri(uri)
+    return uri
+
+
 def _guarded(action):
     """Turn the platform's expected errors into one line and exit code 2."""
     from binarydm._typed import ConfigError
@@ -249,8 +256,7 @@ def pareto(
     from binarydm.search.analysis import pareto_table, summarize
     from binarydm.tracking import StudyTracker, load_study_summary
 
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    _check_tracking_uri(uri)
+    uri = _store_uri(tracking_uri)
     name = study or experiment
     try:
         saved = load_study_summary(experiment, name, uri)
@@ -299,8 +305,7 @@ def sample(
     from binarydm.train.diffusion import ddim_sample, to_uint8
     from binarydm.train.evaluate import save_grid
 
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    _check_tracking_uri(uri)
+    uri = _store_uri(tracking_uri)
     client = mlflow.MlflowClient(uri)
     try:
         run = client.get_run(run_id)
@@ -346,8 +351,7 @@ def export_runs(
     folder that can be committed; `bdm-search import` recreates them (docs/run-archive.md)."""
     from binarydm.tracking.archive import export_experiment
 
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    _check_tracking_uri(uri)
+    uri = _store_uri(tracking_uri)
     try:
         done = export_experiment(
             experiment, out, uri, int(max_artifact_mib * 1024 * 1024), artifacts_from
@@ -368,13 +372,11 @@ def import_runs(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Recreate an exported experiment's runs in an MLflow store (for the UI and `pareto`)."""
-    from binarydm.tracking.archive import import_archive, read_archive
+    from binarydm.tracking.archive import import_archive
 
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    _check_tracking_uri(uri)
+    uri = _store_uri(tracking_uri)
     try:
-        name = experiment or read_archive(archive)["experiment"]["name"]
-        created = import_archive(archive, uri, experiment)
+        name, created = import_archive(archive, uri, experiment)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"imported {len(created)} runs into experiment {name!r} at {uri}")

@@ -32,6 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from binarydm.tracking.runs import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
+    _chunks,
     search_all_runs,
 )
 
@@ -43,8 +44,8 @@ TAG_ARCHIVED_RUN_ID = "bdm.archived_run_id"
 #: Artifacts never archived: model weights (the archive is committed to git).
 WEIGHT_SUFFIXES = (".bdm", ".pt", ".pth", ".safetensors", ".ckpt", ".bin")
 DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024 * 1024
-# MLflow-internal tags that a new run gets anew (or that would point at the old store).
-_SKIPPED_TAGS = ("mlflow.log-model.history",)
+# Tags an imported run gets anew: its parent's new id, no model history of the old store.
+_SKIPPED_TAGS = (MLFLOW_PARENT_RUN_ID, "mlflow.log-model.history")
 
 
 def _artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> list[Any]:
@@ -170,7 +171,6 @@ def read_archive(archive_dir: str | Path) -> dict[str, Any]:
 def _log_run(client: MlflowClient, run_id: str, record: dict[str, Any], parent: str | None):
     params = [Param(k, v) for k, v in record["params"].items()]
     tags = [RunTag(k, v) for k, v in record["tags"].items() if k not in _SKIPPED_TAGS]
-    tags = [t for t in tags if t.key != MLFLOW_PARENT_RUN_ID]
     tags.append(RunTag(TAG_ARCHIVED_RUN_ID, record["run_id"]))
     if parent is not None:
         tags.append(RunTag(MLFLOW_PARENT_RUN_ID, parent))
@@ -179,18 +179,19 @@ def _log_run(client: MlflowClient, run_id: str, record: dict[str, Any], parent: 
         for key, points in record["metric_history"].items()
         for step, value, timestamp in points
     ]
-    for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-    for start in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=tags[start : start + MAX_PARAMS_TAGS_PER_BATCH])
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+    for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+    for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=chunk)
+    for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
 
 
 def import_archive(
     archive_dir: str | Path, tracking_uri: str, experiment: str | None = None
-) -> dict[str, str]:
-    """Recreate an archive's runs in a new experiment; returns {archived run id: new run id}.
+) -> tuple[str, dict[str, str]]:
+    """Recreate an archive's runs in a new experiment; returns its name and
+    {archived run id: new run id}.
 
     The experiment must not exist yet (an import never merges into, or duplicates, runs).
     """
@@ -231,4 +232,4 @@ def import_archive(
 
     for record in records:
         create(record)
-    return new_ids
+    return name, new_ids

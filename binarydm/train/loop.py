@@ -259,10 +259,11 @@ def run_loop(config: dict[str, Any], session) -> None:
             # After the first step, whose eager forward initialised the quantizers:
             # compiling that pass would trace the initialisation, then recompile the whole
             # UNet when the flags flip. Evaluation and checkpoints use the eager modules.
-            forward_model = torch.compile(ddp_model, **train.compile_options())
+            options = train.compile_options()
+            forward_model = torch.compile(ddp_model, **options)
             if lrm is not None:
-                lrm.compile_teacher(**train.compile_options())
-            graph_steps = train.compile_options().get("mode") == "reduce-overhead"
+                lrm.compile_teacher(**options)
+            graph_steps = options.get("mode") == "reduce-overhead"
         if graph_steps:
             # CUDA graph trees: a new step begins, the last step's graph outputs are dead.
             torch.compiler.cudagraph_mark_step_begin()

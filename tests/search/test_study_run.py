@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bdm_support import TINY_STUDY
+from bdm_support import LRM_STUDY, TINY_STUDY
 from typer.testing import CliRunner
 
 from binarydm.cli import app
 
-REPO = Path(__file__).resolve().parents[2]
-LRM_STUDY = str(REPO / "search_spaces" / "lrm_rank.yaml")
 # The session's finished study (tests/conftest.finished_study) ran with these.
 TINY = TINY_STUDY
 
