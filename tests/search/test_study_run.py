@@ -176,9 +176,9 @@ def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
     import dataclasses
 
     from binarydm.data import cache_dir
-    from binarydm.search import load_study
     from binarydm.search.driver import _shared_teacher
     from binarydm.search.reference import start_reference
+    from binarydm.spec import load_study
     from binarydm.tracking import StudyTracker, load_reference
 
     workdir, _ = finished_study
