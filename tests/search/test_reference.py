@@ -153,8 +153,7 @@ def workdir(template_db, tmp_path, shared_data, monkeypatch) -> Path:
 
 
 def _tracker(spec) -> StudyTracker:
-    tracking = spec.tracking
-    return StudyTracker(tracking.uri, tracking.experiment, spec.name, tracking.artifact_location)
+    return StudyTracker.for_study(spec)
 
 
 def _finished_reference(tracker: StudyTracker, key: str, fid: float, ops: float) -> str:
