@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from binarydm.search.study import load_study
+    from binarydm.spec import load_study
     from binarydm.tracking.results import load_study_results, load_study_summary
 
     spec = load_study(args.file, overrides=args.set)

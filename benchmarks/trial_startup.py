@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> None:
     stage("import_mlflow_store")
     import binarydm.search.trainable  # noqa: F401
     import binarydm.train.runner  # noqa: F401
-    from binarydm.search.study import load_study
+    from binarydm.spec import load_study
     from binarydm.train import loop
 
     stage("import_binarydm")

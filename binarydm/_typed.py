@@ -9,13 +9,48 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import types
 import typing
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Self, get_args, get_origin
 
 
 class ConfigError(ValueError):
     """A config value out of its allowed set; the message names key, value and what is allowed."""
+
+
+class FrozenConfig:
+    """Serialisation shared by the frozen config dataclasses: dicts, JSON, dotted keys.
+
+    ``from_dict`` is strict (``build``); ``replace`` overrides dotted keys and
+    validates the result again, so a copy is never less checked than the original.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``weight.bases`` -> 2): the form search spaces and MLflow use."""
+        return flatten(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Strictly from ``to_dict()`` output."""
+        return build(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **dotted: Any) -> Self:
+        """A copy with dotted keys overridden, validated again (``replace(**{"a.b": 1})``)."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            set_dotted(data, key, value)
+        return type(self).from_dict(data)
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -67,7 +67,7 @@ def _fail(message: str) -> None:
 
 def _load(file: Path, profile: str | None, sets: list[str] | None, **extra):
     from binarydm._typed import ConfigError
-    from binarydm.search import load_study
+    from binarydm.spec import load_study
 
     overrides = list(sets or [])
     for key, value in extra.items():
@@ -82,9 +82,11 @@ def _load(file: Path, profile: str | None, sets: list[str] | None, **extra):
 
 
 def _check_tracking_uri(uri: str | None) -> None:
+    from binarydm.spec import uri_scheme
+
     if uri is None:
         return
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    scheme = (uri_scheme(uri) or "").split("+", 1)[0]
     if scheme not in KNOWN_TRACKING_SCHEMES:
         _fail(
             f"tracking.uri={uri!r} is invalid: unknown scheme {scheme!r}; allowed sqlite:///PATH, "
@@ -149,6 +151,8 @@ def run(
 
 def _warn_remote_paths(spec, address: str | None, console) -> None:
     """On a remote cluster, relative/local stores vanish with the job's temporary directory."""
+    from binarydm.spec import is_remote_uri
+
     if not address or address.startswith(("127.", "localhost")):
         return
     local = []
@@ -159,7 +163,7 @@ def _warn_remote_paths(spec, address: str | None, console) -> None:
         ("data.root", spec.settings.data.root),
         ("tracking.artifact_location", spec.tracking.artifact_location),
     ):
-        if value is None or value.startswith(("sqlite", "file:")) or not _is_remote(value):
+        if value is None or not is_remote_uri(value):
             local.append(key)
     if local:
         console.print(
@@ -167,10 +171,6 @@ def _warn_remote_paths(spec, address: str | None, console) -> None:
             "storage (an mlflow server, a Postgres URL, s3:// or an NFS path); local paths "
             "vanish with the job's working directory"
         )
-
-
-def _is_remote(value: str) -> bool:
-    return "://" in value and not value.startswith(("sqlite", "file"))
 
 
 def _print_dry_run(spec, console) -> None:
@@ -230,9 +230,7 @@ def _single_trial(spec, address: str | None) -> dict:
         spec, search=dataclasses.replace(spec.search, seeds=spec.search.seeds[:1])
     )
     connect_ray(address)
-    tracker = StudyTracker(
-        spec.tracking.uri, spec.tracking.experiment, spec.name, spec.tracking.artifact_location
-    )
+    tracker = StudyTracker.for_study(spec)
     run = tracker.client.create_run(
         tracker.experiment_id,
         run_name=f"{spec.name}-trial",

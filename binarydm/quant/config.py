@@ -23,12 +23,11 @@ The bits a model really has are counted from it (``weight_bits`` of
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from binarydm._typed import build, flatten, require, set_dotted
+from binarydm._typed import FrozenConfig, require
 
 WeightKind = Literal["binary", "lsq"]
 FirstLastMode = Literal["fp", "int8"]
@@ -227,7 +226,7 @@ class ProgressiveConfig:
 
 
 @dataclass(frozen=True)
-class BinaryDMConfig:
+class BinaryDMConfig(FrozenConfig):
     """One BinaryDM quantization; ``BinaryDMConfig()`` is ``BinaryDMConfig.v5()``, the ICLR
     (paper v5) BinaryDM at W1A4: pure 1-bit once trained (see the module docstring)."""
 
@@ -291,10 +290,7 @@ class BinaryDMConfig:
         """Bases of the outer-level binary layers once trained (EBB drops its second)."""
         return 1 if self.ebb.enabled else self.weight.bases
 
-    # -- serialisation -------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+    # -- serialisation (to_dict, flat, replace: FrozenConfig) ------------------------
     def to_versioned_dict(self) -> dict[str, Any]:
         """``to_dict`` plus ``config_version``: the form stored in packed checkpoints."""
         return {"config_version": self.CONFIG_VERSION, **self.to_dict()}
@@ -313,22 +309,7 @@ class BinaryDMConfig:
             version,
             f"{cls.CONFIG_VERSION} (written by another binarydm; re-export the model with it)",
         )
-        return build(cls, data)
-
-    @classmethod
-    def from_json(cls, text: str) -> BinaryDMConfig:
-        return cls.from_dict(json.loads(text))
-
-    def flat(self) -> dict[str, Any]:
-        """Dotted-key view (``weight.bases`` -> 2), the form search spaces and MLflow params use."""
-        return flatten(self.to_dict())
-
-    def replace(self, **dotted: Any) -> BinaryDMConfig:
-        """A copy with dotted keys overridden: ``cfg.replace(**{"lrm.weight": 1.0})``."""
-        data = self.to_dict()
-        for key, value in dotted.items():
-            set_dotted(data, key, value)
-        return BinaryDMConfig.from_dict(data)
+        return super().from_dict(data)
 
 
 #: Recipe name -> factory (keyword overrides as dotted keys: ``RECIPES["v5"](**{...})``).

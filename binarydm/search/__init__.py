@@ -1,63 +1,37 @@
-"""Study files, their search spaces and Pareto analysis.
+"""Running a study: Optuna wiring, the ``--dry-run`` description and Pareto analysis.
 
-``load_study`` turns a YAML study file into a validated ``StudySpec``;
-``optuna_space`` and ``build_sampler`` give what ``OptunaSearch`` needs;
-``pareto_front`` and ``hypervolume`` score the finished trials. Nothing here
-imports Ray or MLflow, and Optuna only inside the functions that need it.
+``optuna_space`` and ``build_sampler`` give what ``OptunaSearch`` needs from a
+``binarydm.spec.SearchSpec``; ``describe_space`` and ``estimate_cost`` are the
+``--dry-run`` table and cost; ``pareto_front`` and ``hypervolume`` score the
+finished trials. The driver (``search.driver``) and the trial
+(``search.trainable``) import Ray and MLflow when they run. What a study is, and
+how a study file is read, lives below in ``binarydm.spec``.
 """
 
-from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
-from binarydm.search.space import (
-    CPU_COST,
-    GPU_COST,
-    CostModel,
+from binarydm.search._dry_run import CPU_COST, GPU_COST, CostModel, describe_space, estimate_cost
+from binarydm.search._sampling import (
     DefineByRunSpace,
-    Dimension,
     build_sampler,
-    describe_space,
-    estimate_cost,
-    invalid_combinations,
+    distribution,
     optuna_distributions,
     optuna_space,
-    parse_dimension,
+    suggest,
 )
-from binarydm.search.study import (
-    METRIC_DIRECTIONS,
-    Objective,
-    ResourceSpec,
-    SearchSpec,
-    StorageSpec,
-    StudySpec,
-    TrackingSpec,
-    load_study,
-    parse_assignment,
-    parse_study,
-)
+from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
 
 __all__ = [
     "CPU_COST",
     "GPU_COST",
-    "METRIC_DIRECTIONS",
     "CostModel",
     "DefineByRunSpace",
-    "Dimension",
-    "Objective",
-    "ResourceSpec",
-    "SearchSpec",
-    "StorageSpec",
-    "StudySpec",
-    "TrackingSpec",
     "build_sampler",
     "default_reference_point",
     "describe_space",
+    "distribution",
     "estimate_cost",
     "hypervolume",
-    "invalid_combinations",
-    "load_study",
     "optuna_distributions",
     "optuna_space",
-    "parse_assignment",
-    "parse_dimension",
-    "parse_study",
     "pareto_front",
+    "suggest",
 ]

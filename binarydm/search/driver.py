@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from binarydm.search.study import StudySpec
+from binarydm.spec import StudySpec, is_uri, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 
     if address == "auto":
         return
-    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    parsed = urlparse(address if is_uri(address) else f"ray://{address}")
     host, port = parsed.hostname, parsed.port
     if host is None or port is None:
         raise StudyError(f"--address={address!r} is invalid: expected HOST:PORT or ray://HOST:PORT")
@@ -205,12 +205,13 @@ def _sqlite_init_lock(uri: str):
     its schema migration, and the loser dies with an Alembic error; a file lock beside
     the database makes the second one wait and find the schema there.
     """
-    if not uri.startswith("sqlite:///"):
+    database = sqlite_file(uri)
+    if database is None:
         yield
         return
     from filelock import FileLock
 
-    with FileLock(uri[len("sqlite:///") :] + ".lock"):
+    with FileLock(database + ".lock"):
         yield
 
 
@@ -243,8 +244,8 @@ def _shared_teacher(spec: StudySpec, cache_dir: str) -> str | None:
 
 
 def _searcher(spec: StudySpec, storage):
+    from binarydm.search._sampling import build_sampler, optuna_space
     from binarydm.search.searcher import BinaryDMOptunaSearch
-    from binarydm.search.space import build_sampler, optuna_space
 
     search = spec.search
     return BinaryDMOptunaSearch(
@@ -310,9 +311,7 @@ def run_study(
     connect_ray(address, verbose=verbose)
     import ray
 
-    tracker = StudyTracker(
-        spec.tracking.uri, spec.tracking.experiment, spec.name, spec.tracking.artifact_location
-    )
+    tracker = StudyTracker.for_study(spec)
     with _sqlite_init_lock(spec.tracking.uri):
         parent = tracker.parent_run_id()
     tracker.set_running(parent)

@@ -325,7 +325,8 @@ def fail_reference(tracker, run_id: str, exc: BaseException) -> None:
 
 
 def _finished_with_key(runs, key: str) -> str | None:
-    from binarydm.tracking.runs import TAG_REFERENCE_KEY, oldest_run
+    from binarydm.tracking import oldest_run
+    from binarydm.tracking.runs import TAG_REFERENCE_KEY
 
     done = [
         r for r in runs if r.info.status == "FINISHED" and r.data.tags.get(TAG_REFERENCE_KEY) == key

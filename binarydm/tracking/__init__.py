@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from binarydm.tracking._queries import oldest_run
 from binarydm.tracking.buffer import BufferedLogger, is_tracking_outage
 from binarydm.tracking.repro import reproducibility_params
 from binarydm.tracking.results import (
@@ -30,6 +31,7 @@ __all__ = [
     "load_study_results",
     "load_study_summary",
     "log_pareto_plots",
+    "oldest_run",
     "pareto_plots",
     "plot_points",
     "reproducibility_params",

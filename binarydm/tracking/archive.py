@@ -29,12 +29,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from binarydm.tracking.runs import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    _chunks,
-    search_all_runs,
-)
+from binarydm.tracking._queries import chunks, search_all_runs
+from binarydm.tracking.runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 FORMAT = "binarydm-runs"
 VERSION = 1
@@ -179,11 +175,11 @@ def _log_run(client: MlflowClient, run_id: str, record: dict[str, Any], parent: 
         for key, points in record["metric_history"].items()
         for step, value, timestamp in points
     ]
-    for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
+    for chunk in chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, params=chunk)
-    for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
+    for chunk in chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=chunk)
-    for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+    for chunk in chunks(metrics, MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
 
 

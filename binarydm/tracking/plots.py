@@ -16,12 +16,9 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from matplotlib.figure import Figure
-
-if TYPE_CHECKING:
-    from binarydm.tracking.runs import StudyTracker
 
 PNG_NAME = "pareto.png"
 HTML_NAME = "pareto.html"
@@ -30,6 +27,14 @@ DOMINATED_COLOR = "#9e9e9e"
 PARETO_COLOR = "#d62728"
 FP_COLOR = "#1f77b4"
 FP_LABEL = "FP teacher (reference)"
+
+
+class ArtifactLogger(Protocol):
+    """Where the plots go: a ``StudyTracker`` (typed by what is used, so no import of it)."""
+
+    def log_figure(self, run_id: str, figure: Any, name: str) -> None: ...
+
+    def log_text(self, run_id: str, text: str, name: str) -> None: ...
 
 
 def _finite(value: Any) -> bool:
@@ -267,7 +272,7 @@ def _layout(points, objectives):
 
 
 def log_pareto_plots(
-    tracker: StudyTracker,
+    tracker: ArtifactLogger,
     parent_run_id: str,
     points: Sequence[Mapping[str, Any]],
     objectives: Sequence[tuple[str, str]],

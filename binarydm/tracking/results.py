@@ -18,6 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from binarydm.tracking._queries import oldest_run, quote_filter_value, search_all_runs
 from binarydm.tracking.runs import (
     OBJECTIVES_ARTIFACT,
     ROLE_PARENT,
@@ -30,9 +31,6 @@ from binarydm.tracking.runs import (
     TAG_ROLE,
     TAG_STUDY,
     TAG_TRIAL_ID,
-    oldest_run,
-    quote_filter_value,
-    search_all_runs,
 )
 
 

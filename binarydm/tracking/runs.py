@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import numbers
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
@@ -32,6 +31,18 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
+
+from binarydm.spec import is_uri
+from binarydm.tracking._queries import (
+    chunks,
+    oldest_run,
+    quote_filter_value,
+    search_all_runs,
+    search_store_runs,
+)
+
+if TYPE_CHECKING:
+    from binarydm.spec import StudySpec
 
 TAG_STUDY = "study"
 TAG_ROLE = "bdm.role"
@@ -131,57 +142,8 @@ def check_terminal_status(status: str) -> None:
         raise ValueError(f"status={status!r} is invalid: allowed {allowed}")
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def quote_filter_value(value: str) -> str:
-    """Quote a string for an MLflow filter; its grammar has no escape, so pick the other quote."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    raise ValueError(f"{value!r} cannot appear in an MLflow search filter: it holds both ' and \"")
-
-
-def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
-    """Every active (non-deleted) run matching ``filter_string``, across result pages."""
-    runs: list[Run] = []
-    page_token = None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=filter_string,
-            run_view_type=ViewType.ACTIVE_ONLY,
-            order_by=["attributes.start_time ASC"],
-            page_token=page_token,
-        )
-        runs.extend(page)
-        page_token = page.token
-        if not page_token:
-            return runs
-
-
-def search_store_runs(client: MlflowClient, filter_string: str) -> list[Run]:
-    """Every active run matching ``filter_string`` in any active experiment of the store."""
-    experiments, page_token = [], None
-    while True:
-        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=page_token)
-        experiments.extend(e.experiment_id for e in page)
-        page_token = page.token
-        if not page_token:
-            break
-    return [run for eid in experiments for run in search_all_runs(client, eid, filter_string)]
-
-
-def oldest_run(runs: Iterable[Run]) -> Run:
-    """The run every process agrees is canonical when a create race left several."""
-    return min(runs, key=lambda run: (run.info.start_time or 0, run.info.run_id))
 
 
 class StudyTracker:
@@ -203,6 +165,17 @@ class StudyTracker:
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
         self._trial_run_ids: dict[int, str] = {}
+
+    @classmethod
+    def for_study(cls, spec: StudySpec) -> StudyTracker:
+        """The tracker of a study whose paths are resolved (``StudySpec.resolve_paths``)."""
+        tracking = spec.tracking
+        if tracking.uri is None or tracking.experiment is None:
+            raise ValueError(
+                f"study {spec.name!r} has unresolved tracking (uri={tracking.uri!r}, "
+                f"experiment={tracking.experiment!r}): call spec.resolve_paths() first"
+            )
+        return cls(tracking.uri, tracking.experiment, spec.name, tracking.artifact_location)
 
     # Ray pickles the tracker into workers: ship names and ids, rebuild the client there.
     def __getstate__(self) -> dict[str, Any]:
@@ -373,7 +346,7 @@ class StudyTracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         entries = [RunTag(k, truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        for chunk in chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, tags=chunk)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
@@ -389,7 +362,7 @@ class StudyTracker:
             raise ParamConflictError(run_id, conflicts)
         fresh = {k: v for k, v in flat.items() if k not in logged}
         entries = [Param(k, v) for k, v in fresh.items()]
-        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        for chunk in chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
         return fresh
 
@@ -432,7 +405,7 @@ class StudyTracker:
         return len(entries)
 
     def log_metric_entities(self, run_id: str, metrics: Sequence[Metric]) -> None:
-        for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
+        for chunk in chunks(list(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
 
     def log_artifact_json(self, run_id: str, name: str, obj: Any) -> str:
@@ -519,6 +492,6 @@ class StudyTracker:
 def _absolute_location(location: str | None) -> str | None:
     # Tune runs each trial in its own working directory: a relative artifact root would land
     # somewhere different per process, so pin plain paths here (URIs pass through).
-    if location is None or len(urlparse(location).scheme) > 1:
+    if location is None or is_uri(location):
         return location
     return str(Path(location).expanduser().resolve())

@@ -8,12 +8,10 @@ with one line naming the key, before Ray starts.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from binarydm._typed import build, flatten, require, set_dotted
+from binarydm._typed import FrozenConfig, require
 from binarydm.quant.config import BinaryDMConfig
 
 DataSource = Literal["mnist", "cifar10", "npz", "image-folder"]
@@ -229,7 +227,7 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
-class TrialSettings:
+class TrialSettings(FrozenConfig):
     """Everything one trial needs: FP teacher -> BinaryDM QAT -> samples -> FID/OPs/size."""
 
     data: DataSettings = field(default_factory=DataSettings)
@@ -249,23 +247,3 @@ class TrialSettings:
         levels = resolution_levels(self.teacher.pretrained or self.teacher.preset)
         if levels is not None:
             check_schedule(levels, self.method, self.training.steps, prefix="method.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def flat(self) -> dict[str, Any]:
-        return flatten(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrialSettings:
-        return build(cls, data)
-
-    def replace(self, **dotted: Any) -> TrialSettings:
-        """A copy with dotted keys overridden, validated again."""
-        data = self.to_dict()
-        for key, value in dotted.items():
-            set_dotted(data, key, value)
-        return TrialSettings.from_dict(data)

@@ -18,8 +18,8 @@ from fault_support import BDM_SEARCH, LRM_STUDY, free_port, tiny
 from typer.testing import CliRunner
 
 from binarydm.cli import app
-from binarydm.search import load_study
 from binarydm.search.driver import _study_file_text, mask_secrets
+from binarydm.spec import load_study
 
 SECRET = "S3cr3tPassw0rd"
 SECRET_URL = f"postgresql://bdm:{SECRET}@127.0.0.1:1/optuna"

@@ -490,7 +490,7 @@ def service_url(name: str, scheme: str) -> str:
 
 
 def test_rayjob_entrypoint_is_a_valid_study_with_cluster_locations():
-    from binarydm.search import load_study
+    from binarydm.spec import load_study
 
     rayjob = the("RayJob")
     params = parse_bdm_search(study_command(rayjob))
@@ -512,7 +512,7 @@ def test_rayjob_entrypoint_is_a_valid_study_with_cluster_locations():
 
 
 def test_rayjob_creates_the_study_experiment_before_the_study():
-    from binarydm.search import load_study
+    from binarydm.spec import load_study
 
     rayjob = the("RayJob")
     commands = entrypoint_commands(rayjob["spec"]["entrypoint"])

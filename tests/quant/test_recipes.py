@@ -18,7 +18,7 @@ from binarydm.models import build_unet
 from binarydm.quant import MultiBasisBinarizer, quant_layers
 from binarydm.quant.config import RECIPES
 from binarydm.schedule import apply_schedule
-from binarydm.search import load_study
+from binarydm.spec import load_study
 
 ABLATION = Path(__file__).resolve().parents[2] / "search_spaces" / "ablation.yaml"
 # ddpm-cifar10: 35,356,672 quantized weights, 13,271,040 of them in the 2 outer levels.

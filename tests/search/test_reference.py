@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from binarydm._typed import ConfigError
-from binarydm.search import parse_study
 from binarydm.search.analysis import FID_RATIO, pareto_table, summarize
 from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
 from binarydm.search.reference import (
@@ -29,6 +28,7 @@ from binarydm.search.reference import (
     reference_key,
     start_reference,
 )
+from binarydm.spec import parse_study
 from binarydm.tracking import StudyTracker, load_reference, load_study_results
 from binarydm.train.settings import EvalSettings, TrialSettings
 
@@ -153,8 +153,7 @@ def workdir(template_db, tmp_path, shared_data, monkeypatch) -> Path:
 
 
 def _tracker(spec) -> StudyTracker:
-    tracking = spec.tracking
-    return StudyTracker(tracking.uri, tracking.experiment, spec.name, tracking.artifact_location)
+    return StudyTracker.for_study(spec)
 
 
 def _finished_reference(tracker: StudyTracker, key: str, fid: float, ops: float) -> str:

@@ -24,22 +24,25 @@ from binarydm.search import (
     build_sampler,
     describe_space,
     estimate_cost,
-    invalid_combinations,
-    load_study,
     optuna_distributions,
     optuna_space,
-    parse_dimension,
-    parse_study,
 )
-from binarydm.search.schema import SHIPPED_SCHEMA, schema_text, study_schema
-from binarydm.search.study import (
+from binarydm.search import (
+    distribution as optuna_distribution,
+)
+from binarydm.spec import (
     FILE_KEYS,
     METRIC_DIRECTIONS,
     SearchSpec,
     StudySpec,
-    _read_yaml,
+    invalid_combinations,
+    load_study,
     override_keys,
+    parse_dimension,
+    parse_study,
 )
+from binarydm.spec._loading import _read_yaml
+from binarydm.spec.schema import SHIPPED_SCHEMA, schema_text, study_schema
 from binarydm.train.settings import TrialSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -478,7 +481,7 @@ def test_estimate_cost_scales_with_steps_and_seeds() -> None:
 
 
 def test_shipped_schema_is_up_to_date() -> None:
-    assert SHIPPED_SCHEMA.read_text() == schema_text(), "run: python -m binarydm.search.schema"
+    assert SHIPPED_SCHEMA.read_text() == schema_text(), "run: python -m binarydm.spec.schema"
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=STUDY_NAMES)
@@ -728,7 +731,7 @@ def test_cases_dimension_round_trips_and_expands() -> None:
     dimension = parse_dimension("row", CASES)
     assert dimension.kind == "cases" and dimension.choices == ("plain", "lrm")
     assert parse_dimension("row", dimension.to_yaml()) == dimension
-    assert dimension.distribution() == optuna.distributions.CategoricalDistribution(
+    assert optuna_distribution(dimension) == optuna.distributions.CategoricalDistribution(
         ["plain", "lrm"]
     )
     space = {

@@ -176,9 +176,9 @@ def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
     import dataclasses
 
     from binarydm.data import cache_dir
-    from binarydm.search import load_study
     from binarydm.search.driver import _shared_teacher
     from binarydm.search.reference import start_reference
+    from binarydm.spec import load_study
     from binarydm.tracking import StudyTracker, load_reference
 
     workdir, _ = finished_study
@@ -186,8 +186,7 @@ def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
     monkeypatch.chdir(workdir)
     spec = load_study(LRM_STUDY, overrides=TINY[1::2])
     spec = dataclasses.replace(spec, name="lrm_rank_again").resolve_paths(workdir)
-    tracking = spec.tracking
-    tracker = StudyTracker(tracking.uri, tracking.experiment, spec.name, tracking.artifact_location)
+    tracker = StudyTracker.for_study(spec)
     teacher = _shared_teacher(spec, str(cache_dir(None)))
     # None: nothing was launched, so nothing is evaluated.
     assert start_reference(spec, tracker, teacher, str(cache_dir(None))) is None
@@ -197,7 +196,7 @@ def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
     assert copy.data.metrics["fid"] == original.data.metrics["fid"]
     for key in ("fid_samples", "fid_dims", "sampling_steps", "fid_reference", "seed"):
         assert copy.data.params[key] == original.data.params[key]
-    assert load_reference("lrm_rank_again", "lrm_rank_again", tracking.uri)["run_id"] == (
+    assert load_reference("lrm_rank_again", "lrm_rank_again", spec.tracking.uri)["run_id"] == (
         copy.info.run_id
     )
     assert start_reference(spec, tracker, teacher, str(cache_dir(None))) is None  # again: kept

@@ -2,14 +2,14 @@
 
 Types, enums (from ``Literal``), defaults and required keys come from the same
 frozen dataclasses ``load_study`` builds, the dimension forms from
-``space.DIMENSION_FORMS``, and the allowed dotted keys from ``TrialSettings``, so
+``DIMENSION_FORMS``, and the allowed dotted keys from ``TrialSettings``, so
 the schema cannot drift from the parser. Value ranges that only the classes'
 ``__post_init__`` knows (``bases`` in 1..3) stay with the parser. Editors use it
 through the first line of every shipped study::
 
     # yaml-language-server: $schema=study.schema.json
 
-Regenerate the shipped copy with ``python -m binarydm.search.schema``.
+Regenerate the shipped copy with ``python -m binarydm.spec.schema``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from binarydm.search.space import DIMENSION_FORMS
-from binarydm.search.study import (
-    METRIC_DIRECTIONS,
-    SEARCHABLE_KEYS,
-    SETTINGS_KEYS,
-    SearchSpec,
-    StudySpec,
-    override_keys,
-)
+from binarydm.spec._dimensions import DIMENSION_FORMS
+from binarydm.spec._keys import METRIC_DIRECTIONS, SEARCHABLE_KEYS, SETTINGS_KEYS
+from binarydm.spec._types import SearchSpec, StudySpec, override_keys
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 #: Where the repository keeps the generated schema, beside the studies that use it.
