@@ -12,11 +12,15 @@ import functools
 import json
 import types
 import typing
-from typing import Any, Literal, Self, get_args, get_origin
+from typing import Any, ClassVar, Literal, Self, get_args, get_origin
 
 
 class ConfigError(ValueError):
     """A config value out of its allowed set; the message names key, value and what is allowed."""
+
+
+#: The key under which a serialised config carries its class's ``CONFIG_VERSION``.
+VERSION_KEY = "config_version"
 
 
 class FrozenConfig:
@@ -24,13 +28,23 @@ class FrozenConfig:
 
     ``from_dict`` is strict (``build``); ``replace`` overrides dotted keys and
     validates the result again, so a copy is never less checked than the original.
+    The stored forms (``to_versioned_dict``, ``to_json``) carry ``config_version``;
+    ``from_dict`` refuses another version instead of guessing and reads a dict without
+    one (older runs, the study file's ``settings``) as the current version.
     """
+
+    #: Version of the class's schema: bumped when a field changes meaning or is removed.
+    CONFIG_VERSION: ClassVar[int] = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
+    def to_versioned_dict(self) -> dict[str, Any]:
+        """``to_dict`` plus ``config_version``: the form written to checkpoints and runs."""
+        return {VERSION_KEY: self.CONFIG_VERSION, **self.to_dict()}
+
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return json.dumps(self.to_versioned_dict(), sort_keys=True)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``weight.bases`` -> 2): the form search spaces and MLflow use."""
@@ -38,7 +52,18 @@ class FrozenConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Strictly from ``to_dict()`` output."""
+        """Strictly from ``to_dict()`` or ``to_versioned_dict()`` output."""
+        if not isinstance(data, dict) or VERSION_KEY not in data:
+            return build(cls, data)
+        data = dict(data)
+        version = data.pop(VERSION_KEY)
+        require(
+            version == cls.CONFIG_VERSION,
+            f"{cls.__name__}.{VERSION_KEY}",
+            version,
+            f"{cls.CONFIG_VERSION} (written by another binarydm version: rerun or re-export "
+            "with this one)",
+        )
         return build(cls, data)
 
     @classmethod

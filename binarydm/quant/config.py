@@ -23,7 +23,6 @@ The bits a model really has are counted from it (``weight_bits`` of
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -230,7 +229,8 @@ class BinaryDMConfig(FrozenConfig):
     """One BinaryDM quantization; ``BinaryDMConfig()`` is ``BinaryDMConfig.v5()``, the ICLR
     (paper v5) BinaryDM at W1A4: pure 1-bit once trained (see the module docstring)."""
 
-    #: Version of this schema; a config JSON of another version is refused, not guessed.
+    #: Version of this schema (FrozenConfig): a packed model's config of another version is
+    #: refused, not guessed. 2: EBB's switch as a fraction of the run, its transition.
     CONFIG_VERSION: ClassVar[int] = 2
 
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
@@ -289,27 +289,6 @@ class BinaryDMConfig(FrozenConfig):
     def deployed_bases(self) -> int:
         """Bases of the outer-level binary layers once trained (EBB drops its second)."""
         return 1 if self.ebb.enabled else self.weight.bases
-
-    # -- serialisation (to_dict, flat, replace: FrozenConfig) ------------------------
-    def to_versioned_dict(self) -> dict[str, Any]:
-        """``to_dict`` plus ``config_version``: the form stored in packed checkpoints."""
-        return {"config_version": self.CONFIG_VERSION, **self.to_dict()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_versioned_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BinaryDMConfig:
-        """Strictly from ``to_dict()`` (or ``to_versioned_dict()``) output."""
-        data = dict(data)
-        version = data.pop("config_version", cls.CONFIG_VERSION)
-        _require(
-            version == cls.CONFIG_VERSION,
-            "config_version",
-            version,
-            f"{cls.CONFIG_VERSION} (written by another binarydm; re-export the model with it)",
-        )
-        return super().from_dict(data)
 
 
 #: Recipe name -> factory (keyword overrides as dotted keys: ``RECIPES["v5"](**{...})``).

@@ -9,7 +9,7 @@ with one line naming the key, before Ray starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from binarydm._typed import FrozenConfig, require
 from binarydm.quant.config import BinaryDMConfig
@@ -229,6 +229,10 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class TrialSettings(FrozenConfig):
     """Everything one trial needs: FP teacher -> BinaryDM QAT -> samples -> FID/OPs/size."""
+
+    #: Version of this schema (FrozenConfig), written with the settings into each run's
+    #: ``config.json`` and the worker's checkpoints; the method's own is ``method``'s.
+    CONFIG_VERSION: ClassVar[int] = 1
 
     data: DataSettings = field(default_factory=DataSettings)
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
