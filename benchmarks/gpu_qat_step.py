@@ -3,8 +3,9 @@
     python benchmarks/gpu_qat_step.py --preset ddpm-cifar10 --batch 128 --steps 20 \
         --variants fp,fp-compiled,bdm,bdm-nolrm,bdm-compiled --sample-batch 500 --sample-steps 20
 
-Each variant times full optimizer steps (forward, backward, AdamW) under bf16 autocast
-with CUDA events (median of --steps after warm-up). ``bdm`` is the student (W1A4, 2 bases
+Each variant times full optimizer steps (the training loop's own, ``binarydm.train.step``:
+forward, LRM term, EBB penalty, backward, clipping, AdamW) under bf16 autocast (median of
+--steps after warm-up). ``bdm`` is the student (W1A4, 2 bases
 in the 2 outer levels) plus the frozen teacher's forward plus channel-PCA LRM;
 ``-compiled`` wraps the student (and the teacher) in torch.compile. Sampling times
 DDIM at a fixed batch with binarized weights computed once (freeze_weights). Prints a
@@ -20,13 +21,14 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from binarydm import BinaryDMConfig, binarize_
 from binarydm.distill import LowRankMimicking
 from binarydm.models import build_unet, count_parameters
 from binarydm.quant import LSQQuantizer, quant_layers
 from binarydm.train.diffusion import ddim_sample
+from binarydm.train.settings import TrainingSettings
+from binarydm.train.step import StepParts, qat_step, teacher_step
 
 KERNEL_KINDS = (
     ("gemm/conv", ("gemm", "conv", "cutlass", "sm90", "cudnn", "xmma", "fprop", "dgrad", "wgrad")),
@@ -97,28 +99,24 @@ def _time_steps(step_fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def make_step(model, teacher, lrm, x, t, noise, *, graphs: bool = False, fused: bool = False):
+def make_step(model, lrm, config, x, t, noise, *, graphs: bool = False, fused: bool = False):
+    """One training step of ``model``: QAT of ``config`` (its EBB penalty included), or the
+    teacher's for an FP variant (``config`` None)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6, fused=fused or None)
+    parts = StepParts(
+        model,
+        torch.optim.AdamW(params, lr=1e-6, fused=fused or None),
+        lrm=lrm,
+        tau=config.ebb.tau if config is not None and config.ebb.enabled else 0.0,
+        grad_clip=TrainingSettings().grad_clip,
+        autocast_dtype=torch.bfloat16,
+        graph_steps=graphs,
+    )
+    step_fn = teacher_step if config is None else qat_step
     counter = {"step": 0}
 
     def step():
-        if graphs:
-            # CUDA graphs (reduce-overhead): a new step begins, last step's outputs are dead.
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            # The frozen teacher first: its (graph-replayed, no-grad) forward then never
-            # runs while the student's backward is pending, which CUDA graph trees handle
-            # worse; the order changes nothing else (the teacher does not see the student).
-            if lrm is not None:
-                lrm.teacher_forward(x, t)
-            pred = model(x, t).sample
-        loss = F.mse_loss(pred.float(), noise)
-        if lrm is not None:
-            loss = loss + lrm.loss(counter["step"]).weighted
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step_fn(parts, x, t, noise, step=counter["step"])
         counter["step"] += 1
 
     return step
@@ -197,8 +195,13 @@ def main() -> None:
         tokens = name.split("-")
         warmup = args.warmup + (3 if "compiled" in tokens or "cg" in tokens else 0)
         step_fn = make_step(
-            model, teacher, lrm, x, t, noise, graphs="cg" in tokens, fused="fused" in tokens
-        )
+            model,
+            lrm,
+            None if name.startswith("fp") else config,
+            x, t, noise,
+            graphs="cg" in tokens,
+            fused="fused" in tokens,
+        )  # fmt: skip
         try:
             ms = _time_steps(step_fn, args.steps, warmup)
         except Exception as exc:  # one variant failing must not lose the others' numbers

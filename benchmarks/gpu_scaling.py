@@ -132,7 +132,7 @@ def main() -> None:
                 data_root=args.data_root or os.environ.get("BINARYDM_DATA_ROOT"),
                 cache_dir=str(work / "cache"),
                 callbacks=[log],
-                extra_config={"evaluate": False},
+                evaluate=False,
             )
             start = time.perf_counter()
             result = trainer.fit()

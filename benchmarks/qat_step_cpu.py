@@ -1,9 +1,11 @@
-"""Forward+backward time of a BinaryDM student (LRM on, teacher forward included) vs its FP twin.
+"""Step time of a BinaryDM student (LRM on, teacher forward included) vs its FP twin.
 
     python benchmarks/qat_step_cpu.py --preset small --batch 64 --resolution 32 --steps 10
 
 Prints one markdown row per configuration; results live in benchmarks/results/qat_step_cpu.md.
-Runs on the CPU with torch's default thread count (2 on the project's CI machine).
+Runs on the CPU with torch's default thread count (2 on the project's CI machine). A step
+is the training loop's own (``binarydm.train.step``): forward, LRM term, EBB penalty,
+backward, clipping, AdamW.
 """
 
 from __future__ import annotations
@@ -13,26 +15,24 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 
 from binarydm import BinaryDMConfig, binarize_
 from binarydm.distill import LowRankMimicking
 from binarydm.models import build_unet, count_parameters
+from binarydm.train.settings import TrainingSettings
+from binarydm.train.step import StepParts, qat_step, teacher_step
 
 
-def step_time(model, teacher, lrm, x, t, noise, steps: int, warmup: int = 2) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+def step_time(model, lrm, config, x, t, noise, steps: int, warmup: int = 2) -> float:
+    """Median seconds of a teacher step (``config`` None) or a QAT step of ``config``."""
+    tau = config.ebb.tau if config is not None and config.ebb.enabled else 0.0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    parts = StepParts(model, optimizer, lrm=lrm, tau=tau, grad_clip=TrainingSettings().grad_clip)
+    step_fn = teacher_step if config is None else qat_step
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        pred = model(x, t).sample
-        loss = F.mse_loss(pred, noise)
-        if lrm is not None:
-            lrm.teacher_forward(x, t)
-            loss = loss + lrm.loss(i).weighted
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step_fn(parts, x, t, noise, step=i)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     times.sort()
@@ -63,7 +63,9 @@ def main() -> None:
     for label, cfg in [
         (
             "W1A4 1 basis, no LRM",
-            BinaryDMConfig().replace(**{"weight.bases": 1, "lrm.enabled": False}),
+            BinaryDMConfig().replace(
+                **{"weight.bases": 1, "lrm.enabled": False, "ebb.enabled": False}
+            ),
         ),
         ("W1A4 2 outer bases, no LRM", BinaryDMConfig().replace(**{"lrm.enabled": False})),
         ("W1A4 2 outer bases + LRM (BinaryDM)", BinaryDMConfig()),
@@ -71,7 +73,7 @@ def main() -> None:
         teacher = copy.deepcopy(fp).eval().requires_grad_(False)
         student = binarize_(copy.deepcopy(fp), cfg)
         lrm = LowRankMimicking(student, teacher, cfg.lrm) if cfg.lrm.enabled else None
-        seconds = step_time(student, teacher, lrm, x, t, noise, args.steps)
+        seconds = step_time(student, lrm, cfg, x, t, noise, args.steps)
         print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |")
 
 

@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from binarydm import BinaryDMConfig, binarize_
 from binarydm.data import load_images
@@ -26,6 +25,8 @@ from binarydm.metrics.fid import FIDScorer
 from binarydm.models import build_unet, count_parameters
 from binarydm.quant import quant_layers
 from binarydm.train.diffusion import ddim_sample, noise_scheduler, noisy_batch, to_uint8
+from binarydm.train.settings import TrainingSettings
+from binarydm.train.step import StepParts, qat_step, teacher_step
 
 
 def _median_step(step, repeats: int, warmup: int = 2) -> float:
@@ -39,19 +40,17 @@ def _median_step(step, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _train_step(model, images, lrm=None):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+def _train_step(model, images, lrm=None, config=None):
+    """The loop's step (``binarydm.train.step``): teacher's, or QAT's of ``config``."""
+    tau = config.ebb.tau if config is not None and config.ebb.enabled else 0.0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    parts = StepParts(model, optimizer, lrm=lrm, tau=tau, grad_clip=TrainingSettings().grad_clip)
+    step_fn = teacher_step if config is None else qat_step
     sched = noise_scheduler()
 
     def step():
         x_t, t, noise = noisy_batch(images, sched)
-        loss = F.mse_loss(model(x_t, t).sample, noise)
-        if lrm is not None:
-            lrm.teacher_forward(x_t, t)
-            loss = loss + lrm.loss(0).weighted
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step_fn(parts, x_t, t, noise, step=0)
 
     return step
 
@@ -78,8 +77,10 @@ def main() -> None:
     rows.append(("FP teacher step", f"{teacher_s:.3f} s", f"{args.batch / teacher_s:.0f} img/s"))
     student = binarize_(copy.deepcopy(fp), BinaryDMConfig())
     lrm = LowRankMimicking(student, copy.deepcopy(fp), BinaryDMConfig().lrm)
-    qat_s = _median_step(_train_step(student, images, lrm), args.repeats)
-    rows.append(("BinaryDM QAT step (LRM on)", f"{qat_s:.3f} s", f"{qat_s / teacher_s:.2f}x FP"))
+    qat_s = _median_step(_train_step(student, images, lrm, BinaryDMConfig()), args.repeats)
+    rows.append(
+        ("BinaryDM QAT step (LRM and EBB on)", f"{qat_s:.3f} s", f"{qat_s / teacher_s:.2f}x FP")
+    )
     student.eval()
     for _, layer in quant_layers(student):
         layer.freeze_weights()

@@ -92,15 +92,20 @@ def child(args: argparse.Namespace) -> None:
     lrm = LowRankMimicking(student, teacher, settings.method.lrm).to(device)
     stage("lrm")
     torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    from binarydm.train.step import StepParts, qat_step
+
+    ebb = settings.method.ebb
+    parts = StepParts(
+        student,
+        torch.optim.AdamW(student.parameters(), lr=1e-5),
+        lrm=lrm,
+        tau=ebb.tau if ebb.enabled else 0.0,
+        grad_clip=settings.training.grad_clip,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+    )
     batch = loop.to_unit_range(images[: settings.training.batch_size].to(device))
     t = torch.randint(0, 1000, (batch.shape[0],), device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        lrm.teacher_forward(batch, t)
-        pred = student(batch, t).sample
-    loss = pred.float().pow(2).mean() + lrm.loss(0).weighted  # as the loop: outside autocast
-    loss.backward()
-    optimizer.step()
+    qat_step(parts, batch, t, torch.zeros_like(batch), step=0)  # the loop's step
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stage("first_step")

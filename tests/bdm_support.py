@@ -71,9 +71,10 @@ def tiny_settings(**overrides):
     return TrialSettings().replace(**base)
 
 
-def fit_tiny(settings, name, workspace, teacher, callbacks=None, **faults):
-    """``fit_qat`` of ``settings`` in the test ``workspace``; ``faults``: worker-config
-    fault keys (``binarydm.train.loop.FAULT_KEYS``) and ``evaluate``."""
+def fit_tiny(settings, name, workspace, teacher, callbacks=None, evaluate=True, **faults):
+    """``fit_qat`` of ``settings`` in the test ``workspace``; ``faults``: the fields of a
+    ``binarydm.train.job.FaultPlan``."""
+    from binarydm.train.job import FaultPlan
     from binarydm.train.runner import fit_qat
 
     return fit_qat(
@@ -84,7 +85,8 @@ def fit_tiny(settings, name, workspace, teacher, callbacks=None, **faults):
         data_root=workspace["data_root"],
         cache_dir=workspace["cache_dir"],
         callbacks=callbacks,
-        extra_config=faults or None,
+        faults=FaultPlan.from_mapping(faults),
+        evaluate=evaluate,
     )
 
 

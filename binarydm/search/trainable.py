@@ -15,14 +15,15 @@ is never retried.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from binarydm.search._launch import launch_metrics
 from binarydm.search.searcher import TRIAL_NUMBER_KEY
+from binarydm.train.settings import TrialSettings
 
 # Metrics averaged over seeds (the rest are identical across seeds or per-run details).
 AVERAGED = (
@@ -44,7 +45,7 @@ class StudyContext:
     cache_dir: str
     parent_run_id: str
     study_file_text: str
-    # Optuna trial number (or "*") -> worker-config fault keys; tests only (driver.FAULTS_ENV).
+    # Optuna trial number (or "*") -> FaultPlan fields; tests only (driver.FAULTS_ENV).
     faults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def faults_of(self, number: int) -> dict[str, Any]:
@@ -67,23 +68,30 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def trial_params(context: StudyContext, params: dict[str, Any]) -> dict[str, Any]:
-    """The run's params: flattened resolved settings, seeds, profile and sampled values."""
+def trial_params(
+    context: StudyContext, params: dict[str, Any], settings: TrialSettings | None = None
+) -> dict[str, Any]:
+    """The run's params: flattened resolved settings, seeds, profile and sampled values.
+
+    ``settings``: the trial's, at its first seed (built from ``params`` when None).
+    """
     spec = context.spec
-    settings = spec.trial_settings(params, spec.search.seeds[0]).flat()
-    settings.pop("seed")
+    if settings is None:
+        settings = spec.trial_settings(params, spec.search.seeds[0])
+    flat = settings.flat()
+    flat.pop("seed")
     # A cases dimension's label (``row: ebb``) is no settings key: logged beside them.
-    labels = {key: params[key] for key in params if key not in settings}
-    if settings.get("teacher.pretrained"):
+    labels = {key: params[key] for key in params if key not in flat}
+    if flat.get("teacher.pretrained"):
         # A given teacher is loaded, not pretrained here: logging the pretraining fields
         # would claim settings that shaped no weights (teacher.sha256 says which were used).
-        settings = {
+        flat = {
             key: value
-            for key, value in settings.items()
+            for key, value in flat.items()
             if not key.startswith("teacher.") or key == "teacher.pretrained"
         }
     return {
-        **settings,
+        **flat,
         **labels,
         "seeds": list(spec.search.seeds),
         "seed": spec.search.seeds[0] if len(spec.search.seeds) == 1 else "per-seed",
@@ -97,10 +105,9 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     entered = time.time()
     import ray.tune
 
-    from binarydm.search.callbacks import InlineTuneReport
     from binarydm.tracking import StudyTracker
-    from binarydm.train.loop import NonFiniteLossError
-    from binarydm.train.runner import TrialError
+    from binarydm.train.job import FaultPlan
+    from binarydm.train.runner import DivergedTrialError
 
     config = dict(config)
     number = int(config.pop(TRIAL_NUMBER_KEY))
@@ -116,22 +123,15 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         return
     run_id, attempt = tracker.start_attempt(number)
     tracker.log_metrics(run_id, launch_metrics(entered))
-    if spec.trial_settings(config, spec.search.seeds[0]).workers.inline:
-        forward = InlineTuneReport()
-    else:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        forward = TuneReportCallback()
+    # The trial's settings, built once: every seed's are these with its seed.
+    settings = spec.trial_settings(config, spec.search.seeds[0])
     try:
         metrics = execute_trial(
             context, config, tracker, run_id, attempt,
-            name=f"{spec.name}-trial{number:04d}", extra_callbacks=[forward],
-            extra_config=context.faults_of(number) or None,
+            name=f"{spec.name}-trial{number:04d}", extra_callbacks=[_tune_forwarder(settings)],
+            faults=FaultPlan.from_mapping(context.faults_of(number)), settings=settings,
         )  # fmt: skip
-    except TrialError as exc:
-        if not str(exc).startswith(NonFiniteLossError.__name__):
-            record_attempt_error(spec, number, attempt, exc)
-            raise
+    except DivergedTrialError as exc:
         # Deterministic: a retry would diverge again. Reported, not raised, so Tune does not
         # retry it and the searcher records the reason.
         ray.tune.report({"error": str(exc), "trial_id": number, "final": True})
@@ -142,37 +142,15 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     ray.tune.report({**metrics, "trial_id": number, "final": True})
 
 
-_attempts_in_process = 0
+def _tune_forwarder(settings: TrialSettings):
+    """The Ray Train callback that forwards the fit's reports to this Tune trial."""
+    if settings.workers.inline:
+        from binarydm.search.callbacks import InlineTuneReport
 
+        return InlineTuneReport()
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-def launch_metrics(entered_unix: float) -> dict[str, float]:
-    """How this attempt got going, for the study-overhead accounting: when its actor's
-    process started (``actor_created_unix``; Ray may have started it earlier as an idle
-    worker; absent for an actor Tune reuses), when this trainable began
-    (``trial_entered_unix``) and the time from there to its MLflow run
-    (``run_start_s``: imports, store, run lookup)."""
-    global _attempts_in_process
-    started = process_started_unix() if _attempts_in_process == 0 else None
-    _attempts_in_process += 1
-    metrics = {"trial_entered_unix": entered_unix, "run_start_s": time.time() - entered_unix}
-    if started is not None:
-        metrics["actor_created_unix"] = started
-    return metrics
-
-
-def process_started_unix() -> float | None:
-    """When this process started, from Linux's /proc (to the second); None elsewhere."""
-    try:
-        # Field 22 of /proc/self/stat, counted after the parenthesised command name.
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return TuneReportCallback()
 
 
 def finished_metrics(tracker, run_id: str, objectives: list[str]) -> dict[str, Any] | None:
@@ -245,11 +223,15 @@ def execute_trial(
     *,
     name: str,
     extra_callbacks: list | None = None,
-    extra_config: dict[str, Any] | None = None,
+    faults=None,
+    settings: TrialSettings | None = None,
 ) -> dict[str, Any]:
     """Fit every seed of one configuration, log the run, return the seed-averaged metrics.
 
-    The MLflow run ends FINISHED, or FAILED with the traceback before the error propagates.
+    ``settings``: the trial's at its first seed (built from ``config`` when None); each
+    seed's are these with its seed. ``faults``: a ``binarydm.train.job.FaultPlan``
+    (tests). The MLflow run ends FINISHED, or FAILED with the traceback before the error
+    propagates.
     """
     from binarydm.models import weights_sha256
     from binarydm.search.callbacks import MlflowCurveCallback, curve_buffer
@@ -260,9 +242,9 @@ def execute_trial(
     entered = time.perf_counter()
     try:
         tracker.set_tags(run_id, {"profile": spec.profile or "none", "attempt": attempt})
-        settings0 = spec.trial_settings(config, spec.search.seeds[0])
+        settings0 = settings or spec.trial_settings(config, spec.search.seeds[0])
         data_root = settings0.data.root
-        params = trial_params(context, config)
+        params = trial_params(context, config, settings0)
         params["data.sha256"] = dataset_sha256(settings0, data_root, context.cache_dir)
         tracker.log_params(run_id, params)
         log_environment(tracker, run_id, reproducibility_params(), attempt)
@@ -276,20 +258,20 @@ def execute_trial(
         tracker.log_params(run_id, {"teacher.sha256": weights_sha256(teacher)})
         prepare_s = None
         for seed in spec.search.seeds:
-            settings = spec.trial_settings(config, seed)
+            seed_settings = settings0 if seed == settings0.seed else settings0.replace(seed=seed)
             prefix = f"seed{seed}." if len(spec.search.seeds) > 1 else ""
             fit_start, fit_start_unix = time.perf_counter(), time.time()
             if prepare_s is None:
                 prepare_s = fit_start - entered
             result = fit_qat(
-                settings,
+                seed_settings,
                 name=f"{name}-seed{seed}",
                 storage_path=storage,
                 teacher_dir=teacher,
                 data_root=data_root,
                 cache_dir=context.cache_dir,
                 callbacks=[*(extra_callbacks or []), MlflowCurveCallback(tracker, run_id, prefix)],
-                extra_config=extra_config,
+                faults=faults,
             )
             fit_s, fit_end_unix = time.perf_counter() - fit_start, time.time()
             # The Train controller has finished: replay any curve points an outage held back.

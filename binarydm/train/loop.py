@@ -1,46 +1,41 @@
 """The per-worker training loop that Ray Train runs: FP teacher pretraining or BinaryDM QAT.
 
-One function serves both modes so they share data order, checkpoints and
-resume. Under ``TorchTrainer`` every worker runs it with DDP (gloo on CPU, NCCL on
-GPU); the progressive schedule and EBB switch are applied from the step number on
-every rank. Rank 0 writes checkpoints and, at the end of QAT, evaluates. A one-worker
-trial can also run it inline in its Ray Tune trial actor (``workers.inline``); the
-session object (``binarydm.train.session``) is the only difference.
+One loop serves both modes so they share data order, checkpoints and resume; what
+differs is a ``binarydm.train.modes`` object chosen once, and the step itself is
+``binarydm.train.step``. Under ``TorchTrainer`` every worker runs it with DDP (gloo on
+CPU, NCCL on GPU); the progressive schedule and EBB switch are applied from the step
+number on every rank. Rank 0 writes checkpoints and, at the end of QAT, evaluates. A
+one-worker trial can also run it inline in its Ray Tune trial actor
+(``workers.inline``); the session object (``binarydm.train.session``) is the only
+difference.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from binarydm.train.batches import batch_indices
 from binarydm.train.checkpoint import link_state, load_latest_valid, save_state
 from binarydm.train.diffusion import noise_scheduler, noisy_batch
 from binarydm.train.ema import ModelEMA
+from binarydm.train.job import FaultPlan, WorkerJob
+from binarydm.train.modes import training_mode
+from binarydm.train.session import report_checkpoint
 from binarydm.train.settings import TrialSettings
+from binarydm.train.step import NonFiniteLossError, StepParts
 
-#: Worker-config keys that inject faults, for the fault-tolerance tests (tests/fault): a NaN
-#: loss at a step, rank 0's PID written to a file (to kill it), a simulated OOM at a step while
-#: a counter file allows, and a hold after the report of a step while a file exists.
-FAULT_KEYS = (
-    "nan_at_step", "pid_file", "pid_rank", "fail_at_step", "fail_marker", "hold_at_step",
-    "hold_file",
-)  # fmt: skip
-HOLD_LIMIT_S = 600.0
+__all__ = ["FAULT_KEYS", "NonFiniteLossError", "run_loop", "train_loop_per_worker"]
+
+#: The fault-injection keys of the fault-tolerance tests (``FaultPlan``'s fields).
+FAULT_KEYS = FaultPlan.keys()
 #: Largest training set (bytes) kept on the GPU for the whole run.
 DEVICE_DATA_LIMIT = 4 << 30
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: the trial stops and is recorded FAILED with this reason."""
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -76,31 +71,6 @@ def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div(127.5).sub(1.0)
 
 
-def _build_models(
-    settings: TrialSettings, mode: str, teacher_dir: str | None, device: torch.device
-):
-    """The model to train and, for QAT, the frozen teacher, both on ``device``."""
-    from binarydm.models import build_unet, load_unet
-
-    if mode == "teacher":
-        torch.manual_seed(settings.teacher.seed)
-        model = build_unet(
-            settings.teacher.preset,
-            in_channels=settings.data.channels,
-            sample_size=settings.data.resolution,
-        )
-        return model.to(device), None
-    from binarydm.quant import binarize_
-
-    # Moved first, then copied and binarised on the device, not by the host's cores, which
-    # the trials of a wave share while they all start (benchmarks/results/gpu_perf.md,
-    # session 6: the start-up probe).
-    student = load_unet(teacher_dir).to(device)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    binarize_(student, settings.method)  # its layers stay on the weights' device
-    return student, teacher
-
-
 def may_leave_unused(model: torch.nn.Module, method) -> bool:
     """Whether some parameter can get no gradient in a step, so DDP must look for them.
 
@@ -118,20 +88,6 @@ def may_leave_unused(model: torch.nn.Module, method) -> bool:
     return any(isinstance(m, LSQQuantizer) and not m.enabled for m in model.modules())
 
 
-def _step_values(*losses: torch.Tensor) -> tuple[bool, list[float]]:
-    """Whether every rank's losses are finite, and this rank's values: ONE host sync a step.
-
-    The finite flag is all-reduced so every rank stops at the same step; reading it and
-    the logged values together keeps the CPU from waiting on the GPU more than once.
-    """
-    values = torch.stack([loss.detach().float().reshape(()) for loss in losses])
-    flag = torch.isfinite(values).all().float().reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    host = torch.cat([flag, values]).tolist()
-    return host[0] > 0, host[1:]
-
-
 def _to_training_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep a small training set on the GPU (CIFAR-10 is 150 MB) so a step reads no host
     memory; a large one stays on the host as it is (pinning tens of GB could fail)."""
@@ -143,353 +99,338 @@ def _to_training_device(images: torch.Tensor, device: torch.device) -> torch.Ten
     return images
 
 
+def metrics_keys() -> tuple[str, ...]:
+    return ("loss", "loss_noise", "loss_lrm", "loss_ebb")
+
+
+class WorkerClock:
+    """The worker's own timing, all of it here: set-up parts, training and checkpoint time.
+
+    Perf-counter reads between phases only, nothing inside a step. The wall-clock stamp
+    of entry (and of the final report) lets the driver tell Ray Train's start-up and
+    shutdown from the worker's time.
+    """
+
+    def __init__(self) -> None:
+        self.entered, self.entered_unix = time.perf_counter(), time.time()
+        self._mark = self.entered
+        self.setup_parts: dict[str, float] = {}
+        self.train_start = self.entered
+        self.checkpoint_s = 0.0
+
+    def lap(self, part: str) -> None:
+        """End set-up part ``part`` (``setup_<part>_s``), begun at the previous lap."""
+        now = time.perf_counter()
+        self.setup_parts[f"setup_{part}_s"] = now - self._mark
+        self._mark = now
+
+    def start_training(self) -> None:
+        self.train_start = time.perf_counter()
+
+    def metrics(self, images_seen: int, tail: dict[str, Any]) -> dict[str, float]:
+        """Throughput and times so far, the previous attempts' (``tail``) added."""
+        elapsed = time.perf_counter() - self.train_start
+        out = {
+            "train_images_per_s": images_seen / elapsed if elapsed else 0.0,
+            "train_s": elapsed + tail.get("train_s", 0.0),
+            # Worker start to first step (data, models, DDP, resume): trial overhead.
+            "setup_s": self.train_start - self.entered + tail.get("setup_s", 0.0),
+        }
+        for key, seconds in self.setup_parts.items():
+            out[key] = seconds + tail.get(key, 0.0)
+        out["checkpoint_s"] = self.checkpoint_s + tail.get("checkpoint_s", 0.0)
+        return out
+
+
+@dataclasses.dataclass
+class _Run:
+    """One worker's run once set up: what the step loop, reports and the end read."""
+
+    job: WorkerJob
+    mode: Any  # TeacherMode | QATMode
+    session: Any
+    clock: WorkerClock
+    images: torch.Tensor
+    parts: StepParts
+    ddp_model: torch.nn.Module
+    start_step: int = 0
+    resume_notes: list[str] = dataclasses.field(default_factory=list)
+    curve_tail: dict[str, Any] = dataclasses.field(default_factory=dict)
+    saved_step: int | None = None  # the step last saved by this process
+
+    @property
+    def recipe(self):
+        return self.mode.recipe
+
+    def state(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds to resume training at ``step``."""
+        parts = self.parts
+        return {
+            "step": step,
+            "model": parts.model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "lr_scheduler": parts.lr_scheduler.state_dict(),
+            "ema": parts.ema.state_dict() if parts.ema is not None else None,
+            "lrm": parts.lrm.state_dict() if parts.lrm is not None else None,
+            "metrics": metrics,
+        }
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config``: settings, mode, teacher_dir, data_root, cache_dir."""
+    """Ray Train entry point; ``config`` holds the ``WorkerJob`` (``job.JOB_KEY``)."""
     from binarydm.train.session import RayTrainSession
 
-    run_loop(config, RayTrainSession())
+    run_loop(WorkerJob.from_train_loop_config(config), RayTrainSession())
 
 
-def run_loop(config: dict[str, Any], session) -> None:
+def run_loop(job: WorkerJob, session) -> None:
     """The loop of one worker in ``session`` (``binarydm.train.session``)."""
-    entered, entered_unix = time.perf_counter(), time.time()
-    settings = TrialSettings.from_dict(config["settings"])
-    mode = config["mode"]
-    # The teacher's data order and noise follow the teacher's seed, QAT's the trial's.
-    seed = settings.teacher.seed if mode == "teacher" else settings.seed
-    rank, world = session.rank, session.world_size
-    device = session.device
-    if config.get("pid_file") and rank == config.get("pid_rank", 0):
-        Path(config["pid_file"]).write_text(str(os.getpid()))
+    clock = WorkerClock()
+    job.faults.on_start(session.rank)
+    run = _set_up(job, session, clock)
+    try:
+        metrics = _train(run)
+    except NonFiniteLossError as exc:
+        # Stop without raising: Ray Train would retry a deterministic failure. Every rank
+        # saw the same all-reduced flag, so all report once and return.
+        _report_error(session, exc, job.mode)
+        return
+    _finish(run, metrics)
+
+
+def _set_up(job: WorkerJob, session, clock: WorkerClock) -> _Run:
+    """Data, models, optimizer, resume state and DDP: everything before the first step."""
+    mode, device = training_mode(job), session.device
     if device.type == "cuda":
         # The CUDA context, if selecting the device did not make it yet: timed on its own,
         # not in the set-up parts below.
         torch.cuda.synchronize(device)
         # Shapes are fixed for the whole run: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = True
-    setup_parts = {"setup_device_s": time.perf_counter() - entered}
-    mark = time.perf_counter()
-    images = _load_training_images(settings, config.get("data_root"), config.get("cache_dir"))
+    clock.lap("device")
+    images = _load_training_images(job.settings, job.data_root, job.cache_dir)
     images = _to_training_device(images, device)
-    setup_parts["setup_data_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
+    clock.lap("data")
     # Loaded (first use imports diffusers' UNet), copied, binarised, on the device.
-    model, teacher = _build_models(settings, mode, config.get("teacher_dir"), device)
-    setup_parts["setup_build_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
+    model, teacher = mode.build(device)
+    clock.lap("build")
+    lrm = mode.make_lrm(model, teacher, device)
+    clock.lap("lrm")
+    parts = _step_parts(mode, model, lrm, device)
+    run = _Run(job, mode, session, clock, images, parts, ddp_model=model)
+    _resume(run)
+    run.ddp_model = session.prepare_model(model, find_unused=mode.may_leave_unused(model))
+    parts.forward_model = run.ddp_model
+    return run
 
-    train = settings.training if mode == "qat" else None
-    steps = train.steps if train else settings.teacher.steps
-    batch_size = train.batch_size if train else settings.teacher.batch_size
-    lr = train.lr if train else settings.teacher.lr
-    method = settings.method if mode == "qat" else None
 
-    ebb_switch = None
-    if method is not None:
-        from binarydm.quant import num_levels
-        from binarydm.schedule import check_schedule
-
-        # The settings checked this for presets and local folders; a hub model's levels
-        # are known only now.
-        check_schedule(num_levels(model), method, steps, prefix="method.")
-        ebb_switch = method.ebb.switch_step(steps) if method.ebb.enabled else None
-
-    lrm = None
-    if method is not None and method.lrm.enabled:
-        from binarydm.distill import LowRankMimicking
-
-        lrm = LowRankMimicking(model, teacher, method.lrm).to(device)
-    setup_parts["setup_lrm_s"] = time.perf_counter() - mark
-
+def _step_parts(mode, model, lrm, device: torch.device) -> StepParts:
+    recipe = mode.recipe
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=train.weight_decay if train else 0.0
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
     )
     scheduler_lr = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_lambda(
-            s,
-            warmup=train.warmup_steps if train else 0,
-            total=steps,
-            schedule=train.lr_schedule if train else "constant",
+            s, warmup=recipe.warmup_steps, total=recipe.steps, schedule=recipe.lr_schedule
         ),
     )
-    # The teacher keeps DDPM's warmed-up EMA and is saved as it; QAT's is configurable.
-    ema_decay = train.ema_decay if train else settings.teacher.ema_decay
-    ema_warmup = train.ema_warmup if train else True
-    ema = None
-    start_step, resume_notes, curve_tail = 0, [], {}
-    checkpoint = session.checkpoint_path()
-    state = None
-    if checkpoint is not None:
-        state, resume_notes = load_latest_valid(checkpoint)
-        print(f"[binarydm] rank {rank}: resuming from {checkpoint}", flush=True)
-    if state is not None:
-        start_step = state["step"]
-        if method is not None:
-            from binarydm.schedule import apply_schedule
+    return StepParts(
+        model,
+        optimizer,
+        scheduler_lr,
+        lrm=lrm,
+        ema_decay=recipe.ema_decay,
+        ema_warmup=recipe.ema_warmup,
+        tau=mode.tau,
+        grad_clip=recipe.grad_clip,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+    )
 
-            # Quantizer on/off and basis count must match the saved step before loading.
-            apply_schedule(model, max(0, start_step - 1), steps, method)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler_lr.load_state_dict(state["lr_scheduler"])
-        if lrm is not None and state.get("lrm") is not None:
-            lrm.load_state_dict(state["lrm"])
-        if ema_decay and state.get("ema") is not None:
-            ema = ModelEMA(model, ema_decay, warmup=ema_warmup)
-            ema.load_state_dict(state["ema"])
-        curve_tail = state.get("metrics", {})
 
-    ddp_model = session.prepare_model(model, find_unused=may_leave_unused(model, method))
-    noise_sched = noise_scheduler(train.num_train_timesteps if train else 1000)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    log_every = train.log_every if train else 100
-    checkpoint_every = train.checkpoint_every if train else max(1, steps // 4)
-    tau = method.ebb.tau if method is not None and method.ebb.enabled else 0.0
+def _resume(run: _Run) -> None:
+    """Load the session's checkpoint (or the newest valid one before it), if any."""
+    checkpoint = run.session.checkpoint_path()
+    if checkpoint is None:
+        return
+    state, run.resume_notes = load_latest_valid(checkpoint)
+    print(f"[binarydm] rank {run.session.rank}: resuming from {checkpoint}", flush=True)
+    if state is None:
+        return
+    parts = run.parts
+    run.start_step = state["step"]
+    run.mode.restore_schedule(parts.model, run.start_step)
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if parts.lrm is not None and state.get("lrm") is not None:
+        parts.lrm.load_state_dict(state["lrm"])
+    if parts.ema_decay and state.get("ema") is not None:
+        parts.ema = ModelEMA(parts.model, parts.ema_decay, warmup=parts.ema_warmup)
+        parts.ema.load_state_dict(state["ema"])
+    run.curve_tail = state.get("metrics", {})
 
-    progress = _progress_bar(mode, start_step, steps) if rank == 0 else None
-    model.train()
-    forward_model, graph_steps = ddp_model, False
-    window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
-    t_start, images_seen = time.perf_counter(), 0
-    checkpoint_s, saved_step = 0.0, None  # time spent saving; the step last saved here
-    metrics: dict[str, Any] = dict(curve_tail)
-    for step in range(start_step, steps):
-        if train is not None and train.compile and step == start_step + 1:
-            # After the first step, whose eager forward initialised the quantizers:
-            # compiling that pass would trace the initialisation, then recompile the whole
-            # UNet when the flags flip. Evaluation and checkpoints use the eager modules.
-            options = train.compile_options()
-            forward_model = torch.compile(ddp_model, **options)
-            if lrm is not None:
-                lrm.compile_teacher(**options)
-            graph_steps = options.get("mode") == "reduce-overhead"
-        if graph_steps:
-            # CUDA graph trees: a new step begins, the last step's graph outputs are dead.
-            torch.compiler.cudagraph_mark_step_begin()
-        if method is not None:
-            from binarydm.quant import ebb_penalty
-            from binarydm.schedule import apply_schedule
 
-            apply_schedule(model, step, steps, method)
-            if step == ebb_switch and ema is not None:
-                # The deployed model has one basis: its average must not include the
-                # two-basis weights of the first stage.
-                ema.reset(model)
-        idx = batch_indices(
-            step,
-            rank=rank,
-            world_size=world,
-            batch_size=batch_size,
-            num_items=images.shape[0],
-            seed=seed,
-        )
-        if step == config.get("fail_at_step") and rank == 0 and _take_failure(config):
-            raise torch.OutOfMemoryError(
-                f"CUDA out of memory at step {step} (simulated by fault injection)"
-            )
-        clean = to_unit_range(images[idx.to(images.device)].to(device, non_blocking=True))
-        # Noise drawn on the training device: a host-side draw would be copied from pageable
-        # memory every step. Still a pure function of (seed, step, rank) for resume.
-        generator = torch.Generator(device=device).manual_seed((seed * 7919 + step) * 131 + rank)
-        x_t, t, noise = noisy_batch(clean, noise_sched, generator)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            # The frozen teacher first: graph-replayed, it then never runs while the
-            # student's backward is pending (which CUDA graph trees handle worse).
-            if lrm is not None:
-                lrm.teacher_forward(x_t, t)
-            pred = forward_model(x_t, t).sample
-        loss_noise = F.mse_loss(pred.float(), noise.float())
-        if step == config.get("nan_at_step"):  # fault injection for the failure tests
-            loss_noise = loss_noise * float("nan")
-        loss = loss_noise
-        loss_lrm = torch.zeros((), device=device)  # logged unweighted, trained weighted
-        if lrm is not None:
-            terms = lrm.loss(step)
-            loss_lrm = terms.unweighted.detach()
-            loss = loss + terms.weighted
-        loss_ebb = torch.zeros((), device=device)
-        if tau:
-            loss_ebb = tau * ebb_penalty(model)
-            loss = loss + loss_ebb
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # The host waits for the GPU once a step, after backward has been queued (waiting
-        # before it would leave the GPU idle while the host queues the whole backward);
-        # still before the optimizer step, so a non-finite loss never updates the weights.
-        finite, values = _step_values(loss, loss_noise, loss_lrm, loss_ebb)
-        if not finite:
-            # Stop without raising: Ray Train would retry a deterministic failure. Every
-            # rank saw the same all-reduced flag, so all report once and return.
-            reason = f"{NonFiniteLossError.__name__}: non-finite loss ({values[0]}) at step {step}"
-            _report_error(session, reason, step, mode)
-            return
-        if train is None or train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip if train else 1.0)
-        optimizer.step()
-        scheduler_lr.step()
-        if ema_decay:
-            ema = ema or ModelEMA(model, ema_decay, warmup=ema_warmup)
-            ema.update(model)
-        images_seen += clean.shape[0] * world
+def _compile(run: _Run) -> None:
+    """Compile the forward after the first step, whose eager forward initialised the
+    quantizers: compiling that pass would trace the initialisation, then recompile the
+    whole UNet when the flags flip. Evaluation and checkpoints use the eager modules."""
+    options = run.recipe.compile_options
+    run.parts.forward_model = torch.compile(run.ddp_model, **options)
+    if run.parts.lrm is not None:
+        run.parts.lrm.compile_teacher(**options)
+    run.parts.graph_steps = options.get("mode") == "reduce-overhead"
+
+
+def _batch(run: _Run, step: int, noise_sched):
+    """The step's noisy batch: a pure function of (seed, step, rank), so resume repeats it."""
+    recipe, session = run.recipe, run.session
+    idx = batch_indices(
+        step,
+        rank=session.rank,
+        world_size=session.world_size,
+        batch_size=recipe.batch_size,
+        num_items=run.images.shape[0],
+        seed=recipe.seed,
+    )
+    device = session.device
+    clean = to_unit_range(run.images[idx.to(run.images.device)].to(device, non_blocking=True))
+    # Noise drawn on the training device: a host-side draw would be copied from pageable
+    # memory every step.
+    generator = torch.Generator(device=device).manual_seed(
+        (recipe.seed * 7919 + step) * 131 + session.rank
+    )
+    return noisy_batch(clean, noise_sched, generator)
+
+
+def _train(run: _Run) -> dict[str, Any]:
+    """Steps ``start_step`` to the end, with reports and checkpoints on their cadence;
+    returns the last report's metrics."""
+    recipe, mode, session, faults = run.recipe, run.mode, run.session, run.job.faults
+    noise_sched = noise_scheduler(recipe.num_train_timesteps)
+    progress = (
+        _progress_bar(mode.label, run.start_step, recipe.steps) if session.rank == 0 else None
+    )
+    run.parts.model.train()
+    window = _Window()
+    run.clock.start_training()
+    images_seen, metrics = 0, dict(run.curve_tail)
+    for step in range(run.start_step, recipe.steps):
+        if recipe.compile_options is not None and step == run.start_step + 1:
+            _compile(run)
+        mode.before_step(run.parts, step)
+        x_t, t, noise = _batch(run, step, noise_sched)
+        faults.before_step(step, session.rank)
+        losses = mode.step(run.parts, x_t, t, faults.poison(step, noise), step=step)
+        images_seen += x_t.shape[0] * session.world_size
         if progress is not None:
             progress.update(1)
-        for key, value in zip(metrics_keys(), values, strict=True):
-            window[key] += value
-        window["n"] += 1
+        window.add(losses.values())
         done = step + 1
-        is_ckpt = done % checkpoint_every == 0 or done == steps
-        if done % log_every == 0 or is_ckpt:
-            n = window.pop("n")
-            metrics = {k: v / n for k, v in window.items()}
-            metrics.update(step=done, lr=scheduler_lr.get_last_lr()[0], mode=mode)
-            metrics["resumed_from_step"] = start_step
-            elapsed = time.perf_counter() - t_start
-            metrics["train_images_per_s"] = images_seen / elapsed if elapsed else 0.0
-            metrics["train_s"] = elapsed + curve_tail.get("train_s", 0.0)
-            # Worker start to first step (data, models, DDP, resume): trial overhead.
-            metrics["setup_s"] = t_start - entered + curve_tail.get("setup_s", 0.0)
-            for key, seconds in setup_parts.items():
-                metrics[key] = seconds + curve_tail.get(key, 0.0)
-            metrics["checkpoint_s"] = checkpoint_s + curve_tail.get("checkpoint_s", 0.0)
-            window = dict.fromkeys(metrics_keys(), 0.0) | {"n": 0}
-            if resume_notes:
-                metrics["resume_note"] = "; ".join(resume_notes)
+        is_ckpt = done % recipe.checkpoint_every == 0 or done == recipe.steps
+        if done % recipe.log_every == 0 or is_ckpt:
+            metrics = _window_metrics(run, window.take(), done, images_seen)
         if is_ckpt:
-            # After a fallback the steps since the older checkpoint are trained again; their
-            # checkpoints get new names, or Ray Train, evicting the old result of the same
-            # name, would delete the new folder.
-            name = f"checkpoint_{done:08d}" + (f"-refit{start_step:08d}" if resume_notes else "")
-            mark = time.perf_counter()
-            parts = (model, optimizer, scheduler_lr, ema, lrm)
-            _report_checkpoint(session, parts, metrics, name)
-            checkpoint_s += time.perf_counter() - mark
-            saved_step = done
-        elif done % log_every == 0:
+            _save_checkpoint(run, metrics, done)
+        elif done % recipe.log_every == 0:
             session.report(metrics, None, None)
-        if done == config.get("hold_at_step") and start_step < done and rank == 0:
-            _hold(config.get("hold_file"))
+        faults.after_report(done, run.start_step, session.rank)
     if progress is not None:
         progress.close()
-    # Wall-clock stamps in the final report let the driver tell Ray Train's own start-up
-    # and shutdown from the worker's time (the curve callback skips final reports).
-    metrics = {**metrics, "worker_entered_unix": entered_unix}
-    metrics["checkpoint_s"] = checkpoint_s + curve_tail.get("checkpoint_s", 0.0)
-    parts = (model, optimizer, scheduler_lr, ema, lrm)
-    # The last step's checkpoint, persisted by this process, already holds the final state.
-    reuse = session.last_checkpoint if saved_step == steps else None
-    _finish(session, config, settings, mode, parts, steps, metrics, reuse=reuse)
+    return metrics
 
 
-def _take_failure(config: dict[str, Any]) -> bool:
-    """Consume one failure from the ``fail_marker`` counter file (fault injection)."""
-    marker = Path(config["fail_marker"]) if config.get("fail_marker") else None
-    if marker is None or not marker.exists():
-        return False
-    left = int(marker.read_text().strip() or 0)
-    if left <= 0:
-        return False
-    marker.write_text(str(left - 1))
-    return True
+class _Window:
+    """Loss components summed over the steps since the last report."""
+
+    def __init__(self) -> None:
+        self.sums, self.n = [0.0] * len(metrics_keys()), 0
+
+    def add(self, values) -> None:
+        self.sums = [s + v for s, v in zip(self.sums, values, strict=True)]
+        self.n += 1
+
+    def take(self) -> dict[str, float]:
+        means = {k: s / self.n for k, s in zip(metrics_keys(), self.sums, strict=True)}
+        self.sums, self.n = [0.0] * len(metrics_keys()), 0
+        return means
 
 
-def _hold(hold_file: str | None) -> None:
-    """Wait while ``hold_file`` exists (fault injection): the test kills or corrupts meanwhile.
+def _window_metrics(run: _Run, means: dict[str, float], done: int, images_seen: int):
+    metrics = dict(means)
+    metrics.update(step=done, lr=run.parts.lr_scheduler.get_last_lr()[0], mode=run.mode.name)
+    metrics["resumed_from_step"] = run.start_step
+    metrics.update(run.clock.metrics(images_seen, run.curve_tail))
+    if run.resume_notes:
+        metrics["resume_note"] = "; ".join(run.resume_notes)
+    return metrics
 
-    Bounded, so a test that never releases the hold cannot hang a run forever.
-    """
-    deadline = time.monotonic() + HOLD_LIMIT_S
-    while hold_file and Path(hold_file).exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+
+def _save_checkpoint(run: _Run, metrics: dict[str, Any], done: int) -> None:
+    # After a fallback the steps since the older checkpoint are trained again; their
+    # checkpoints get new names, or Ray Train, evicting the old result of the same name,
+    # would delete the new folder.
+    suffix = f"-refit{run.start_step:08d}" if run.resume_notes else ""
+    mark = time.perf_counter()
+
+    def write(folder: Path, reported: dict[str, Any]) -> None:
+        save_state(folder, run.state(done, reported), step=done)
+
+    report_checkpoint(run.session, metrics, f"checkpoint_{done:08d}{suffix}", write)
+    run.clock.checkpoint_s += time.perf_counter() - mark
+    run.saved_step = done
 
 
-def _finish(session, config, settings, mode, parts, steps, metrics, *, reuse=None):
+def _finish(run: _Run, metrics: dict[str, Any]) -> None:
     """Final report: the teacher's diffusers folder, or the QAT evaluation (rank 0).
 
-    ``reuse``: a checkpoint of step ``steps`` whose state the final checkpoint links
+    Where this process saved the last step's checkpoint, the final one links its state
     instead of saving the same 570 MB (ddpm-cifar10) again.
     """
-    model, _, _, ema, _ = parts
-    with session.checkpoint_dir() as tmp:
-        ckpt = None
-        final = dict(metrics)
-        if session.rank == 0:
-            if mode == "teacher":
-                # DDPM's teacher is its EMA (the shared CIFAR-10 teacher is too).
-                (ema.module if ema is not None else model).save_pretrained(Path(tmp) / "unet")
-            elif config.get("evaluate", True):  # False: benchmarks time training alone
-                from binarydm.train.evaluate import evaluate
+    tail, metrics = run.curve_tail, dict(metrics)
+    steps = run.recipe.steps
+    # Wall-clock stamps in the final report let the driver tell Ray Train's own start-up
+    # and shutdown from the worker's time (the curve callback skips final reports).
+    metrics["worker_entered_unix"] = run.clock.entered_unix
+    metrics["checkpoint_s"] = run.clock.checkpoint_s + tail.get("checkpoint_s", 0.0)
+    reuse = run.session.last_checkpoint if run.saved_step == steps else None
 
-                eval_model = (
-                    ema.module if ema is not None and settings.evaluation.use_ema else model
-                )
-                final.update(
-                    evaluate(
-                        eval_model,
-                        settings,
-                        Path(tmp),
-                        data_root=config.get("data_root"),
-                        cache_dir=config.get("cache_dir"),
-                    )
-                )
-            mark = time.perf_counter()
-            # A linked state keeps the training metrics of its step (what a resume reads);
-            # the evaluation's are in this report.
-            if reuse is None or not link_state(reuse, tmp):
-                save_state(tmp, _training_state(steps, parts, final), step=steps)
-            final["checkpoint_s"] = final.get("checkpoint_s", 0.0) + time.perf_counter() - mark
-            ckpt = tmp
-        final["final"] = True
-        final["final_report_unix"] = time.time()
-        session.report(final, ckpt, "checkpoint_final")
+    def write(folder: Path, final: dict[str, Any]) -> None:
+        run.mode.write_final(run.parts, folder, final)
+        mark = time.perf_counter()
+        # A linked state keeps the training metrics of its step (what a resume reads);
+        # the evaluation's are in this report.
+        if reuse is None or not link_state(reuse, folder):
+            save_state(folder, run.state(steps, final), step=steps)
+        final["checkpoint_s"] = final.get("checkpoint_s", 0.0) + time.perf_counter() - mark
+        final.update(final=True, final_report_unix=time.time())
+
+    if run.session.rank != 0:  # rank 0 stamps its report once its checkpoint is written
+        metrics.update(final=True, final_report_unix=time.time())
+    report_checkpoint(run.session, metrics, "checkpoint_final", write)
 
 
-def _report_error(session, reason: str, step: int, mode: str) -> None:
+def _report_error(session, error: NonFiniteLossError, mode: str) -> None:
     """Report a terminal error with a marker checkpoint: Ray Train's Result keeps only the
-    metrics that came with a checkpoint, and the driver must see why the run stopped."""
+    metrics that came with a checkpoint, and the driver must see why the run stopped.
+    ``diverged`` says, as a field, that the loss became non-finite (``runner.TrialError``
+    becomes ``DivergedTrialError`` on it)."""
     import json
 
-    metrics = {"error": reason, "step": step, "final": False, "mode": mode}
-    with session.checkpoint_dir() as tmp:
-        ckpt = None
-        if session.rank == 0:
-            Path(tmp, "error.json").write_text(json.dumps(metrics))
-            ckpt = tmp
-        session.report(metrics, ckpt, f"error_{step:08d}")
+    metrics = {
+        "error": error.reason, "diverged": True, "step": error.step, "final": False, "mode": mode,
+    }  # fmt: skip
+
+    def write(folder: Path, reported: dict[str, Any]) -> None:
+        (folder / "error.json").write_text(json.dumps(reported))
+
+    report_checkpoint(session, metrics, f"error_{error.step:08d}", write)
 
 
-def _progress_bar(mode: str, start: int, total: int):
+def _progress_bar(label: str, start: int, total: int):
     """A progress bar that Ray forwards from the worker to the driver's terminal."""
     from ray.experimental.tqdm_ray import tqdm
 
-    label = "FP teacher pretraining" if mode == "teacher" else "BinaryDM QAT"
     bar = tqdm(total=total, desc=label)
     bar.update(start)
     return bar
-
-
-def metrics_keys() -> tuple[str, ...]:
-    return ("loss", "loss_noise", "loss_lrm", "loss_ebb")
-
-
-def _training_state(step: int, parts, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint holds to resume training at ``step``."""
-    model, optimizer, scheduler_lr, ema, lrm = parts
-    return {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": scheduler_lr.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "lrm": lrm.state_dict() if lrm is not None else None,
-        "metrics": metrics,
-    }
-
-
-def _report_checkpoint(session, parts, metrics, name) -> None:
-    with session.checkpoint_dir() as tmp:
-        ckpt = None
-        if session.rank == 0:
-            save_state(tmp, _training_state(metrics["step"], parts, metrics), step=metrics["step"])
-            ckpt = tmp
-        session.report(metrics, ckpt, name)

@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from binarydm.train.job import FaultPlan, WorkerJob
 from binarydm.train.settings import TrialSettings
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 class TrialError(RuntimeError):
     """A trial that ran but failed (training error, NaN loss, missing evaluation)."""
+
+
+class DivergedTrialError(TrialError):
+    """A trial whose loss became non-finite: deterministic, so never worth a retry."""
 
 
 def _abs(path: str | os.PathLike | None) -> str | None:
@@ -42,11 +47,12 @@ def make_trainer(
     data_root: str | None,
     cache_dir: str | None,
     callbacks: list | None = None,
-    extra_config: dict[str, Any] | None = None,
+    faults: FaultPlan | None = None,
+    evaluate: bool = True,
 ):
     """A ``TorchTrainer`` running the training loop in ``mode`` (teacher or qat) with the
-    settings' workers, failure and checkpoint policy; ``extra_config`` adds worker-config
-    keys (fault injection, ``evaluate``)."""
+    settings' workers, failure and checkpoint policy; ``faults``: fault injection
+    (tests), ``evaluate=False``: QAT ends without its evaluation."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -56,17 +62,12 @@ def make_trainer(
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = workers.gpus_per_worker
-    config = {
-        "settings": settings.to_dict(),
-        "mode": mode,
-        "teacher_dir": _abs(teacher_dir),
-        "data_root": _abs(data_root),
-        "cache_dir": _abs(cache_dir),
-        **(extra_config or {}),
-    }
+    job = worker_job(
+        settings, mode, teacher_dir, data_root, cache_dir, faults=faults, evaluate=evaluate
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=job.train_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=workers.num_workers,
             use_gpu=workers.use_gpu,
@@ -80,6 +81,28 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=settings.training.keep_checkpoints),
             callbacks=callbacks or [],
         ),
+    )
+
+
+def worker_job(
+    settings: TrialSettings,
+    mode: str,
+    teacher_dir: str | os.PathLike | None,
+    data_root: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None,
+    *,
+    faults: FaultPlan | None = None,
+    evaluate: bool = True,
+) -> WorkerJob:
+    """The job every worker of a fit runs, its paths absolute."""
+    return WorkerJob(
+        settings=settings,
+        mode=mode,
+        teacher_dir=_abs(teacher_dir),
+        data_root=_abs(data_root),
+        cache_dir=_abs(cache_dir),
+        faults=faults or FaultPlan(),
+        evaluate=evaluate,
     )
 
 
@@ -173,21 +196,17 @@ def fit_qat(
     data_root: str | None = None,
     cache_dir: str | None = None,
     callbacks: list | None = None,
-    extra_config: dict[str, Any] | None = None,
+    faults: FaultPlan | None = None,
+    evaluate: bool = True,
 ):
     """Run (or resume) the QAT of one trial; returns Ray Train's ``Result`` (or, inline,
-    an ``InlineResult`` with the same fields)."""
+    an ``InlineResult`` with the same fields). ``faults`` and ``evaluate``: as for
+    ``make_trainer``."""
+    job = worker_job(
+        settings, "qat", teacher_dir, data_root, cache_dir, faults=faults, evaluate=evaluate
+    )
     if settings.workers.inline:
-        return fit_inline(
-            settings,
-            name=name,
-            storage_path=storage_path,
-            teacher_dir=teacher_dir,
-            data_root=data_root,
-            cache_dir=cache_dir,
-            callbacks=callbacks,
-            extra_config=extra_config,
-        )
+        return fit_inline(job, name=name, storage_path=storage_path, callbacks=callbacks)
     trainer = make_trainer(
         settings,
         mode="qat",
@@ -197,18 +216,21 @@ def fit_qat(
         data_root=data_root,
         cache_dir=cache_dir,
         callbacks=callbacks,
-        extra_config=extra_config,
+        faults=faults,
+        evaluate=evaluate,
     )
     return trainer.fit()
 
 
 def final_metrics(result) -> dict[str, Any]:
-    """The evaluation metrics of a finished QAT run, or TrialError with the reason."""
+    """The evaluation metrics of a finished QAT run, or TrialError with the reason
+    (``DivergedTrialError`` where the loss became non-finite)."""
     if result.error is not None:
         raise TrialError(str(result.error))
     metrics = dict(result.metrics or {})
     if metrics.get("error"):
-        raise TrialError(metrics["error"])
+        kind = DivergedTrialError if metrics.get("diverged") else TrialError
+        raise kind(metrics["error"])
     if not metrics.get("final"):
         raise TrialError("training ended without its final evaluation report")
     return metrics
@@ -225,15 +247,11 @@ class InlineResult:
 
 
 def fit_inline(
-    settings: TrialSettings,
+    job: WorkerJob,
     *,
     name: str,
     storage_path: str | os.PathLike,
-    teacher_dir: str | os.PathLike,
-    data_root: str | None = None,
-    cache_dir: str | None = None,
     callbacks: list | None = None,
-    extra_config: dict[str, Any] | None = None,
 ) -> InlineResult:
     """Run (or resume) one trial's QAT in this process; the one-worker ``fit_qat``.
 
@@ -248,15 +266,8 @@ def fit_inline(
     from binarydm.train.loop import run_loop
     from binarydm.train.session import InlineSession, inline_device
 
+    settings = job.settings
     run_dir = Path(_abs(storage_path)) / name
-    config = {
-        "settings": settings.to_dict(),
-        "mode": "qat",
-        "teacher_dir": _abs(teacher_dir),
-        "data_root": _abs(data_root),
-        "cache_dir": _abs(cache_dir),
-        **(extra_config or {}),
-    }
 
     def on_report(metrics: dict[str, Any], path: str | None) -> None:
         checkpoint = None if path is None else ray.train.Checkpoint.from_directory(path)
@@ -272,7 +283,7 @@ def fit_inline(
     failures, limit, error = 0, settings.training.max_failures, None
     while True:
         try:
-            run_loop(config, session)
+            run_loop(job, session)
             error = None
             break
         except Exception as exc:  # what Ray Train's FailureConfig would retry

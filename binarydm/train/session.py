@@ -7,9 +7,10 @@ worker of a one-worker trial in the current process (a Ray Tune trial actor): no
 controller, placement group, worker actor or process group is started and stopped
 around a short trial (8 s on an idle CPU, about 40 s a trial with 8 trials starting at
 once on a GPU host; benchmarks/results/gpu_perf.md). Checkpoints are persisted like
-Ray Train's: one folder per report under the run's folder, the newest ``keep`` kept,
-registered in ``checkpoints.json`` only once fully written, so a killed trial resumes
-from the newest complete one.
+Ray Train's (``CheckpointStore``): one folder per report under the run's folder, the
+newest ``keep`` kept, registered in ``checkpoints.json`` only once fully written, so a
+killed trial resumes from the newest complete one. Whichever the session, the loop
+writes every checkpoint through ``report_checkpoint``.
 """
 
 from __future__ import annotations
@@ -76,31 +77,17 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-class InlineSession:
-    """The loop of a one-worker trial run in this process, checkpoints under ``run_dir``.
+class CheckpointStore:
+    """The checkpoint folders of one inline run, persisted as Ray Train persists its own.
 
-    ``on_report(metrics, checkpoint_path)`` sees every report (the trial's live curve and
-    Ray Tune's results); ``keep`` is how many checkpoints stay (None: all).
+    One folder per checkpoint under ``run_dir``, renamed into place once complete,
+    registered in ``checkpoints.json`` (``INDEX_FILE``) only then, the newest ``keep``
+    kept (None: all): a killed run resumes from the newest complete one.
     """
 
-    rank = 0
-    world_size = 1
-
-    def __init__(
-        self,
-        run_dir: str | os.PathLike,
-        device: torch.device,
-        *,
-        keep: int | None = None,
-        on_report: Callable[[dict[str, Any], str | None], None] | None = None,
-    ) -> None:
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = device
         self.keep = keep
-        self.on_report = on_report
-        self.last_metrics: dict[str, Any] | None = None
-        self.last_checkpoint: str | None = None
 
     def registered(self) -> list[str]:
         """Names of the persisted checkpoints, oldest first."""
@@ -110,37 +97,27 @@ class InlineSession:
             return []
         return [n for n in names if (self.run_dir / n).is_dir()]
 
+    def latest(self) -> str | None:
+        names = self.registered()
+        return str(self.run_dir / names[-1]) if names else None
+
     @contextlib.contextmanager
-    def checkpoint_dir(self) -> Iterator[str]:
-        """A staging folder inside the run folder: a report renames it into place instead
-        of copying (a ddpm-cifar10 state with optimizer and EMA is about 570 MB)."""
+    def staging(self) -> Iterator[str]:
+        """A staging folder inside the run folder: ``persist`` renames it into place
+        instead of copying (a ddpm-cifar10 state with optimizer and EMA is about 570 MB)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         staging = tempfile.mkdtemp(dir=self.run_dir, prefix=".staging-")
         try:
             yield staging
         finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already when reported
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when persisted
 
-    def checkpoint_path(self) -> str | None:
-        names = self.registered()
-        return str(self.run_dir / names[-1]) if names else None
-
-    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
-        return model  # one worker: nothing to synchronise
-
-    def report(self, metrics: dict[str, Any], directory: str | None, name: str | None) -> None:
-        path = None
-        if directory is not None:
-            path = self._persist(Path(directory), name or "checkpoint")
-            self.last_checkpoint = path
-        self.last_metrics = dict(metrics)
-        if self.on_report is not None:
-            self.on_report(dict(metrics), path)
-
-    def _persist(self, source: Path, name: str) -> str:
-        """Move (or copy) the checkpoint into the run folder, register it, evict the oldest."""
-        target = self.run_dir / name
+    def persist(self, source: str | os.PathLike, name: str) -> str:
+        """Move (or copy) ``source`` into the run folder as ``name``, register it, evict
+        the oldest beyond ``keep``; returns the persisted folder."""
+        source, target = Path(source), self.run_dir / name
         if source.parent.resolve() == self.run_dir.resolve():
-            staging = source  # from checkpoint_dir(): complete, on the same file system
+            staging = source  # from staging(): complete, on the same file system
         else:
             # Copied beside its final place and renamed: a crash mid-copy leaves no folder
             # that looks like a checkpoint.
@@ -162,6 +139,79 @@ class InlineSession:
         tmp = self.run_dir / f".{INDEX_FILE}.tmp"
         tmp.write_text(json.dumps(names))
         os.replace(tmp, self.run_dir / INDEX_FILE)
+
+
+class InlineSession:
+    """The loop of a one-worker trial run in this process, checkpoints under ``run_dir``.
+
+    ``on_report(metrics, checkpoint_path)`` sees every report (the trial's live curve and
+    Ray Tune's results); ``keep`` is how many checkpoints stay (None: all).
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        device: torch.device,
+        *,
+        keep: int | None = None,
+        on_report: Callable[[dict[str, Any], str | None], None] | None = None,
+    ) -> None:
+        self.store = CheckpointStore(run_dir, keep=keep)
+        self.store.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.on_report = on_report
+        self.last_metrics: dict[str, Any] | None = None
+        self.last_checkpoint: str | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.store.run_dir
+
+    def registered(self) -> list[str]:
+        """Names of the persisted checkpoints, oldest first."""
+        return self.store.registered()
+
+    def checkpoint_dir(self):
+        return self.store.staging()
+
+    def checkpoint_path(self) -> str | None:
+        return self.store.latest()
+
+    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
+        return model  # one worker: nothing to synchronise
+
+    def report(self, metrics: dict[str, Any], directory: str | None, name: str | None) -> None:
+        path = None
+        if directory is not None:
+            path = self.store.persist(directory, name or "checkpoint")
+            self.last_checkpoint = path
+        self.last_metrics = dict(metrics)
+        if self.on_report is not None:
+            self.on_report(dict(metrics), path)
+
+
+def report_checkpoint(
+    session,
+    metrics: dict[str, Any],
+    name: str,
+    write: Callable[[Path, dict[str, Any]], None],
+) -> None:
+    """Report ``metrics`` with a checkpoint named ``name``: THE way the loop persists one.
+
+    Rank 0 writes it with ``write(folder, metrics)`` (which may add to ``metrics``) in
+    the session's staging folder; the session persists it on report (Ray Train copies it
+    to the run's storage, ``InlineSession`` renames it into its ``CheckpointStore``).
+    Every rank reports: Ray Train's reports are collective.
+    """
+    with session.checkpoint_dir() as staging:
+        directory = None
+        if session.rank == 0:
+            write(Path(staging), metrics)
+            directory = staging
+        session.report(metrics, directory, name)
 
 
 def inline_device(use_gpu: bool) -> torch.device:

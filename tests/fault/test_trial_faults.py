@@ -31,6 +31,7 @@ from fault_support import (
 from typer.testing import CliRunner
 
 from binarydm.cli import app
+from binarydm.train.job import FaultPlan
 from binarydm.train.runner import final_metrics, fit_qat
 
 TRIAL0_RUN_DIR = Path("ray_results") / "trials" / "lrm_rank-trial0000-seed0"
@@ -159,7 +160,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_and_says_so(
         outcome["result"] = fit_qat(
             settings, name="corrupt", storage_path=storage, teacher_dir=tiny_teacher,
             data_root=workspace["data_root"], cache_dir=workspace["cache_dir"],
-            extra_config={"pid_file": str(pid_file), "hold_at_step": 20, "hold_file": str(hold)},
+            faults=FaultPlan(pid_file=str(pid_file), hold_at_step=20, hold_file=str(hold)),
         )  # fmt: skip
 
     thread = threading.Thread(target=fit)

@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from binarydm.search import trainable
+from binarydm.search import _launch
 
 
 def test_process_start_time_matches_a_child_started_now():
     before = time.time()
     out = subprocess.run(
-        [sys.executable, "-c", "import time; from binarydm.search.trainable import "
+        [sys.executable, "-c", "import time; from binarydm.search._launch import "
          "process_started_unix as s; print(s(), time.time())"],
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
@@ -24,10 +24,10 @@ def test_process_start_time_matches_a_child_started_now():
 
 
 def test_only_a_fresh_process_reports_its_start(monkeypatch):
-    monkeypatch.setattr(trainable, "_attempts_in_process", 0)
+    monkeypatch.setattr(_launch, "_attempts_in_process", 0)
     entered = time.time()
-    first = trainable.launch_metrics(entered)
-    assert first["actor_created_unix"] == pytest.approx(trainable.process_started_unix())
+    first = _launch.launch_metrics(entered)
+    assert first["actor_created_unix"] == pytest.approx(_launch.process_started_unix())
     assert first["trial_entered_unix"] == entered and first["run_start_s"] >= 0
     # A second trial in the same (reused) actor: its process started long before.
-    assert "actor_created_unix" not in trainable.launch_metrics(time.time())
+    assert "actor_created_unix" not in _launch.launch_metrics(time.time())
