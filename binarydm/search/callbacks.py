@@ -19,7 +19,7 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
-CURVE_METRICS = ("loss", "loss_noise", "loss_lrm", "loss_ebb", "lr", "train_images_per_s")
+from binarydm.metric_contract import CURVE_METRICS
 
 
 class MlflowCurveCallback(UserCallback):

@@ -264,7 +264,7 @@ def evaluate_teacher(
 
 def log_evaluation(tracker, run_id: str, result: dict[str, Any]) -> None:
     """Log what ``evaluate_teacher`` returned on the reference run and end it FINISHED."""
-    from binarydm.search.trainable import COMPARABILITY
+    from binarydm.metric_contract import COMPARABILITY
 
     metrics = result["metrics"]
     # As on trials: the FID's comparability settings are params, the numeric rest metrics.

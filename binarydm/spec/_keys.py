@@ -1,6 +1,6 @@
 """The names a study file uses: metrics and their directions, and the settings keys.
 
-Built from ``TrialSettings`` and the metric contract of design.md, so the parser,
+Built from ``TrialSettings`` and the metric contract (``binarydm.metric_contract``), so the parser,
 the ``--set`` checks and the JSON Schema agree on what a key may be.
 """
 
@@ -8,32 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from binarydm.metric_contract import METRIC_DIRECTIONS, Direction  # noqa: F401 (the spec's names)
 from binarydm.train.settings import TrialSettings
 
 Algorithm = Literal["nsga2", "tpe", "random", "grid"]
-Direction = Literal["minimize", "maximize"]
-
-#: The direction in which each metric of design.md's contract improves: an objective's default.
-METRIC_DIRECTIONS: dict[str, Direction] = {
-    "fid": "minimize",
-    "precision": "maximize",
-    "recall": "maximize",
-    "ops_g": "minimize",
-    "bops_g": "minimize",
-    "flops_g": "minimize",
-    "size_mib": "minimize",
-    "weight_bits": "minimize",
-    "test_loss": "minimize",
-    "ops_saving": "maximize",
-    "size_saving": "maximize",
-    "loss": "minimize",
-    "loss_lrm": "minimize",
-    "loss_ebb": "minimize",
-    "train_s": "minimize",
-    "eval_s": "minimize",
-    "train_images_per_s": "maximize",
-    "sample_images_per_s": "maximize",
-}
 # Built from the table so the two cannot disagree; the JSON Schema's enum comes from it.
 Metric = Literal[tuple(METRIC_DIRECTIONS)]  # type: ignore[valid-type]
 DATA_ROOT_ENV = "BINARYDM_DATA_ROOT"

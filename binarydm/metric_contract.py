@@ -1,0 +1,92 @@
+"""The metric contract: every name a trial's run logs, and what each one means to a study.
+
+design.md's contract metrics keep their plain names: quality (``fid``, ``precision``,
+``recall``, ``test_loss``), cost (``ops_g``, ``bops_g``, ``flops_g``, ``size_mib``,
+``weight_bits``, the two savings), the training losses, and the four throughput
+figures design.md names (``train_s``, ``eval_s``, ``train_images_per_s``,
+``sample_images_per_s``). Everything else a run records about where its time went
+(the launch stamps, the set-up and evaluation breakdown, Ray's start and stop) is under
+``timing/``, so a user's first view of a run (the MLflow UI sorts metrics by name and
+groups them by prefix) shows what matters.
+
+This module imports nothing: the describing package (``binarydm.spec``), the trial
+loop, the trainable, the tracker and the benchmarks all read the names from here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Direction = Literal["minimize", "maximize"]
+
+QUALITY = ("fid", "precision", "recall", "test_loss")
+COST = (
+    "ops_g", "bops_g", "flops_g", "size_mib", "weight_bits", "ops_saving", "size_saving",
+)  # fmt: skip
+#: The training losses, one window mean each per logged step (``loss`` is their sum).
+TRAINING_LOSSES = ("loss", "loss_noise", "loss_lrm", "loss_ebb")
+#: design.md's throughput metrics: how long training and evaluation took, how fast.
+THROUGHPUT = ("train_s", "eval_s", "train_images_per_s", "sample_images_per_s")
+
+#: The direction in which each metric improves: an objective's default direction, and
+#: the metrics a study file may name as objectives (the JSON Schema's enum).
+METRIC_DIRECTIONS: dict[str, Direction] = {
+    "fid": "minimize",
+    "precision": "maximize",
+    "recall": "maximize",
+    "ops_g": "minimize",
+    "bops_g": "minimize",
+    "flops_g": "minimize",
+    "size_mib": "minimize",
+    "weight_bits": "minimize",
+    "test_loss": "minimize",
+    "ops_saving": "maximize",
+    "size_saving": "maximize",
+    "loss": "minimize",
+    "loss_lrm": "minimize",
+    "loss_ebb": "minimize",
+    "train_s": "minimize",
+    "eval_s": "minimize",
+    "train_images_per_s": "maximize",
+    "sample_images_per_s": "maximize",
+}
+
+TIMING_PREFIX = "timing/"
+
+
+def timing(name: str) -> str:
+    """The logged name of a timing metric (``timing("fit_s")`` -> ``"timing/fit_s"``)."""
+    return TIMING_PREFIX + name
+
+
+#: Where a trial's wall time went, in seconds (see docs/architecture.md for the path):
+#: trainable entered -> run started (``run_start_s``), trial prepared (``prepare_s``),
+#: Ray Train's fit (``fit_s`` = ``ray_start_s`` + ``setup_s`` + train + eval +
+#: ``ray_stop_s``), the set-up's parts, checkpoint writes, sampling and FID.
+TIMINGS = tuple(
+    timing(name)
+    for name in (
+        "run_start_s", "prepare_s", "fit_s", "ray_start_s", "ray_stop_s",
+        "setup_s", "setup_device_s", "setup_data_s", "setup_build_s", "setup_lrm_s",
+        "checkpoint_s", "sample_s", "fid_s",
+    )
+)  # fmt: skip
+#: Unix times of a trial's launch (not averaged over seeds: they are moments, not spans).
+ACTOR_CREATED = timing("actor_created_unix")
+TRIAL_ENTERED = timing("trial_entered_unix")
+LAUNCH_STAMPS = (ACTOR_CREATED, TRIAL_ENTERED)
+#: The parent run's tag: when the driver handed the trials to Tune.
+TUNE_STARTED_TAG = "timing/tune_started_unix"
+
+#: Averaged over a trial's seeds (with ``<name>_std`` beside each when there are
+#: several); every other metric is the same for every seed or is a per-run detail.
+AVERAGED = QUALITY + COST + TRAINING_LOSSES + THROUGHPUT + TIMINGS
+#: Two FIDs are comparable only with these equal: logged as params on every run.
+COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
+#: Logged at every reported step of the run (the training curves).
+CURVE_METRICS = (*TRAINING_LOSSES, "lr", "train_images_per_s")
+
+#: Every metric name a finished trial's run may carry (tests hold runs to it).
+METRICS = frozenset(
+    (*AVERAGED, *(f"{name}_std" for name in AVERAGED), *LAUNCH_STAMPS, "lr", "step")
+)
