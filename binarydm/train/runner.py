@@ -202,10 +202,10 @@ def fit_qat(
     """Run (or resume) the QAT of one trial; returns Ray Train's ``Result`` (or, inline,
     an ``InlineResult`` with the same fields). ``faults`` and ``evaluate``: as for
     ``make_trainer``."""
-    job = worker_job(
-        settings, "qat", teacher_dir, data_root, cache_dir, faults=faults, evaluate=evaluate
-    )
     if settings.workers.inline:
+        job = worker_job(
+            settings, "qat", teacher_dir, data_root, cache_dir, faults=faults, evaluate=evaluate
+        )
         return fit_inline(job, name=name, storage_path=storage_path, callbacks=callbacks)
     trainer = make_trainer(
         settings,
