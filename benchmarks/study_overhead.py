@@ -118,9 +118,11 @@ def main() -> None:
         return sum(t["metrics"].get(key, 0.0) for t in done)
 
     # From the driver's hand-over to Ray Tune (a resumed study: its last launch).
-    launched = float(parent_tags.get("tune_started_unix", window_start))
+    launched = float(parent_tags.get("timing/tune_started_unix", window_start))
     created = [
-        t["metrics"]["actor_created_unix"] for t in trials if "actor_created_unix" in t["metrics"]
+        t["metrics"]["timing/actor_created_unix"]
+        for t in trials
+        if "timing/actor_created_unix" in t["metrics"]
     ]
     launch_window = window_end - launched
 
@@ -139,27 +141,27 @@ def main() -> None:
         "train_s": sum(t["metrics"]["train_s"] for t in done),
         "eval_s": sum(t["metrics"]["eval_s"] for t in done),
         # Inside the trial's run but outside compute: worker set-up before the first step.
-        "setup_s": total("setup_s"),
+        "setup_s": total("timing/setup_s"),
         # ... of which: the CUDA context, the training set to its device, the models built
         # (diffusers' UNet imported on first use, the teacher loaded and moved, copied and
         # binarised on the device) and the LRM.
-        "setup_device_s": total("setup_device_s"),
-        "setup_data_s": total("setup_data_s"),
-        "setup_build_s": total("setup_build_s"),
-        "setup_lrm_s": total("setup_lrm_s"),
+        "setup_device_s": total("timing/setup_device_s"),
+        "setup_data_s": total("timing/setup_data_s"),
+        "setup_build_s": total("timing/setup_build_s"),
+        "setup_lrm_s": total("timing/setup_lrm_s"),
         # Checkpoints saved (serialised, hashed, persisted), part of ray_train_s below.
-        "checkpoint_s": total("checkpoint_s"),
-        "sample_s": total("sample_s"),
-        "fid_s": total("fid_s"),
+        "checkpoint_s": total("timing/checkpoint_s"),
+        "sample_s": total("timing/sample_s"),
+        "fid_s": total("timing/fid_s"),
         # Where a trial's time outside compute goes: before its fit (params, data hash),
         # Ray Train around the workers (fit_s minus the workers' set-up + compute), after.
-        "prepare_s": total("prepare_s"),
-        "ray_train_s": total("fit_s") - total("setup_s") - sum(compute),
-        "ray_start_s": total("ray_start_s"),  # fit() to the worker's first line
-        "ray_stop_s": total("ray_stop_s"),  # the worker's final report to fit()'s return
+        "prepare_s": total("timing/prepare_s"),
+        "ray_train_s": total("timing/fit_s") - total("timing/setup_s") - sum(compute),
+        "ray_start_s": total("timing/ray_start_s"),  # fit() to the worker's first line
+        "ray_stop_s": total("timing/ray_stop_s"),  # the worker's final report to fit()'s return
         "after_fit_s": sum((t["end_time"] - t["start_time"]) / 1000 for t in done)
-        - total("prepare_s")
-        - total("fit_s"),
+        - total("timing/prepare_s")
+        - total("timing/fit_s"),
         "overhead_in_window": 1 - sum(compute) / (slots * window),
         # The stricter figure: from launch, so the first actors' start counts too.
         "launch_window_s": launch_window,
@@ -168,11 +170,12 @@ def main() -> None:
         "launch_to_first_trial_s": window_start - launched,
         # Actor process start (or launch, for a process Ray had started idle) -> trainable.
         "actor_start_s": sum(
-            t["metrics"]["trial_entered_unix"] - max(t["metrics"]["actor_created_unix"], launched)
+            t["metrics"]["timing/trial_entered_unix"]
+            - max(t["metrics"]["timing/actor_created_unix"], launched)
             for t in done
-            if "actor_created_unix" in t["metrics"]
+            if "timing/actor_created_unix" in t["metrics"]
         ),
-        "run_start_s": total("run_start_s"),  # trainable -> its MLflow run started
+        "run_start_s": total("timing/run_start_s"),  # trainable -> its MLflow run started
         "overhead_whole_study": 1 - sum(compute) / (slots * (end - start)),
         "per_trial_outside_compute_s": statistics.fmean(per_trial) if per_trial else None,
         "per_trial_wall_s": [round((t["end_time"] - t["start_time"]) / 1000, 1) for t in done],

@@ -86,7 +86,21 @@ COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
 #: Logged at every reported step of the run (the training curves).
 CURVE_METRICS = (*TRAINING_LOSSES, "lr", "train_images_per_s")
 
-#: Every metric name a finished trial's run may carry (tests hold runs to it).
-METRICS = frozenset(
-    (*AVERAGED, *(f"{name}_std" for name in AVERAGED), *LAUNCH_STAMPS, "lr", "step")
-)
+#: A finished trial's FID over the study's FP reference FID (logged after the study).
+FID_RATIO_TO_FP = "fid_ratio_to_fp"
+#: The parent run's metrics: the front's hypervolume and the trial counts.
+STUDY_METRICS = ("hypervolume", "trials_total", "trials_finished")
+#: Every metric name a trial's run may carry (tests hold real runs to it). A study of
+#: several seeds logs each seed's curves as ``seed<k>.<curve>``.
+TRIAL_METRICS = frozenset(
+    (*AVERAGED, *(f"{name}_std" for name in AVERAGED), *LAUNCH_STAMPS, *CURVE_METRICS,
+     FID_RATIO_TO_FP)
+)  # fmt: skip
+
+
+def is_trial_metric(name: str) -> bool:
+    """Whether ``name`` is in the contract of a trial's run (``seed<k>.`` curves included)."""
+    seed, dot, curve = name.partition(".")
+    if dot and seed.startswith("seed") and seed[4:].isdigit():
+        return curve in CURVE_METRICS
+    return name in TRIAL_METRICS

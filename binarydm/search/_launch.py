@@ -10,21 +10,23 @@ import os
 import time
 from pathlib import Path
 
+from binarydm.metric_contract import ACTOR_CREATED, TRIAL_ENTERED, timing
+
 _attempts_in_process = 0
 
 
 def launch_metrics(entered_unix: float) -> dict[str, float]:
     """How this attempt got going, for the study-overhead accounting: when its actor's
-    process started (``actor_created_unix``; Ray may have started it earlier as an idle
+    process started (``timing/actor_created_unix``; Ray may have started it earlier as an idle
     worker; absent for an actor Tune reuses), when this trainable began
-    (``trial_entered_unix``) and the time from there to its MLflow run
+    (``timing/trial_entered_unix``) and the time from there to its MLflow run
     (``run_start_s``: imports, store, run lookup)."""
     global _attempts_in_process
     started = process_started_unix() if _attempts_in_process == 0 else None
     _attempts_in_process += 1
-    metrics = {"trial_entered_unix": entered_unix, "run_start_s": time.time() - entered_unix}
+    metrics = {TRIAL_ENTERED: entered_unix, timing("run_start_s"): time.time() - entered_unix}
     if started is not None:
-        metrics["actor_created_unix"] = started
+        metrics[ACTOR_CREATED] = started
     return metrics
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from binarydm.metric_contract import TUNE_STARTED_TAG
 from binarydm.spec import StudySpec, is_uri, sqlite_file
 
 log = logging.getLogger(__name__)
@@ -355,7 +356,7 @@ def run_study(
     reference = start_reference(spec, tracker, teacher, cache_dir)
     # When trials could start: the overhead accounting (benchmarks/study_overhead.py)
     # counts Ray Tune's launch of the first actors from here.
-    tracker.set_tags(parent, {"tune_started_unix": f"{time.time():.3f}"})
+    tracker.set_tags(parent, {TUNE_STARTED_TAG: f"{time.time():.3f}"})
     tuner.fit()
     finish_reference(tracker, reference)
     objectives = list(zip(spec.search.metrics, spec.search.directions, strict=True))

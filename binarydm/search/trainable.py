@@ -21,19 +21,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from binarydm.metric_contract import AVERAGED, COMPARABILITY, timing
 from binarydm.search._launch import launch_metrics
 from binarydm.search.searcher import TRIAL_NUMBER_KEY
 from binarydm.train.settings import TrialSettings
-
-# Metrics averaged over seeds (the rest are identical across seeds or per-run details).
-AVERAGED = (
-    "fid", "precision", "recall", "test_loss", "ops_g", "bops_g", "flops_g", "size_mib",
-    "weight_bits", "ops_saving", "size_saving",
-    "loss", "loss_noise", "loss_lrm", "loss_ebb", "train_s", "eval_s", "setup_s", "sample_s",
-    "fid_s", "fit_s", "ray_start_s", "ray_stop_s", "train_images_per_s", "sample_images_per_s",
-    "setup_device_s", "setup_data_s", "setup_build_s", "setup_lrm_s", "checkpoint_s",
-)  # fmt: skip
-COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +103,7 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     config = dict(config)
     number = int(config.pop(TRIAL_NUMBER_KEY))
     spec = context.spec
-    tracker = StudyTracker(
-        spec.tracking.uri, spec.tracking.experiment, spec.name, spec.tracking.artifact_location
-    )
+    tracker = StudyTracker.for_study(spec)
     logged = finished_metrics(tracker, tracker.trial_run_id(number), spec.search.metrics)
     if logged is not None:
         # The study's driver died after this trial ended but before Tune recorded it: report
@@ -248,7 +237,9 @@ def execute_trial(
         params["data.sha256"] = dataset_sha256(settings0, data_root, context.cache_dir)
         tracker.log_params(run_id, params)
         log_environment(tracker, run_id, reproducibility_params(), attempt)
-        tracker.log_artifact_json(run_id, "config.json", {"params": config, **settings0.to_dict()})
+        tracker.log_artifact_json(
+            run_id, "config.json", {"params": config, **settings0.to_versioned_dict()}
+        )
         per_seed, checkpoints = [], []
         storage = str(Path(spec.storage.ray_results) / "trials")
         # One teacher for every seed: its cache key holds teacher.seed, not the QAT seed.
@@ -282,16 +273,16 @@ def execute_trial(
             per_seed.append(
                 {
                     **seed_metrics,
-                    "fit_s": fit_s,
+                    timing("fit_s"): fit_s,
                     # Fit start to the worker's first line; its final report to fit's return.
-                    "ray_start_s": seed_metrics["worker_entered_unix"] - fit_start_unix,
-                    "ray_stop_s": fit_end_unix - seed_metrics["final_report_unix"],
+                    timing("ray_start_s"): seed_metrics["worker_entered_unix"] - fit_start_unix,
+                    timing("ray_stop_s"): fit_end_unix - seed_metrics["final_report_unix"],
                 }
             )
             checkpoints.append(result.checkpoint.path)
         metrics = aggregate(per_seed)
         # Trial start to its first fit: params and data hash logged, the teacher found.
-        metrics["prepare_s"] = prepare_s
+        metrics[timing("prepare_s")] = prepare_s
         # Comparability settings of the FID are params (strings included), the rest metrics.
         tracker.log_params(run_id, {k: metrics[k] for k in COMPARABILITY if k in metrics})
         numeric = {k: v for k, v in metrics.items() if k not in COMPARABILITY}

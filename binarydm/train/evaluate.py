@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from binarydm.metric_contract import timing
 from binarydm.train.diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
 from binarydm.train.settings import TrialSettings
 
@@ -164,8 +165,8 @@ def evaluate(
         # Where evaluation time goes: sampling, FID (Inception features of the samples and,
         # until cached, of the reference), the rest (test loss, OPs report, export).
         "eval_s": time.perf_counter() - t0,
-        "sample_s": sample_s,
-        "fid_s": fid_s,
+        timing("sample_s"): sample_s,
+        timing("fid_s"): fid_s,
         "sample_images_per_s": evaluation.fid_samples / sample_s,
         "fid_dims": evaluation.fid_dims,
         "fid_samples": evaluation.fid_samples,

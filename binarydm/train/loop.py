@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from binarydm.metric_contract import timing
 from binarydm.train.batches import batch_indices
 from binarydm.train.checkpoint import link_state, load_latest_valid, save_state
 from binarydm.train.diffusion import noise_scheduler, noisy_batch
@@ -36,6 +37,8 @@ __all__ = ["FAULT_KEYS", "NonFiniteLossError", "run_loop", "train_loop_per_worke
 FAULT_KEYS = FaultPlan.keys()
 #: Largest training set (bytes) kept on the GPU for the whole run.
 DEVICE_DATA_LIMIT = 4 << 30
+
+CHECKPOINT_S = timing("checkpoint_s")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -71,23 +74,6 @@ def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div(127.5).sub(1.0)
 
 
-def may_leave_unused(model: torch.nn.Module, method) -> bool:
-    """Whether some parameter can get no gradient in a step, so DDP must look for them.
-
-    Inactive progressive stages and the steps of disabled (32-bit) quantizers get none
-    (the basis EBB drops does: all bases' scales are one tensor). Searching costs DDP an
-    autograd-graph walk every step, so it is asked for only then: never for FP teacher
-    training, not for a plain W1A4 run.
-    """
-    if method is None:
-        return False
-    from binarydm.quant import LSQQuantizer
-
-    if method.progressive.stage_steps > 0:
-        return True
-    return any(isinstance(m, LSQQuantizer) and not m.enabled for m in model.modules())
-
-
 def _to_training_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep a small training set on the GPU (CIFAR-10 is 150 MB) so a step reads no host
     memory; a large one stays on the host as it is (pinning tens of GB could fail)."""
@@ -119,9 +105,9 @@ class WorkerClock:
         self.checkpoint_s = 0.0
 
     def lap(self, part: str) -> None:
-        """End set-up part ``part`` (``setup_<part>_s``), begun at the previous lap."""
+        """End set-up part ``part`` (``timing/setup_<part>_s``), begun at the previous lap."""
         now = time.perf_counter()
-        self.setup_parts[f"setup_{part}_s"] = now - self._mark
+        self.setup_parts[timing(f"setup_{part}_s")] = now - self._mark
         self._mark = now
 
     def start_training(self) -> None:
@@ -134,11 +120,11 @@ class WorkerClock:
             "train_images_per_s": images_seen / elapsed if elapsed else 0.0,
             "train_s": elapsed + tail.get("train_s", 0.0),
             # Worker start to first step (data, models, DDP, resume): trial overhead.
-            "setup_s": self.train_start - self.entered + tail.get("setup_s", 0.0),
+            timing("setup_s"): self.train_start - self.entered + tail.get(timing("setup_s"), 0.0),
         }
         for key, seconds in self.setup_parts.items():
             out[key] = seconds + tail.get(key, 0.0)
-        out["checkpoint_s"] = self.checkpoint_s + tail.get("checkpoint_s", 0.0)
+        out[CHECKPOINT_S] = self.checkpoint_s + tail.get(CHECKPOINT_S, 0.0)
         return out
 
 
@@ -392,7 +378,7 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> None:
     # Wall-clock stamps in the final report let the driver tell Ray Train's own start-up
     # and shutdown from the worker's time (the curve callback skips final reports).
     metrics["worker_entered_unix"] = run.clock.entered_unix
-    metrics["checkpoint_s"] = run.clock.checkpoint_s + tail.get("checkpoint_s", 0.0)
+    metrics[CHECKPOINT_S] = run.clock.checkpoint_s + tail.get(CHECKPOINT_S, 0.0)
     reuse = run.session.last_checkpoint if run.saved_step == steps else None
 
     def write(folder: Path, final: dict[str, Any]) -> None:
@@ -402,7 +388,7 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> None:
         # the evaluation's are in this report.
         if reuse is None or not link_state(reuse, folder):
             save_state(folder, run.state(steps, final), step=steps)
-        final["checkpoint_s"] = final.get("checkpoint_s", 0.0) + time.perf_counter() - mark
+        final[CHECKPOINT_S] = final.get(CHECKPOINT_S, 0.0) + time.perf_counter() - mark
         final.update(final=True, final_report_unix=time.time())
 
     if run.session.rank != 0:  # rank 0 stamps its report once its checkpoint is written

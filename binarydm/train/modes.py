@@ -154,8 +154,6 @@ class QATMode:
         return LowRankMimicking(model, teacher, self.method.lrm).to(device)
 
     def may_leave_unused(self, model: torch.nn.Module) -> bool:
-        from binarydm.train.loop import may_leave_unused
-
         return may_leave_unused(model, self.method)
 
     def restore_schedule(self, model: torch.nn.Module, start_step: int) -> None:
@@ -190,3 +188,20 @@ class QATMode:
 
 def training_mode(job: WorkerJob) -> TeacherMode | QATMode:
     return TeacherMode(job) if job.mode == "teacher" else QATMode(job)
+
+
+def may_leave_unused(model: torch.nn.Module, method) -> bool:
+    """Whether some parameter can get no gradient in a step, so DDP must look for them.
+
+    Inactive progressive stages and the steps of disabled (32-bit) quantizers get none
+    (the basis EBB drops does: all bases' scales are one tensor). Searching costs DDP an
+    autograd-graph walk every step, so it is asked for only then: never for FP teacher
+    training, not for a plain W1A4 run.
+    """
+    if method is None:
+        return False
+    from binarydm.quant import LSQQuantizer
+
+    if method.progressive.stage_steps > 0:
+        return True
+    return any(isinstance(m, LSQQuantizer) and not m.enabled for m in model.modules())

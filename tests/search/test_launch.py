@@ -27,7 +27,7 @@ def test_only_a_fresh_process_reports_its_start(monkeypatch):
     monkeypatch.setattr(_launch, "_attempts_in_process", 0)
     entered = time.time()
     first = _launch.launch_metrics(entered)
-    assert first["actor_created_unix"] == pytest.approx(_launch.process_started_unix())
-    assert first["trial_entered_unix"] == entered and first["run_start_s"] >= 0
+    assert first["timing/actor_created_unix"] == pytest.approx(_launch.process_started_unix())
+    assert first["timing/trial_entered_unix"] == entered and first["timing/run_start_s"] >= 0
     # A second trial in the same (reused) actor: its process started long before.
-    assert "actor_created_unix" not in _launch.launch_metrics(time.time())
+    assert "timing/actor_created_unix" not in _launch.launch_metrics(time.time())

@@ -10,6 +10,7 @@ import pytest
 from bdm_support import LRM_STUDY, TINY_STUDY
 from typer.testing import CliRunner
 
+from binarydm import metric_contract
 from binarydm.cli import app
 
 # The session's finished study (tests/conftest.finished_study) ran with these.
@@ -40,14 +41,23 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
         assert child.data.tags["profile"] == "quick"
         assert child.data.tags["pareto"] in ("true", "false")
         for metric in ("fid", "ops_g", "bops_g", "flops_g", "size_mib", "test_loss",
-                       "ops_saving", "size_saving", "train_s", "eval_s", "setup_s", "sample_s",
-                       "fid_s", "fit_s", "prepare_s", "ray_start_s", "ray_stop_s"):  # fmt: skip
+                       "ops_saving", "size_saving", "train_s", "eval_s", "timing/setup_s",
+                       "timing/sample_s", "timing/fid_s", "timing/fit_s", "timing/prepare_s",
+                       "timing/ray_start_s", "timing/ray_stop_s"):  # fmt: skip
             assert metric in child.data.metrics, metric
         m = child.data.metrics
+        # Every name the run carries is the contract's; the timing ones sort after the rest.
+        assert all(metric_contract.is_trial_metric(k) for k in m), sorted(m)
+        assert {k for k in m if k.endswith(("_s", "_unix"))} - set(metric_contract.THROUGHPUT) == {
+            k for k in m if k.startswith(metric_contract.TIMING_PREFIX)
+        }
         # The fit's wall time holds the worker's own set-up, training and evaluation.
-        inside = m["ray_start_s"] + m["setup_s"] + m["train_s"] + m["eval_s"] + m["ray_stop_s"]
-        assert m["fit_s"] == pytest.approx(inside, abs=3.0) and m["prepare_s"] > 0
-        assert m["ray_start_s"] > 0 and m["ray_stop_s"] > 0
+        inside = (
+            m["timing/ray_start_s"] + m["timing/setup_s"] + m["train_s"] + m["eval_s"]
+            + m["timing/ray_stop_s"]
+        )  # fmt: skip
+        assert m["timing/fit_s"] == pytest.approx(inside, abs=3.0) and m["timing/prepare_s"] > 0
+        assert m["timing/ray_start_s"] > 0 and m["timing/ray_stop_s"] > 0
         params = child.data.params
         assert params["fid_dims"] == "64" and params["fid_samples"] == "100"
         assert params["sampling_steps"] == "4" and params["fid_reference"] == "mnist/test/16px"
@@ -147,7 +157,7 @@ def test_the_fp_teacher_is_scored_like_the_trials_and_kept_out_of_the_front(fini
                     "teacher.sha256"):  # fmt: skip
             assert params[key] == child.data.params[key], key
     assert params["evaluation.sample_batch_size"] == "100" and params["device"] == "cpu"
-    for metric in ("fid", "test_loss", "ops_g", "size_mib", "eval_s", "sample_s"):
+    for metric in ("fid", "test_loss", "ops_g", "size_mib", "eval_s", "timing/sample_s"):
         assert metrics[metric] > 0, metric
     assert {a.path for a in client.list_artifacts(reference.info.run_id)} == {"samples.png"}
     assert parent.data.tags["fp_reference"] == reference.info.run_id
@@ -312,20 +322,23 @@ def test_inline_trials_run_in_their_tune_actor_with_the_same_contract(
         assert child.info.status == "FINISHED"
         assert child.data.params["workers.inline"] == "True"
         m = child.data.metrics
-        for metric in ("fid", "size_mib", "test_loss", "setup_s", "train_s", "eval_s"):
+        for metric in ("fid", "size_mib", "test_loss", "timing/setup_s", "train_s", "eval_s"):
             assert m[metric] > 0, metric
         # Nothing between the fit's start and the loop, or after its final report, but the
         # calls themselves: no controller, worker actor or process group (a Ray Train fit
         # takes seconds here, tests above).
-        inside = m["ray_start_s"] + m["setup_s"] + m["train_s"] + m["eval_s"] + m["ray_stop_s"]
-        assert m["fit_s"] == pytest.approx(inside, abs=0.5)
-        assert 0 <= m["ray_start_s"] < 0.5 and 0 <= m["ray_stop_s"] < 0.5
+        inside = (
+            m["timing/ray_start_s"] + m["timing/setup_s"] + m["train_s"] + m["eval_s"]
+            + m["timing/ray_stop_s"]
+        )  # fmt: skip
+        assert m["timing/fit_s"] == pytest.approx(inside, abs=0.5)
+        assert 0 <= m["timing/ray_start_s"] < 0.5 and 0 <= m["timing/ray_stop_s"] < 0.5
         # How the trial got going, after the driver handed the study to Tune: the trainable
         # began, then its MLflow run.
-        launched = float(parents[0].data.tags["tune_started_unix"])
-        entered = m["trial_entered_unix"]
+        launched = float(parents[0].data.tags["timing/tune_started_unix"])
+        entered = m["timing/trial_entered_unix"]
         assert launched <= entered <= child.info.start_time / 1000
-        assert 0 < m["run_start_s"] < m["train_s"] + m["eval_s"]
+        assert 0 < m["timing/run_start_s"] < m["train_s"] + m["eval_s"]
         curve = client.get_metric_history(child.info.run_id, "loss")
         assert sorted({p.step for p in curve}) == [5, 10]
         run_dir = Path(child.data.tags["checkpoint"]).parent
@@ -336,6 +349,9 @@ def test_inline_trials_run_in_their_tune_actor_with_the_same_contract(
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     # Only a fresh actor process stamps its start (which may predate the launch: Ray keeps
     # idle workers); the second trial ran in the first one's process.
-    first, second = sorted(children, key=lambda c: c.data.metrics["trial_entered_unix"])
-    assert first.data.metrics["actor_created_unix"] <= first.data.metrics["trial_entered_unix"]
-    assert "actor_created_unix" not in second.data.metrics
+    first, second = sorted(children, key=lambda c: c.data.metrics["timing/trial_entered_unix"])
+    assert (
+        first.data.metrics["timing/actor_created_unix"]
+        <= first.data.metrics["timing/trial_entered_unix"]
+    )
+    assert "timing/actor_created_unix" not in second.data.metrics

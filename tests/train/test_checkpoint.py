@@ -186,7 +186,7 @@ def test_ddp_unused_parameter_search_only_where_some_get_no_gradient(overrides):
 
     from binarydm import BinaryDMConfig, binarize_
     from binarydm.schedule import apply_schedule
-    from binarydm.train.loop import may_leave_unused
+    from binarydm.train.modes import may_leave_unused
 
     config = BinaryDMConfig().replace(**overrides)
     model = binarize_(small_unet(), config)

@@ -132,10 +132,16 @@ def test_inline_run_trains_like_the_ray_train_fit(tiny_teacher, workspace):
     # Set-up and checkpoint time are reported, in parts that fit inside the set-up.
     for result in (metrics, reference):
         parts = [
-            result[k] for k in ("setup_device_s", "setup_data_s", "setup_build_s", "setup_lrm_s")
+            result[k]
+            for k in (
+                "timing/setup_device_s",
+                "timing/setup_data_s",
+                "timing/setup_build_s",
+                "timing/setup_lrm_s",
+            )
         ]
-        assert all(p >= 0 for p in parts) and sum(parts) <= result["setup_s"]
-        assert 0 < result["checkpoint_s"] < result["train_s"] + result["eval_s"]
+        assert all(p >= 0 for p in parts) and sum(parts) <= result["timing/setup_s"]
+        assert 0 < result["timing/checkpoint_s"] < result["train_s"] + result["eval_s"]
     steps = [m.get("step") for m, _ in recorder.reports]
     assert steps == [3, 6, 9, 12, 12] and recorder.reports[-1][0]["final"] is True
     assert recorder.reports[1][1] == str(run / "checkpoint_00000006")

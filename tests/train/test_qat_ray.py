@@ -109,7 +109,7 @@ def test_two_ddp_workers_train_with_and_without_unused_parameters(
     result = fit_tiny(settings, f"ddp2-{stage_steps}", workspace, tiny_teacher, evaluate=False)
     assert result.error is None, result.error
     assert result.metrics["step"] == 12 and result.metrics["final"] is True
-    assert 0 < result.metrics["loss"] < 10 and result.metrics["setup_s"] > 0
+    assert 0 < result.metrics["loss"] < 10 and result.metrics["timing/setup_s"] > 0
     assert "fid" not in result.metrics  # evaluate=False: training alone
 
 
