@@ -26,7 +26,7 @@ from binarydm import BinaryDMConfig, binarize_
 from binarydm.distill import LowRankMimicking
 from binarydm.models import build_unet, count_parameters
 from binarydm.quant import LSQQuantizer, quant_layers
-from binarydm.train.diffusion import ddim_sample
+from binarydm.train import ddim_sample
 from binarydm.train.settings import TrainingSettings
 from binarydm.train.step import StepParts, qat_step, teacher_step
 

@@ -3,7 +3,7 @@
     python benchmarks/gpu_scaling.py --gpus 1,2 --modes qat,teacher --steps 300 \
         --batch 128 --data-root DIR --json scaling.json
 
-Runs the real training loop (``binarydm.train.loop.train_loop_per_worker``) under
+Runs the real training loop (``binarydm.train._loop.train_loop_per_worker``) under
 ``TorchTrainer`` with N workers, one GPU each, at a fixed per-GPU batch (weak scaling),
 on CIFAR-10 and the ``ddpm-cifar10`` UNet (a randomly initialised teacher: the step cost
 does not depend on what the teacher learned). QAT is the default BinaryDM config (W1A4,
@@ -81,7 +81,7 @@ def main() -> None:
     import torch
 
     from binarydm.models import build_unet
-    from binarydm.train.runner import make_trainer
+    from binarydm.train import make_trainer
     from binarydm.train.settings import TrialSettings
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bdm-scaling-"))

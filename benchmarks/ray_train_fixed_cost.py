@@ -21,7 +21,7 @@ from pathlib import Path
 
 def _worker(config: dict) -> None:
     entered = time.time()
-    import binarydm.train.loop  # noqa: F401  what a real trial's worker imports first
+    import binarydm.train._loop  # noqa: F401  what a real trial's worker imports first
 
     Path(config["stamps"]).write_text(f"{entered} {time.time()}")
 

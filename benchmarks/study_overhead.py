@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from binarydm.spec import load_study
-    from binarydm.tracking.results import load_study_results, load_study_summary
+    from binarydm.tracking import load_study_results, load_study_summary
 
     spec = load_study(args.file, overrides=args.set)
     work = Path(args.workdir).resolve()

@@ -24,7 +24,7 @@ from binarydm.distill import LowRankMimicking
 from binarydm.metrics.fid import FIDScorer
 from binarydm.models import build_unet, count_parameters
 from binarydm.quant import quant_layers
-from binarydm.train.diffusion import ddim_sample, noise_scheduler, noisy_batch, to_uint8
+from binarydm.train import ddim_sample, noise_scheduler, noisy_batch, to_uint8
 from binarydm.train.settings import TrainingSettings
 from binarydm.train.step import StepParts, qat_step, teacher_step
 

@@ -44,10 +44,10 @@ def child(args: argparse.Namespace) -> None:
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     stage("import_mlflow_store")
-    import binarydm.search.trainable  # noqa: F401
-    import binarydm.train.runner  # noqa: F401
+    import binarydm.search._trainable  # noqa: F401
+    import binarydm.train._runner  # noqa: F401
     from binarydm.spec import load_study
-    from binarydm.train import loop
+    from binarydm.train import load_training_images, to_training_device, to_unit_range
 
     stage("import_binarydm")
     from binarydm.models import load_unet
@@ -62,8 +62,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         device = torch.device("cpu")
     stage("cuda_context")
-    images = loop._load_training_images(settings, args.data_root, None)
-    images = loop._to_training_device(images, device)
+    images = load_training_images(settings, args.data_root, None)
+    images = to_training_device(images, device)
     stage("training_set")
     student = load_unet(args.teacher)
     stage("load_teacher")
@@ -103,7 +103,7 @@ def child(args: argparse.Namespace) -> None:
         grad_clip=settings.training.grad_clip,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
     )
-    batch = loop.to_unit_range(images[: settings.training.batch_size].to(device))
+    batch = to_unit_range(images[: settings.training.batch_size].to(device))
     t = torch.randint(0, 1000, (batch.shape[0],), device=device)
     qat_step(parts, batch, t, torch.zeros_like(batch), step=0)  # the loop's step
     if device.type == "cuda":

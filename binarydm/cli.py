@@ -106,8 +106,8 @@ def _guarded(action):
     from binarydm._typed import ConfigError
     from binarydm.data import DatasetError
     from binarydm.models import ModelLoadError
-    from binarydm.search.driver import StudyError
-    from binarydm.train.runner import TrialError
+    from binarydm.search import StudyError
+    from binarydm.train import TrialError
 
     try:
         return action()
@@ -140,8 +140,7 @@ def run(
         _print_dry_run(spec, console)
         return
     _warn_remote_paths(spec, address, console)
-    from binarydm.search.analysis import pareto_table
-    from binarydm.search.driver import run_study
+    from binarydm.search import pareto_table, run_study
 
     summary = _guarded(lambda: run_study(spec, address=address, resume=resume, verbose=verbose))
     console.print(pareto_table(summary))
@@ -220,8 +219,7 @@ def _single_trial(spec, address: str | None) -> dict:
     import dataclasses
 
     from binarydm.data import cache_dir as resolve_cache_dir
-    from binarydm.search.driver import connect_ray
-    from binarydm.search.trainable import StudyContext, execute_trial
+    from binarydm.search import StudyContext, connect_ray, execute_trial
     from binarydm.tracking import StudyTracker
 
     spec = spec.resolve_paths()
@@ -251,7 +249,7 @@ def pareto(
     """Recompute a study's Pareto front, hypervolume and plots from MLflow alone."""
     from rich.console import Console
 
-    from binarydm.search.analysis import pareto_table, summarize
+    from binarydm.search import pareto_table, summarize
     from binarydm.tracking import StudyTracker, load_study_summary
 
     uri = _store_uri(tracking_uri)
@@ -300,8 +298,7 @@ def sample(
     import mlflow
 
     from binarydm.export import load_packed
-    from binarydm.train.diffusion import ddim_sample, to_uint8
-    from binarydm.train.evaluate import save_grid
+    from binarydm.train import ddim_sample, save_grid, to_uint8
 
     uri = _store_uri(tracking_uri)
     client = mlflow.MlflowClient(uri)
@@ -347,7 +344,7 @@ def export_runs(
 ) -> None:
     """Write an experiment's runs (params, metrics with history, tags, small artifacts) to a
     folder that can be committed; `bdm-search import` recreates them (docs/run-archive.md)."""
-    from binarydm.tracking.archive import export_experiment
+    from binarydm.tracking import export_experiment
 
     uri = _store_uri(tracking_uri)
     try:
@@ -370,7 +367,7 @@ def import_runs(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Recreate an exported experiment's runs in an MLflow store (for the UI and `pareto`)."""
-    from binarydm.tracking.archive import import_archive
+    from binarydm.tracking import import_archive
 
     uri = _store_uri(tracking_uri)
     try:

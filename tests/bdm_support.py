@@ -74,8 +74,8 @@ def tiny_settings(**overrides):
 def fit_tiny(settings, name, workspace, teacher, callbacks=None, evaluate=True, **faults):
     """``fit_qat`` of ``settings`` in the test ``workspace``; ``faults``: the fields of a
     ``binarydm.train.job.FaultPlan``."""
+    from binarydm.train._runner import fit_qat
     from binarydm.train.job import FaultPlan
-    from binarydm.train.runner import fit_qat
 
     return fit_qat(
         settings,

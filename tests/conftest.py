@@ -43,7 +43,7 @@ def workspace(tmp_path_factory, shared_data) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(ray_cluster, workspace) -> Path:
-    from binarydm.train.runner import ensure_teacher
+    from binarydm.train._runner import ensure_teacher
 
     return ensure_teacher(
         tiny_settings(),

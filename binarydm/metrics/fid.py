@@ -3,7 +3,7 @@
 Input conventions (no guessing: a float image in [0, 1] is also in [-1, 1]):
 
 - ``numpy.ndarray`` of dtype uint8, NHWC, values 0..255 (what
-  ``binarydm.train.diffusion.to_uint8`` and the dataset loaders produce);
+  ``binarydm.train._diffusion.to_uint8`` and the dataset loaders produce);
 - ``torch.Tensor`` of a floating dtype, NCHW, with ``value_range=(low, high)``
   given explicitly, e.g. ``(-1, 1)`` for diffusion samples or ``(0, 1)``.
 

@@ -6,21 +6,32 @@ Ray or Optuna, so the search layer and ``bdm-search pareto`` share it.
 
 from __future__ import annotations
 
-from typing import Any
-
+from binarydm._lazy import by_module, lazy_exports
+from binarydm.tracking._buffer import BufferedLogger, is_tracking_outage
 from binarydm.tracking._queries import oldest_run
-from binarydm.tracking.buffer import BufferedLogger, is_tracking_outage
-from binarydm.tracking.repro import reproducibility_params
-from binarydm.tracking.results import (
+from binarydm.tracking._repro import reproducibility_params
+from binarydm.tracking._results import (
     list_studies,
     load_reference,
     load_study_results,
     load_study_summary,
     plot_points,
 )
-from binarydm.tracking.runs import ParamConflictError, StudyTracker, flatten_params
+from binarydm.tracking._runs import (
+    TAG_ERROR,
+    TAG_REFERENCE_KEY,
+    TAG_REUSED_FROM,
+    ParamConflictError,
+    StudyTracker,
+    flatten_params,
+    truncate,
+)
 
 __all__ = [
+    "TAG_ERROR",
+    "TAG_REFERENCE_KEY",
+    "TAG_REUSED_FROM",
+    "truncate",
     "BufferedLogger",
     "ParamConflictError",
     "StudyTracker",
@@ -35,15 +46,16 @@ __all__ = [
     "pareto_plots",
     "plot_points",
     "reproducibility_params",
+    "export_experiment",
+    "import_archive",
+    "read_archive",
 ]
 
-_PLOTS = ("pareto_plots", "log_pareto_plots")
-
-
-def __getattr__(name: str) -> Any:
-    # matplotlib and plotly take seconds to import; only the study's end needs them.
-    if name in _PLOTS:
-        from binarydm.tracking import plots
-
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# matplotlib and plotly take seconds to import; only the study's end needs the plots.
+_LAZY = by_module(
+    {
+        "_plots": ("pareto_plots", "log_pareto_plots"),
+        "_archive": ("export_experiment", "import_archive", "read_archive"),
+    }
+)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -201,7 +201,7 @@ class WorkerSettings:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # fractional GPUs let small trials share a card
     # One worker run in the trial's own process instead of a Ray Train fit: saves the
-    # fit's start-up and shutdown around every trial (binarydm.train.session).
+    # fit's start-up and shutdown around every trial (binarydm.train._session).
     inline: bool = False
 
     def __post_init__(self) -> None:

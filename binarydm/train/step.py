@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from binarydm.train.ema import ModelEMA
+from binarydm.train._ema import ModelEMA
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,7 +82,7 @@ class StepLosses:
     loss_ebb: float
 
     def values(self) -> tuple[float, float, float, float]:
-        """In the order of ``binarydm.train.loop.metrics_keys()``."""
+        """In the order of ``binarydm.train._loop.metrics_keys()``."""
         return (self.loss, self.loss_noise, self.loss_lrm, self.loss_ebb)
 
 

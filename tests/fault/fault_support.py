@@ -44,7 +44,7 @@ def tiny(steps: int = 20, every: int = 10, log_every: int | None = None) -> list
 
 def faults_env(plan: dict) -> dict[str, str]:
     """The environment entry that makes the study's driver inject ``plan`` (driver.FAULTS_ENV)."""
-    from binarydm.search.driver import FAULTS_ENV
+    from binarydm.search._driver import FAULTS_ENV
 
     return {FAULTS_ENV: json.dumps(plan)}
 

@@ -27,9 +27,9 @@ from fault_support import (
     wait_for,
 )
 
-from binarydm.search.driver import ORPHAN_REASON
+from binarydm.search._driver import ORPHAN_REASON
 from binarydm.tracking import StudyTracker
-from binarydm.tracking.repro import GIT_COMMIT_ENV
+from binarydm.tracking._repro import GIT_COMMIT_ENV
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 

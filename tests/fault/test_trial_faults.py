@@ -31,8 +31,8 @@ from fault_support import (
 from typer.testing import CliRunner
 
 from binarydm.cli import app
+from binarydm.train._runner import final_metrics, fit_qat
 from binarydm.train.job import FaultPlan
-from binarydm.train.runner import final_metrics, fit_qat
 
 TRIAL0_RUN_DIR = Path("ray_results") / "trials" / "lrm_rank-trial0000-seed0"
 
@@ -97,8 +97,8 @@ def test_worker_killed_mid_trial_resumes_under_one_mlflow_run(tiny_teacher, tmp_
 
 def _inline_registered_step(run_dir: Path) -> int:
     """The newest step an inline run registered a checkpoint for (-1: none)."""
-    from binarydm.train.checkpoint import checkpoint_step
-    from binarydm.train.session import InlineSession
+    from binarydm.train._checkpoint import checkpoint_step
+    from binarydm.train._session import InlineSession
 
     newest = InlineSession(run_dir, device=None).checkpoint_path() if run_dir.exists() else None
     return -1 if newest is None else checkpoint_step(Path(newest))

@@ -10,7 +10,7 @@ import torch
 from binarydm.quant import LSQPlusQuantizer, LSQQuantizer
 from binarydm.quant import lsq_plus as lsq_plus_module
 from binarydm.quant.lsq_plus import fit_shifted_grid
-from binarydm.train.ema import ModelEMA
+from binarydm.train._ema import ModelEMA
 
 
 def test_init_once_and_step_moves_after_optimizer_step():

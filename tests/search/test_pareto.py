@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
+from binarydm.search._pareto import default_reference_point, hypervolume, pareto_front
 
 MIN2 = ["minimize", "minimize"]
 MIN3 = ["minimize"] * 3

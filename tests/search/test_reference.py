@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from binarydm._typed import ConfigError
-from binarydm.search.analysis import FID_RATIO, pareto_table, summarize
-from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
-from binarydm.search.reference import (
+from binarydm.search._analysis import FID_RATIO, pareto_table, summarize
+from binarydm.search._pareto import default_reference_point, hypervolume, pareto_front
+from binarydm.search._reference import (
     TAG_FP_REFERENCE,
     evaluation_data_sha256,
     per_trial_keys,

@@ -304,7 +304,7 @@ def test_max_concurrent_trials_from_cluster() -> None:
 
 
 def test_trial_reserves_its_workers_share_only_when_inline() -> None:
-    from binarydm.search.driver import _driver_resources
+    from binarydm.search._driver import _driver_resources
 
     spec = parse_study(_minimal())
     gpu = {"workers.use_gpu": True, "workers.gpus_per_worker": 0.25, "workers.cpus_per_worker": 2}
@@ -784,7 +784,7 @@ def test_cases_dimension_is_a_grid_and_rejects_bad_cases(tmp_path: Path) -> None
 
 
 def test_cases_label_is_logged_beside_the_settings() -> None:
-    from binarydm.search.trainable import StudyContext, trial_params
+    from binarydm.search._trainable import StudyContext, trial_params
 
     spec = _shipped("ablation")
     params = trial_params(StudyContext(spec, None, "", "", ""), {"row": "lmb"})

@@ -142,7 +142,7 @@ def test_trials_log_the_teacher_they_distil_by_its_sha256(finished_study, tiny_t
 
 
 def test_the_fp_teacher_is_scored_like_the_trials_and_kept_out_of_the_front(finished_study):
-    from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
+    from binarydm.search._pareto import default_reference_point, hypervolume, pareto_front
 
     workdir, output = finished_study
     client, (parent,), children = _runs(workdir)
@@ -186,8 +186,8 @@ def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
     import dataclasses
 
     from binarydm.data import cache_dir
-    from binarydm.search.driver import _shared_teacher
-    from binarydm.search.reference import start_reference
+    from binarydm.search._driver import _shared_teacher
+    from binarydm.search._reference import start_reference
     from binarydm.spec import load_study
     from binarydm.tracking import StudyTracker, load_reference
 
@@ -239,7 +239,7 @@ def test_a_failed_reference_evaluation_leaves_the_study_finished(
     import shutil
 
     from binarydm.models import weights_sha256
-    from binarydm.search import reference
+    from binarydm.search import _reference as reference
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_teacher, teacher)

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from binarydm.cli import app
-from binarydm.tracking.archive import RUNS_FILE, TAG_ARCHIVED_RUN_ID, read_archive
+from binarydm.tracking._archive import RUNS_FILE, TAG_ARCHIVED_RUN_ID, read_archive
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from binarydm.tracking import (
     plot_points,
     reproducibility_params,
 )
-from binarydm.tracking.repro import GIT_COMMIT_ENV
+from binarydm.tracking._repro import GIT_COMMIT_ENV
 
 EXPERIMENT = "binarydm-test"
 OBJECTIVES = [("fid", "minimize"), ("ops_g", "minimize")]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from binarydm.train.batches import batch_indices
-from binarydm.train.checkpoint import (
+from binarydm.train._batches import batch_indices
+from binarydm.train._checkpoint import (
     CorruptCheckpointError,
     link_state,
     load_latest_valid,
     load_state,
     save_state,
 )
-from binarydm.train.ema import ModelEMA
-from binarydm.train.loop import lr_lambda, to_unit_range
+from binarydm.train._ema import ModelEMA
+from binarydm.train._loop import lr_lambda, to_unit_range
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
@@ -60,7 +60,7 @@ def test_link_state_reports_a_file_system_that_cannot_link(tmp_path, monkeypatch
     def cross_device(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr("binarydm.train.checkpoint.os.link", cross_device)
+    monkeypatch.setattr("binarydm.train._checkpoint.os.link", cross_device)
     assert not link_state(tmp_path / "step", tmp_path / "final")
     assert list((tmp_path / "final").iterdir()) == []  # nothing half-written to load
 
@@ -186,7 +186,7 @@ def test_ddp_unused_parameter_search_only_where_some_get_no_gradient(overrides):
 
     from binarydm import BinaryDMConfig, binarize_
     from binarydm.schedule import apply_schedule
-    from binarydm.train.modes import may_leave_unused
+    from binarydm.train._modes import may_leave_unused
 
     config = BinaryDMConfig().replace(**overrides)
     model = binarize_(small_unet(), config)

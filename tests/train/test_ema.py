@@ -10,7 +10,7 @@ from bdm_support import small_unet
 from binarydm import BinaryDMConfig, binarize_
 from binarydm.quant import MultiBasisBinarizer
 from binarydm.schedule import apply_schedule
-from binarydm.train.ema import ModelEMA
+from binarydm.train._ema import ModelEMA
 
 
 def test_warmed_up_decay_follows_ddpm():

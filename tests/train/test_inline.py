@@ -12,9 +12,9 @@ import torch
 from bdm_support import fit_tiny, tiny_settings
 
 from binarydm._typed import ConfigError
-from binarydm.train.checkpoint import save_state
-from binarydm.train.runner import TrialError, final_metrics
-from binarydm.train.session import INDEX_FILE, InlineSession
+from binarydm.train._checkpoint import save_state
+from binarydm.train._runner import TrialError, final_metrics
+from binarydm.train._session import INDEX_FILE, InlineSession
 
 
 class Recorder:

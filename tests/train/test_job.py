@@ -10,9 +10,9 @@ import pytest
 import torch
 from bdm_support import tiny_settings
 
+from binarydm.train._loop import FAULT_KEYS
+from binarydm.train._runner import DivergedTrialError, TrialError, final_metrics, worker_job
 from binarydm.train.job import JOB_KEY, FaultPlan, WorkerJob
-from binarydm.train.loop import FAULT_KEYS
-from binarydm.train.runner import DivergedTrialError, TrialError, final_metrics, worker_job
 
 
 def test_worker_job_round_trips_through_train_loop_config_and_pickle(tmp_path):

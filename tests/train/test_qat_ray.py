@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from bdm_support import fit_tiny, tiny_settings
 
-from binarydm.train.runner import TrialError, final_metrics
+from binarydm.train._runner import TrialError, final_metrics
 
 
 def test_teacher_is_cached_and_loadable(tiny_teacher, workspace):
     from binarydm.models import load_unet
-    from binarydm.train.runner import ensure_teacher
+    from binarydm.train._runner import ensure_teacher
 
     assert (tiny_teacher / "config.json").exists()
     again = ensure_teacher(

@@ -14,7 +14,7 @@ from binarydm import BinaryDMConfig, binarize_
 from binarydm.distill import LowRankMimicking
 from binarydm.quant import MultiBasisBinarizer, QuantMixin
 from binarydm.schedule import apply_schedule
-from binarydm.train.runner import final_metrics
+from binarydm.train._runner import final_metrics
 from binarydm.train.step import NonFiniteLossError, StepParts, qat_step, teacher_step
 
 TAU = 0.5
@@ -126,9 +126,9 @@ class _Recorder:
 def test_benchmark_style_caller_gets_the_loss_of_the_loop(tiny_teacher, workspace):
     """Built by hand as a benchmark does, the first step's loss is the loop's (EBB on)."""
     from binarydm.models import load_unet
-    from binarydm.train.batches import batch_indices
-    from binarydm.train.diffusion import noise_scheduler, noisy_batch
-    from binarydm.train.loop import _load_training_images, to_unit_range
+    from binarydm.train._batches import batch_indices
+    from binarydm.train._diffusion import noise_scheduler, noisy_batch
+    from binarydm.train._loop import load_training_images, to_unit_range
 
     settings = tiny_settings(
         **{
@@ -152,7 +152,7 @@ def test_benchmark_style_caller_gets_the_loss_of_the_loop(tiny_teacher, workspac
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
         binarize_(student, method)
         lrm = LowRankMimicking(student, teacher, method.lrm) if method.lrm.enabled else None
-        images = _load_training_images(settings, workspace["data_root"], workspace["cache_dir"])
+        images = load_training_images(settings, workspace["data_root"], workspace["cache_dir"])
         idx = batch_indices(
             0, rank=0, world_size=1, batch_size=train.batch_size, num_items=len(images),
             seed=settings.seed,

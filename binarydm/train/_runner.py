@@ -56,7 +56,7 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from binarydm.train.loop import train_loop_per_worker
+    from binarydm.train._loop import train_loop_per_worker
 
     workers = settings.workers
     resources = {"CPU": workers.cpus_per_worker}
@@ -263,8 +263,8 @@ def fit_inline(
     """
     import ray.train
 
-    from binarydm.train.loop import run_loop
-    from binarydm.train.session import InlineSession, inline_device
+    from binarydm.train._loop import run_loop
+    from binarydm.train._session import InlineSession, inline_device
 
     settings = job.settings
     run_dir = Path(_abs(storage_path)) / name

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from binarydm.metric_contract import timing
-from binarydm.train.diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
+from binarydm.train._diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
 from binarydm.train.settings import TrialSettings
 
 

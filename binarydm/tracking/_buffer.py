@@ -39,7 +39,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
-from binarydm.tracking.runs import (
+from binarydm.tracking._runs import (
     ParamConflictError,
     StudyTracker,
     check_terminal_status,

@@ -23,7 +23,7 @@ from typing import Any
 
 from binarydm.metric_contract import AVERAGED, COMPARABILITY, timing
 from binarydm.search._launch import launch_metrics
-from binarydm.search.searcher import TRIAL_NUMBER_KEY
+from binarydm.search._searcher import TRIAL_NUMBER_KEY
 from binarydm.train.settings import TrialSettings
 
 
@@ -97,8 +97,8 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
     import ray.tune
 
     from binarydm.tracking import StudyTracker
+    from binarydm.train import DivergedTrialError
     from binarydm.train.job import FaultPlan
-    from binarydm.train.runner import DivergedTrialError
 
     config = dict(config)
     number = int(config.pop(TRIAL_NUMBER_KEY))
@@ -134,7 +134,7 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
 def _tune_forwarder(settings: TrialSettings):
     """The Ray Train callback that forwards the fit's reports to this Tune trial."""
     if settings.workers.inline:
-        from binarydm.search.callbacks import InlineTuneReport
+        from binarydm.search._callbacks import InlineTuneReport
 
         return InlineTuneReport()
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -223,9 +223,9 @@ def execute_trial(
     propagates.
     """
     from binarydm.models import weights_sha256
-    from binarydm.search.callbacks import MlflowCurveCallback, curve_buffer
+    from binarydm.search._callbacks import MlflowCurveCallback, curve_buffer
     from binarydm.tracking import reproducibility_params
-    from binarydm.train.runner import dataset_sha256, ensure_teacher, final_metrics, fit_qat
+    from binarydm.train import dataset_sha256, ensure_teacher, final_metrics, fit_qat
 
     spec = context.spec
     entered = time.perf_counter()

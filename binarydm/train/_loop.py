@@ -1,12 +1,12 @@
 """The per-worker training loop that Ray Train runs: FP teacher pretraining or BinaryDM QAT.
 
 One loop serves both modes so they share data order, checkpoints and resume; what
-differs is a ``binarydm.train.modes`` object chosen once, and the step itself is
+differs is a ``binarydm.train._modes`` object chosen once, and the step itself is
 ``binarydm.train.step``. Under ``TorchTrainer`` every worker runs it with DDP (gloo on
 CPU, NCCL on GPU); the progressive schedule and EBB switch are applied from the step
 number on every rank. Rank 0 writes checkpoints and, at the end of QAT, evaluates. A
 one-worker trial can also run it inline in its Ray Tune trial actor
-(``workers.inline``); the session object (``binarydm.train.session``) is the only
+(``workers.inline``); the session object (``binarydm.train._session``) is the only
 difference.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from binarydm.metric_contract import timing
-from binarydm.train.batches import batch_indices
-from binarydm.train.checkpoint import link_state, load_latest_valid, save_state
-from binarydm.train.diffusion import noise_scheduler, noisy_batch
-from binarydm.train.ema import ModelEMA
+from binarydm.train._batches import batch_indices
+from binarydm.train._checkpoint import link_state, load_latest_valid, save_state
+from binarydm.train._diffusion import noise_scheduler, noisy_batch
+from binarydm.train._ema import ModelEMA
+from binarydm.train._modes import training_mode
+from binarydm.train._session import report_checkpoint
 from binarydm.train.job import FaultPlan, WorkerJob
-from binarydm.train.modes import training_mode
-from binarydm.train.session import report_checkpoint
 from binarydm.train.settings import TrialSettings
 from binarydm.train.step import NonFiniteLossError, StepParts
 
@@ -50,7 +50,7 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _load_training_images(settings: TrialSettings, data_root: str | None, cache_dir: str | None):
+def load_training_images(settings: TrialSettings, data_root: str | None, cache_dir: str | None):
     from binarydm.data import load_images
 
     data = settings.data
@@ -74,7 +74,7 @@ def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div(127.5).sub(1.0)
 
 
-def _to_training_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_training_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Keep a small training set on the GPU (CIFAR-10 is 150 MB) so a step reads no host
     memory; a large one stays on the host as it is (pinning tens of GB could fail)."""
     if device.type != "cuda":
@@ -164,13 +164,13 @@ class _Run:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` holds the ``WorkerJob`` (``job.JOB_KEY``)."""
-    from binarydm.train.session import RayTrainSession
+    from binarydm.train._session import RayTrainSession
 
     run_loop(WorkerJob.from_train_loop_config(config), RayTrainSession())
 
 
 def run_loop(job: WorkerJob, session) -> None:
-    """The loop of one worker in ``session`` (``binarydm.train.session``)."""
+    """The loop of one worker in ``session`` (``binarydm.train._session``)."""
     clock = WorkerClock()
     job.faults.on_start(session.rank)
     run = _set_up(job, session, clock)
@@ -194,8 +194,8 @@ def _set_up(job: WorkerJob, session, clock: WorkerClock) -> _Run:
         # Shapes are fixed for the whole run: let cuDNN time its algorithms once.
         torch.backends.cudnn.benchmark = True
     clock.lap("device")
-    images = _load_training_images(job.settings, job.data_root, job.cache_dir)
-    images = _to_training_device(images, device)
+    images = load_training_images(job.settings, job.data_root, job.cache_dir)
+    images = to_training_device(images, device)
     clock.lap("data")
     # Loaded (first use imports diffusers' UNet), copied, binarised, on the device.
     model, teacher = mode.build(device)

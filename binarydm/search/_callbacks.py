@@ -118,7 +118,7 @@ class StudyProgress(Callback):
             self._last = time.monotonic()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        from binarydm.search.searcher import TRIAL_NUMBER_KEY
+        from binarydm.search._searcher import TRIAL_NUMBER_KEY
 
         row = self._row(trial)
         row.update(state="RUNNING", config=trial.config, number=trial.config.get(TRIAL_NUMBER_KEY))

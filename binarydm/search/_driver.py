@@ -10,7 +10,7 @@ own Optuna trial and MLflow run. Optuna trials that a killed driver left RUNNING
 and that no restored Tune trial will finish are settled on resume (FAIL, or
 COMPLETE when their MLflow run finished), so no trial stays RUNNING forever.
 Beside the trials, the study's FP teacher is scored once with the trials' own
-evaluation settings (``binarydm.search.reference``): launched before Tune starts,
+evaluation settings (``binarydm.search._reference``): launched before Tune starts,
 collected after it ends, reused by a resume or by a later study of the same key.
 """
 
@@ -31,7 +31,7 @@ from binarydm.spec import StudySpec, is_uri, sqlite_file
 log = logging.getLogger(__name__)
 
 #: JSON ``{"<Optuna trial number>" or "*": {worker-config fault key: value}}``: fault
-#: injection for the fault-tolerance tests (keys: ``binarydm.train.loop.FAULT_KEYS``).
+#: injection for the fault-tolerance tests (keys: ``binarydm.train._loop.FAULT_KEYS``).
 FAULTS_ENV = "BINARYDM_FAULTS"
 ORPHAN_REASON = (
     "orphaned: the study's driver was killed after Optuna created this trial and before "
@@ -117,7 +117,7 @@ def _study_file_text(spec: StudySpec) -> str:
 
 def fault_injection() -> dict[str, dict[str, Any]]:
     """The fault-injection plan from ``$BINARYDM_FAULTS`` (empty when unset)."""
-    from binarydm.train.loop import FAULT_KEYS
+    from binarydm.train import FAULT_KEYS
 
     text = os.environ.get(FAULTS_ENV, "").strip()
     if not text:
@@ -153,7 +153,7 @@ def _preflight(spec: StudySpec, cache_dir: str, address: str | None) -> None:
 
 def _check_data(settings, cache_dir: str) -> None:
     from binarydm.data import DatasetError
-    from binarydm.train.runner import dataset_sha256
+    from binarydm.train import dataset_sha256
 
     data = settings.data
     try:
@@ -234,7 +234,7 @@ def _optuna_storage(spec: StudySpec):
 
 def _shared_teacher(spec: StudySpec, cache_dir: str) -> str | None:
     """Pretrain the teacher once, before trials, unless the space changes it per trial."""
-    from binarydm.train.runner import ensure_teacher
+    from binarydm.train import ensure_teacher
 
     if any(k.startswith(("teacher.", "data.")) for k in spec.search.space):
         return None  # each trial ensures (and caches) its own
@@ -246,7 +246,7 @@ def _shared_teacher(spec: StudySpec, cache_dir: str) -> str | None:
 
 def _searcher(spec: StudySpec, storage):
     from binarydm.search._sampling import build_sampler, optuna_space
-    from binarydm.search.searcher import BinaryDMOptunaSearch
+    from binarydm.search._searcher import BinaryDMOptunaSearch
 
     search = spec.search
     return BinaryDMOptunaSearch(
@@ -289,10 +289,10 @@ def run_study(
     from ray import tune
 
     from binarydm.data import cache_dir as resolve_cache_dir
-    from binarydm.search.analysis import summarize
-    from binarydm.search.callbacks import StudyProgress
-    from binarydm.search.reference import finish_reference, start_reference
-    from binarydm.search.trainable import StudyContext, run_trial
+    from binarydm.search._analysis import summarize
+    from binarydm.search._callbacks import StudyProgress
+    from binarydm.search._reference import finish_reference, start_reference
+    from binarydm.search._trainable import StudyContext, run_trial
     from binarydm.tracking import StudyTracker
 
     # Training reports (loss curves) come before the objectives, which arrive at the end.
@@ -375,7 +375,7 @@ def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:
     from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
-    from binarydm.search.searcher import TRIAL_NUMBER_KEY
+    from binarydm.search._searcher import TRIAL_NUMBER_KEY
 
     done = (Trial.TERMINATED, Trial.ERROR)
     analysis = ExperimentAnalysis(str(experiment_path))
@@ -396,7 +396,7 @@ def settle_orphans(spec: StudySpec, storage, tracker, owned: set[int]) -> dict[i
     """
     from optuna.trial import TrialState
 
-    from binarydm.search.trainable import finished_metrics
+    from binarydm.search._trainable import finished_metrics
 
     try:
         study_id = storage.get_study_id_from_name(spec.name)

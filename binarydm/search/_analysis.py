@@ -3,7 +3,7 @@
 Used at the end of ``bdm-search FILE`` and by ``bdm-search pareto EXPERIMENT``:
 reads the child runs, marks ``pareto=true/false``, logs the hypervolume, trial
 counts, plots and the Pareto members' packed checkpoints. The study's FP reference
-run (``binarydm.search.reference``) is read beside the trials, never among them: it
+run (``binarydm.search._reference``) is read beside the trials, never among them: it
 gives every finished trial its ``fid_ratio_to_fp`` and the table and plots their FP
 point, and stays out of the front, the hypervolume and its reference point.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from binarydm.search.pareto import default_reference_point, hypervolume, pareto_front
+from binarydm.search._pareto import default_reference_point, hypervolume, pareto_front
 
 FID_RATIO = "fid_ratio_to_fp"
 FP_ROW = "FP"

@@ -174,7 +174,7 @@ class QATMode:
     def write_final(self, parts, folder: Path, metrics: dict[str, Any]) -> None:
         if not self.job.evaluate:
             return
-        from binarydm.train.evaluate import evaluate
+        from binarydm.train._evaluate import evaluate
 
         settings = self.job.settings
         use_ema = parts.ema is not None and settings.evaluation.use_ema

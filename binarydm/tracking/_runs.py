@@ -5,7 +5,7 @@ Ray driver and the Ray workers share no process state, so the global
 ``mlflow.start_run`` stack would point each process at a different (or no) run.
 Every run is found again by its tags (``study``, ``bdm.role``, ``trial_id``), so a
 restored Tune trial or a resumed study logs into the run it already has. A study
-also has one FP reference run (role ``reference``, see ``binarydm.search.reference``),
+also has one FP reference run (role ``reference``, see ``binarydm.search._reference``),
 which is no trial: nothing that reads trials sees it.
 
 A tracker pickles without its client (Ray ships it to workers) and contacts
@@ -56,7 +56,7 @@ TAG_REUSED_FROM = "reused_from"
 TAG_REPLACED_BY = "replaced_by"
 ROLE_PARENT = "parent"
 ROLE_TRIAL = "trial"
-#: The study's FP teacher scored with the trials' settings (``binarydm.search.reference``).
+#: The study's FP teacher scored with the trials' settings (``binarydm.search._reference``).
 ROLE_REFERENCE = "reference"
 #: A reference run a newer one replaced (its key changed, or it did not finish).
 ROLE_REPLACED_REFERENCE = "reference-replaced"
@@ -484,7 +484,7 @@ class StudyTracker:
     ) -> None:
         """``pareto.png`` and ``pareto.html`` on the parent run (see ``plots.pareto_plots``);
         ``fp``: the FP reference's metrics, drawn as its own point."""
-        from binarydm.tracking.plots import log_pareto_plots  # matplotlib/plotly only when used
+        from binarydm.tracking._plots import log_pareto_plots  # matplotlib/plotly only when used
 
         log_pareto_plots(self, self.parent_run_id(), points, objectives, fp=fp)
 

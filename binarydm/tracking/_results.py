@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from binarydm.tracking._queries import oldest_run, quote_filter_value, search_all_runs
-from binarydm.tracking.runs import (
+from binarydm.tracking._runs import (
     OBJECTIVES_ARTIFACT,
     ROLE_PARENT,
     ROLE_REFERENCE,

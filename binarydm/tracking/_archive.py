@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from binarydm.tracking._queries import chunks, search_all_runs
-from binarydm.tracking.runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from binarydm.tracking._runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 FORMAT = "binarydm-runs"
 VERSION = 1

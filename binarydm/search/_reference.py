@@ -13,7 +13,7 @@ under the parent run), found by its ``reference_key``:
   later study with the same teacher and settings): its params, metrics and sample grid
   are copied, tag ``reused_from``;
 - else a Ray task that reserves one trial worker's resources evaluates the teacher with
-  ``binarydm.train.evaluate.evaluate`` while the first trials run, and
+  ``binarydm.train._evaluate.evaluate`` while the first trials run, and
   ``finish_reference`` (after ``tuner.fit()``) logs what it returned.
 
 A reference run of another key, or one that did not finish, is taken out of the study
@@ -251,8 +251,7 @@ def evaluate_teacher(
     """In the Ray task: the teacher's evaluate() metrics, its sample grid, the environment."""
     from binarydm.models import load_unet
     from binarydm.tracking import reproducibility_params
-    from binarydm.train.evaluate import evaluate
-    from binarydm.train.session import inline_device
+    from binarydm.train import evaluate, inline_device
 
     device = inline_device(settings.workers.use_gpu)  # the device a trial's worker gets
     model = load_unet(teacher_dir).to(device)
@@ -287,7 +286,7 @@ def copy_reference(tracker, source, run_id: str) -> None:
     """Give ``run_id`` the scores of the FINISHED reference run ``source`` (same key)."""
     from mlflow.exceptions import MlflowException
 
-    from binarydm.tracking.runs import TAG_REUSED_FROM
+    from binarydm.tracking import TAG_REUSED_FROM
 
     own = tracker.client.get_run(run_id).data.params
     # This study's own settings stay (its teacher folder may live elsewhere); the rest
@@ -310,7 +309,7 @@ def fail_reference(tracker, run_id: str, exc: BaseException) -> None:
     """End the reference run FAILED with the error (its tail) in tag ``error``; warn."""
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-    from binarydm.tracking.runs import TAG_ERROR, truncate
+    from binarydm.tracking import TAG_ERROR, truncate
 
     log.warning(
         "FP reference evaluation failed (run %s); the study goes on without an FP point: %s",
@@ -325,8 +324,7 @@ def fail_reference(tracker, run_id: str, exc: BaseException) -> None:
 
 
 def _finished_with_key(runs, key: str) -> str | None:
-    from binarydm.tracking import oldest_run
-    from binarydm.tracking.runs import TAG_REFERENCE_KEY
+    from binarydm.tracking import TAG_REFERENCE_KEY, oldest_run
 
     done = [
         r for r in runs if r.info.status == "FINISHED" and r.data.tags.get(TAG_REFERENCE_KEY) == key
@@ -341,6 +339,6 @@ def _replace(tracker, runs, replaced_by: str) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    from binarydm.search.trainable import error_line
+    from binarydm.search._trainable import error_line
 
     return error_line(exc)
