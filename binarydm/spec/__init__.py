@@ -16,6 +16,7 @@ from binarydm.spec._dimensions import (
     parse_dimension,
     parse_space,
 )
+from binarydm.spec._early_stopping import EarlyStoppingSpec, cost_objectives
 from binarydm.spec._keys import (
     DATA_ROOT_ENV,
     METRIC_DIRECTIONS,
@@ -55,6 +56,7 @@ __all__ = [
     "SETTINGS_KEYS",
     "UNSEARCHABLE",
     "Dimension",
+    "EarlyStoppingSpec",
     "Objective",
     "ResourceSpec",
     "SearchSpec",
@@ -64,6 +66,7 @@ __all__ = [
     "absolute_path",
     "absolute_store_uri",
     "check_values",
+    "cost_objectives",
     "expand_params",
     "invalid_combinations",
     "is_remote_uri",

@@ -25,6 +25,7 @@ import numpy as np
 
 from binarydm._typed import ConfigError, require
 from binarydm.spec._dimensions import CATEGORICAL, Dimension, expand_params
+from binarydm.spec._early_stopping import EarlyStoppingSpec
 from binarydm.spec._keys import (
     DATA_ROOT_ENV,
     METRIC_DIRECTIONS,
@@ -111,9 +112,14 @@ class SearchSpec:
         " false only for smoke runs that need no FP point",
         default=True,
     )
+    early_stopping: EarlyStoppingSpec = _doc(
+        "stop trials dominated at a rung (MO-ASHA); off by default",
+        default_factory=EarlyStoppingSpec,
+    )
 
     def __post_init__(self) -> None:
         self._check_objectives()
+        self.early_stopping.check_objectives(self.metrics)
         seeds = list(self.seeds)
         require(
             bool(seeds) and len(set(seeds)) == len(seeds),
@@ -423,6 +429,7 @@ class StudySpec:
                 "reference_point": search.reference_point,
                 "population_size": search.population_size,
                 "startup_trials": search.startup_trials,
+                "early_stopping": search.early_stopping.to_dict(),
                 "space": {key: d.to_yaml() for key, d in search.space.items()},
             },
             "resources": dataclasses.asdict(self.resources),

@@ -1,0 +1,130 @@
+"""``search.early_stopping``: stop trials that are dominated at a rung (MO-ASHA).
+
+A rung is a fraction of ``training.steps``: there the trial reports a cheap proxy of its
+quality (the held-out ``test_loss`` of the model as it would be deployed) beside its cost
+objectives (``ops_g``, ``size_mib``, ... known from the start), and the study's scheduler
+keeps the trial only if it is in the top ``1 / reduction_factor`` of the trials recorded at
+that rung by non-dominated sorting (Schmucker et al. 2021, MO-ASHA with the NSGA-II
+ranking). Off by default. The rung fractions are given either as ``rungs`` or as a
+geometric ladder from ``min_fraction`` with ratio ``reduction_factor``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from binarydm._typed import require
+from binarydm.metric_contract import COST
+
+#: The proxies a rung can score; ``fid`` (a small-sample FID) is not built yet.
+Proxy = Literal["test_loss"]
+_KEY = "search.early_stopping"
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EarlyStoppingSpec:
+    """Multi-objective early stopping of trials at rungs (MO-ASHA); off by default."""
+
+    enabled: bool = _doc("stop trials dominated at a rung", default=False)
+    proxy: Proxy = _doc(
+        "what a rung scores: test_loss = held-out denoising MSE of the EMA/eval model with "
+        "every stage on and EBB switched (the deployed form)",
+        default="test_loss",
+    )
+    rungs: tuple[float, ...] | None = _doc(
+        "rung positions as increasing fractions of training.steps in (0, 1); null = "
+        "min_fraction * reduction_factor**k below 1",
+        default=None,
+    )
+    min_fraction: float = _doc(
+        "first rung as a fraction of training.steps (when rungs is null)", default=0.1
+    )
+    reduction_factor: int = _doc(
+        "eta: a trial continues past a rung only in the top 1/eta there (>= 2)", default=3
+    )
+
+    def __post_init__(self) -> None:
+        eta = self.reduction_factor
+        require(
+            isinstance(eta, int) and not isinstance(eta, bool) and eta >= 2,
+            f"{_KEY}.reduction_factor",
+            eta,
+            "an integer >= 2",
+        )
+        require(
+            0 < self.min_fraction < 1,
+            f"{_KEY}.min_fraction",
+            self.min_fraction,
+            "a number in (0, 1)",
+        )
+        if self.rungs is None:
+            return
+        rungs = [float(r) for r in self.rungs]
+        require(
+            bool(rungs)
+            and all(0 < r < 1 for r in rungs)
+            and all(a < b for a, b in zip(rungs, rungs[1:], strict=False)),
+            f"{_KEY}.rungs",
+            list(self.rungs),
+            "a non-empty, strictly increasing list of fractions in (0, 1)",
+        )
+        object.__setattr__(self, "rungs", tuple(rungs))
+
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        """The rung fractions: ``rungs``, or the ladder ``min_fraction * eta**k < 1``."""
+        if self.rungs is not None:
+            return self.rungs
+        out, fraction = [], self.min_fraction
+        while fraction < 1 - 1e-9:
+            out.append(fraction)
+            fraction *= self.reduction_factor
+        return tuple(out)
+
+    def rung_steps(self, steps: int) -> tuple[int, ...]:
+        """The training steps of the rungs in a run of ``steps``: distinct, in [1, steps).
+
+        A rung that rounds to the last step (or to a step of an earlier rung) is dropped:
+        at the last step the trial is evaluated in full anyway.
+        """
+        out: list[int] = []
+        for fraction in self.fractions:
+            step = max(1, math.floor(fraction * steps))
+            if step < steps and step not in out:
+                out.append(step)
+        return tuple(out)
+
+    def check_objectives(self, metrics: list[str]) -> None:
+        """Early stopping needs an objective: the proxy stands in for the quality ones."""
+        if not self.enabled:
+            return
+        require(
+            bool(metrics),
+            f"{_KEY}.enabled",
+            True,
+            "false unless search.objectives has at least one metric",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "proxy": self.proxy,
+            "rungs": list(self.rungs) if self.rungs is not None else None,
+            "min_fraction": self.min_fraction,
+            "reduction_factor": self.reduction_factor,
+        }
+
+
+def cost_objectives(metrics: list[str]) -> list[str]:
+    """The objectives a rung knows already: the cost ones (OPs, size: fixed by the config).
+
+    The quality objectives (``fid``...) are measured only at the end; the proxy stands in
+    for them. Time objectives (``train_s``...) are not known at a rung and are left out.
+    """
+    return [m for m in metrics if m in COST]
