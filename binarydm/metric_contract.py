@@ -86,6 +86,12 @@ COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
 #: Logged at every reported step of the run (the training curves).
 CURVE_METRICS = (*TRAINING_LOSSES, "lr", "train_images_per_s")
 
+#: What a trial reports at an early-stopping rung (``search.early_stopping``): the
+#: proxy's value (logged to the run at the rung's step), the rung's index and its step.
+PROXY_METRICS = ("proxy/test_loss",)
+RUNG = "rung"
+RUNG_STEP = "rung_step"
+
 #: A finished trial's FID over the study's FP reference FID (logged after the study).
 FID_RATIO_TO_FP = "fid_ratio_to_fp"
 #: The parent run's metrics: the front's hypervolume and the trial counts.
@@ -94,7 +100,7 @@ STUDY_METRICS = ("hypervolume", "trials_total", "trials_finished")
 #: several seeds logs each seed's curves as ``seed<k>.<curve>``.
 TRIAL_METRICS = frozenset(
     (*AVERAGED, *(f"{name}_std" for name in AVERAGED), *LAUNCH_STAMPS, *CURVE_METRICS,
-     FID_RATIO_TO_FP)
+     FID_RATIO_TO_FP, *PROXY_METRICS)
 )  # fmt: skip
 
 

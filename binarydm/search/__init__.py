@@ -26,6 +26,7 @@ _LAZY = by_module(
         "_driver": ("StudyError", "connect_ray", "run_study"),
         "_trainable": ("StudyContext", "execute_trial", "run_trial"),
         "_analysis": ("pareto_table", "summarize"),
+        "_early_stop": ("MOASHAScheduler", "rung_order", "survivors", "was_pruned"),
     }
 )
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

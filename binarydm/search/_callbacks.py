@@ -4,6 +4,10 @@
 (for an inline run, in the trial) and logs every report (loss, loss_lrm, ... at its
 step) to the trial's MLflow run through the durable buffer, so an MLflow outage never
 stops training.
+``PrunedRunRecorder`` is a Ray Tune callback in the driver that ends the MLflow run of a
+trial the early-stopping scheduler stopped: KILLED, tags ``state=PRUNED`` and
+``pruned=true``, its rung's proxy at the rung's step (the trial itself was stopped in a
+report, so it cannot).
 ``StudyProgress`` is a Ray Tune callback in the driver that keeps a rich table of
 trials (state, parameters, latest metrics).
 """
@@ -19,7 +23,7 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
-from binarydm.metric_contract import CURVE_METRICS
+from binarydm.metric_contract import CURVE_METRICS, PROXY_METRICS, RUNG_STEP
 
 
 class MlflowCurveCallback(UserCallback):
@@ -45,6 +49,10 @@ class MlflowCurveCallback(UserCallback):
             for k in CURVE_METRICS
             if isinstance(report.get(k), int | float) and math.isfinite(report[k])
         }
+        # An early-stopping rung's proxy (first seed only, so no seed prefix).
+        values.update(
+            {k: float(report[k]) for k in PROXY_METRICS if isinstance(report.get(k), int | float)}
+        )
         if values:
             self._buffered().log_metrics(self.run_id, values, step=int(report["step"]))
 
@@ -71,6 +79,47 @@ def curve_buffer(tracker, run_id: str, prefix: str = ""):
 
     path = Path(tempfile.gettempdir()) / f"bdm-mlflow-{run_id}{prefix.rstrip('.')}.jsonl"
     return BufferedLogger(tracker, path)
+
+
+class PrunedRunRecorder(Callback):
+    """End the MLflow run of every trial stopped at a rung (``_early_stop.was_pruned``)."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec  # resolved paths; the tracker is built in the driver that runs it
+        self.metrics = spec.search.metrics
+        self._tracker = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment (``--resume``): no MLflow client.
+        return {**self.__dict__, "_tracker": None}
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from binarydm.tracking import StudyTracker
+
+            self._tracker = StudyTracker.for_study(self.spec)
+        return self._tracker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from binarydm.search._early_stop import PRUNED_STATE, rung_values, was_pruned
+        from binarydm.search._searcher import TRIAL_NUMBER_KEY
+        from binarydm.spec import cost_objectives
+
+        result = trial.last_result
+        if not was_pruned(result) or TRIAL_NUMBER_KEY not in trial.config:
+            return
+        number = int(trial.config[TRIAL_NUMBER_KEY])
+        run_id = self.tracker.trial_run_id(number)
+        values = rung_values(result, cost_objectives(self.metrics))
+        step = int(values.pop(RUNG_STEP))
+        rung = int(values.pop("rung"))
+        proxies = {k: v for k, v in values.items() if k in PROXY_METRICS}
+        self.tracker.log_metrics(run_id, proxies, step=step)
+        self.tracker.set_tags(
+            run_id, {"state": PRUNED_STATE, "pruned": "true", "rung": rung, RUNG_STEP: step}
+        )
+        self.tracker.finish_trial(run_id, "KILLED")
 
 
 class StudyProgress(Callback):
@@ -130,7 +179,9 @@ class StudyProgress(Callback):
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._row(trial)["state"] = "DONE"
+        from binarydm.search._early_stop import was_pruned
+
+        self._row(trial)["state"] = "PRUNED" if was_pruned(trial.last_result) else "DONE"
         self._refresh(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -259,6 +259,19 @@ def _searcher(spec: StudySpec, storage):
     )
 
 
+def early_stopping_scheduler(spec: StudySpec):
+    """The study's Tune scheduler: MO-ASHA under ``search.early_stopping``, else FIFO."""
+    from binarydm.search._early_stop import MOASHAScheduler
+    from binarydm.spec import cost_objectives
+
+    early = spec.search.early_stopping
+    if not early.enabled:
+        return None
+    directions = dict(zip(spec.search.metrics, spec.search.directions, strict=True))
+    costs = [(m, directions[m]) for m in cost_objectives(spec.search.metrics)]
+    return MOASHAScheduler(costs, early.reduction_factor)
+
+
 def _driver_resources(spec: StudySpec) -> dict[str, float]:
     """What each trial's driver reserves beside its Ray Train workers.
 
@@ -290,7 +303,7 @@ def run_study(
 
     from binarydm.data import cache_dir as resolve_cache_dir
     from binarydm.search._analysis import summarize
-    from binarydm.search._callbacks import StudyProgress
+    from binarydm.search._callbacks import PrunedRunRecorder, StudyProgress
     from binarydm.search._reference import finish_reference, start_reference
     from binarydm.search._trainable import StudyContext, run_trial
     from binarydm.tracking import StudyTracker
@@ -326,6 +339,7 @@ def run_study(
     cluster = ray.cluster_resources()
     concurrency = spec.max_concurrent_trials(cluster.get("CPU", 1), cluster.get("GPU", 0))
     progress = StudyProgress(list(spec.search.space), spec.search.metrics, enabled=show_progress)
+    callbacks = [progress, PrunedRunRecorder(spec)]
     restorable = resume and tune.Tuner.can_restore(str(experiment_path))
     if restorable:
         tuner = tune.Tuner.restore(
@@ -343,11 +357,12 @@ def run_study(
                 num_samples=spec.search.trials,
                 max_concurrent_trials=concurrency,
                 reuse_actors=spec.resources.reuse_actors,
+                scheduler=early_stopping_scheduler(spec),
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
                 storage_path=spec.storage.ray_results,
-                callbacks=[progress],
+                callbacks=callbacks,
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
             ),

@@ -5,6 +5,9 @@ had reported metrics, and leaves a trial RUNNING forever when an objective is
 missing. Here a trial is COMPLETE only with every objective finite; otherwise it
 is FAILED with the reason in its user attrs (for a trial that raised, with the error
 the trainable left in ``last_error``: Tune tells the searcher only that it errored).
+A trial the early-stopping scheduler stopped at a rung (``_early_stop.was_pruned``) is
+PRUNED, its rung's proxy, costs, index and step in its user attrs: Optuna takes
+``tell(state=PRUNED)`` in multi-objective studies, and PRUNED trials are in no front.
 The Optuna trial number is passed to the trainable (``TRIAL_NUMBER_KEY``): it is
 the stable ``trial_id`` of MLflow runs.
 """
@@ -16,6 +19,9 @@ import math
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
+
+from binarydm.search._early_stop import PRUNED_STATE, rung_values, was_pruned
+from binarydm.spec import cost_objectives
 
 TRIAL_NUMBER_KEY = "__optuna_trial_number"
 log = logging.getLogger(__name__)
@@ -63,6 +69,10 @@ class BinaryDMOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if not error and was_pruned(result):
+            self._tell_pruned(ot_trial, result, metrics)
+            self._completed_trials.add(trial_id)
+            return
         reason = failure_reason(result, metrics, error)
         if error and reason is not None:
             # Tune passes no exception; the trainable left its last error on the trial.
@@ -83,3 +93,14 @@ class BinaryDMOptunaSearch(OptunaSearch):
             # Already told (e.g. by a previous driver before a restore): never tell twice.
             log.warning("Optuna trial %s not told again: %s", ot_trial.number, exc)
         self._completed_trials.add(trial_id)
+
+    def _tell_pruned(self, ot_trial, result: dict, metrics: list[str]) -> None:
+        from optuna.trial import TrialState
+
+        try:
+            for key, value in rung_values(result, cost_objectives(metrics)).items():
+                ot_trial.set_user_attr(key, value)
+            ot_trial.set_user_attr("state", PRUNED_STATE)
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("Optuna trial %s not told again: %s", ot_trial.number, exc)

@@ -248,6 +248,8 @@ def execute_trial(
         )
         tracker.log_params(run_id, {"teacher.sha256": weights_sha256(teacher)})
         prepare_s = None
+        early = spec.search.early_stopping
+        rung_steps = early.rung_steps(settings0.training.steps) if early.enabled else ()
         for seed in spec.search.seeds:
             seed_settings = settings0 if seed == settings0.seed else settings0.replace(seed=seed)
             prefix = f"seed{seed}." if len(spec.search.seeds) > 1 else ""
@@ -263,6 +265,8 @@ def execute_trial(
                 cache_dir=context.cache_dir,
                 callbacks=[*(extra_callbacks or []), MlflowCurveCallback(tracker, run_id, prefix)],
                 faults=faults,
+                # Rungs are the first seed's steps: the trial is judged on its first seed.
+                rungs=rung_steps if seed == spec.search.seeds[0] else (),
             )
             fit_s, fit_end_unix = time.perf_counter() - fit_start, time.time()
             # The Train controller has finished: replay any curve points an outage held back.
@@ -290,6 +294,10 @@ def execute_trial(
         tracker.log_artifact_file(run_id, Path(checkpoints[0]) / "samples.png")
         tracker.set_tags(run_id, {"checkpoint": checkpoints[0]})
         tracker.finish_trial(run_id, "FINISHED")
+    except SystemExit:
+        # Ray Tune stopping the trial (a report raises it: early stopping, the study's
+        # end): the driver records the run (``PrunedRunRecorder``), not as a failure.
+        raise
     except BaseException as exc:
         tracker.finish_trial(run_id, "FAILED", error="".join(traceback.format_exception(exc)))
         raise

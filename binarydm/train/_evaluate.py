@@ -8,6 +8,7 @@ settings an FID is only comparable under.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarydm.metric_contract import timing
+from binarydm.metric_contract import COST, PROXY_METRICS, timing
 from binarydm.train._diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
 from binarydm.train.settings import TrialSettings
 
@@ -175,6 +176,42 @@ def evaluate(
     }
     (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+@torch.no_grad()
+def rung_proxy(
+    model: nn.Module, settings: TrialSettings, *, data_root=None, cache_dir=None
+) -> dict[str, float]:
+    """The early-stopping proxy at a rung: held-out ``test_loss`` and the costs (``COST``).
+
+    ``model`` is the one the final evaluation scores (the EMA model under
+    ``evaluation.use_ema``). It is scored as it would be deployed: on a copy with the
+    schedule of the last step applied (every progressive stage on, EBB switched to one
+    basis), because that is what the final FID measures; a half-binarised model would
+    look better the later its stages switch on. The copy leaves training's own schedule
+    state, quantizers and EMA untouched. Same test images, noise and timesteps as the
+    final ``test_loss`` (seed 1234), so a rung's value and the final one are comparable.
+    """
+    from binarydm.metrics.efficiency import efficiency_report
+    from binarydm.schedule import apply_schedule
+
+    data = settings.data
+    deployed = copy.deepcopy(model).eval()
+    config = getattr(deployed, "binarydm_config", None)
+    if config is not None:
+        steps = settings.training.steps
+        apply_schedule(deployed, steps - 1, steps, config)
+    device = next(deployed.parameters()).device
+    images = _test_images(settings, data_root, cache_dir, settings.evaluation.test_loss_images)
+    scheduler = noise_scheduler(settings.training.num_train_timesteps)
+    (proxy,) = PROXY_METRICS
+    scores = {proxy: held_out_loss(deployed, images, scheduler, seed=1234)}
+    example = (
+        torch.zeros(1, data.channels, data.resolution, data.resolution, device=device),
+        torch.zeros(1, dtype=torch.long, device=device),
+    )
+    report = efficiency_report(deployed, example).to_dict()
+    return {**scores, **{k: float(report[k]) for k in COST}}
 
 
 def _freeze(model: nn.Module, frozen: bool) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from binarydm.metric_contract import timing
+from binarydm.metric_contract import RUNG, RUNG_STEP, timing
 from binarydm.train._batches import batch_indices
 from binarydm.train._checkpoint import link_state, load_latest_valid, save_state
 from binarydm.train._diffusion import noise_scheduler, noisy_batch
@@ -313,17 +313,48 @@ def _train(run: _Run) -> dict[str, Any]:
             progress.update(1)
         window.add(losses.values())
         done = step + 1
-        is_ckpt = done % recipe.checkpoint_every == 0 or done == recipe.steps
-        if done % recipe.log_every == 0 or is_ckpt:
-            metrics = _window_metrics(run, window.take(), done, images_seen)
-        if is_ckpt:
-            _save_checkpoint(run, metrics, done)
-        elif done % recipe.log_every == 0:
-            session.report(metrics, None, None)
+        metrics = _after_step(run, window, done, images_seen, metrics)
         faults.after_report(done, run.start_step, session.rank)
     if progress is not None:
         progress.close()
     return metrics
+
+
+def _after_step(run: _Run, window, done: int, images_seen: int, metrics: dict[str, Any]):
+    """Report step ``done`` on its cadence (a checkpoint, a log line, an early-stopping
+    rung); returns the training metrics of the latest report (without the rung's)."""
+    recipe = run.recipe
+    is_ckpt = done % recipe.checkpoint_every == 0 or done == recipe.steps
+    is_log = done % recipe.log_every == 0
+    is_rung = done in run.job.rungs
+    if is_log or is_ckpt or is_rung:
+        metrics = _window_metrics(run, window.take(), done, images_seen)
+    rung = _rung_metrics(run, done) if is_rung else {}
+    if is_ckpt:
+        _save_checkpoint(run, metrics, done, rung)
+    elif is_log or is_rung:
+        run.session.report({**metrics, **rung}, None, None)
+    return metrics
+
+
+def _rung_metrics(run: _Run, done: int) -> dict[str, Any]:
+    """What rung ``done`` reports: its index and step, and (rank 0) the proxy and costs.
+
+    Scored on the model the final evaluation uses; the model is back in training mode
+    after it (the proxy scores a copy).
+    """
+    from binarydm.train._evaluate import rung_proxy
+
+    out: dict[str, Any] = {RUNG: run.job.rungs.index(done), RUNG_STEP: done}
+    if run.session.rank != 0:
+        return out
+    parts, settings = run.parts, run.job.settings
+    use_ema = parts.ema is not None and settings.evaluation.use_ema
+    model = parts.ema.module if use_ema else parts.model
+    out.update(
+        rung_proxy(model, settings, data_root=run.job.data_root, cache_dir=run.job.cache_dir)
+    )
+    return out
 
 
 class _Window:
@@ -352,17 +383,23 @@ def _window_metrics(run: _Run, means: dict[str, float], done: int, images_seen: 
     return metrics
 
 
-def _save_checkpoint(run: _Run, metrics: dict[str, Any], done: int) -> None:
+def _save_checkpoint(
+    run: _Run, metrics: dict[str, Any], done: int, rung: dict[str, Any] | None = None
+) -> None:
     # After a fallback the steps since the older checkpoint are trained again; their
     # checkpoints get new names, or Ray Train, evicting the old result of the same name,
     # would delete the new folder.
     suffix = f"-refit{run.start_step:08d}" if run.resume_notes else ""
     mark = time.perf_counter()
 
-    def write(folder: Path, reported: dict[str, Any]) -> None:
-        save_state(folder, run.state(done, reported), step=done)
+    rung = rung or {}
 
-    report_checkpoint(run.session, metrics, f"checkpoint_{done:08d}{suffix}", write)
+    def write(folder: Path, reported: dict[str, Any]) -> None:
+        # A resume restores the training metrics, not the rung's report.
+        kept = {k: v for k, v in reported.items() if k not in rung}
+        save_state(folder, run.state(done, kept), step=done)
+
+    report_checkpoint(run.session, {**metrics, **rung}, f"checkpoint_{done:08d}{suffix}", write)
     run.clock.checkpoint_s += time.perf_counter() - mark
     run.saved_step = done
 

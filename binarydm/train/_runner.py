@@ -49,10 +49,12 @@ def make_trainer(
     callbacks: list | None = None,
     faults: FaultPlan | None = None,
     evaluate: bool = True,
+    rungs: tuple[int, ...] = (),
 ):
     """A ``TorchTrainer`` running the training loop in ``mode`` (teacher or qat) with the
     settings' workers, failure and checkpoint policy; ``faults``: fault injection
-    (tests), ``evaluate=False``: QAT ends without its evaluation."""
+    (tests), ``evaluate=False``: QAT ends without its evaluation, ``rungs``: the steps
+    where QAT reports its early-stopping proxy (``WorkerJob.rungs``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -63,8 +65,9 @@ def make_trainer(
     if workers.use_gpu:
         resources["GPU"] = workers.gpus_per_worker
     job = worker_job(
-        settings, mode, teacher_dir, data_root, cache_dir, faults=faults, evaluate=evaluate
-    )
+        settings, mode, teacher_dir, data_root, cache_dir,
+        faults=faults, evaluate=evaluate, rungs=rungs,
+    )  # fmt: skip
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.train_loop_config(),
@@ -93,6 +96,7 @@ def worker_job(
     *,
     faults: FaultPlan | None = None,
     evaluate: bool = True,
+    rungs: tuple[int, ...] = (),
 ) -> WorkerJob:
     """The job every worker of a fit runs, its paths absolute."""
     return WorkerJob(
@@ -103,6 +107,7 @@ def worker_job(
         cache_dir=_abs(cache_dir),
         faults=faults or FaultPlan(),
         evaluate=evaluate,
+        rungs=tuple(rungs),
     )
 
 
@@ -198,14 +203,16 @@ def fit_qat(
     callbacks: list | None = None,
     faults: FaultPlan | None = None,
     evaluate: bool = True,
+    rungs: tuple[int, ...] = (),
 ):
     """Run (or resume) the QAT of one trial; returns Ray Train's ``Result`` (or, inline,
-    an ``InlineResult`` with the same fields). ``faults`` and ``evaluate``: as for
-    ``make_trainer``."""
+    an ``InlineResult`` with the same fields). ``faults``, ``evaluate`` and ``rungs``: as
+    for ``make_trainer``."""
     if settings.workers.inline:
         job = worker_job(
-            settings, "qat", teacher_dir, data_root, cache_dir, faults=faults, evaluate=evaluate
-        )
+            settings, "qat", teacher_dir, data_root, cache_dir,
+            faults=faults, evaluate=evaluate, rungs=rungs,
+        )  # fmt: skip
         return fit_inline(job, name=name, storage_path=storage_path, callbacks=callbacks)
     trainer = make_trainer(
         settings,
@@ -218,6 +225,7 @@ def fit_qat(
         callbacks=callbacks,
         faults=faults,
         evaluate=evaluate,
+        rungs=rungs,
     )
     return trainer.fit()
 

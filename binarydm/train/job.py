@@ -101,6 +101,8 @@ class WorkerJob:
 
     Paths are absolute (Tune and Train change working directories). ``evaluate=False``
     ends QAT without its evaluation (tests and benchmarks that time training alone).
+    ``rungs``: the training steps where QAT reports its early-stopping proxy
+    (``search.early_stopping``; none by default).
     """
 
     settings: TrialSettings
@@ -110,6 +112,7 @@ class WorkerJob:
     cache_dir: str | None = None
     faults: FaultPlan = FaultPlan()
     evaluate: bool = True
+    rungs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("teacher", "qat"):

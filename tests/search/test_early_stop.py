@@ -1,0 +1,106 @@
+"""MO-ASHA's rung decisions on hand-made points, and ``search.early_stopping`` parsing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from binarydm._typed import ConfigError
+from binarydm.search import MOASHAScheduler, rung_order, survivors, was_pruned
+from binarydm.spec import EarlyStoppingSpec, load_study
+
+
+def test_fronts_then_crowding_then_proxy_then_arrival():
+    # (proxy, ops) minimised: front 0 = 0, 1, 2 (1 between the boundaries), 3 behind 1.
+    points = np.array(
+        [
+            [1.0, 4.0],  # 0 front 0, boundary
+            [2.0, 2.0],  # 1 front 0, interior (crowding 2/3 + 2/3)
+            [4.0, 1.0],  # 2 front 0, boundary
+            [2.5, 2.5],  # 3 front 1 (dominated by 1)
+            [5.0, 5.0],  # 4 front 2
+        ]
+    )
+    assert rung_order(points) == [0, 2, 1, 3, 4]
+    assert survivors(points, 2) == {0, 2, 1}  # ceil(5 / 2) = 3
+    assert survivors(points, 3) == {0, 2}
+    assert survivors(points, 5) == {0}  # boundary tie: proxy 1.0 beats 4.0
+
+
+def test_ties_keep_the_incumbent():
+    points = np.array([[1.0, 3.0], [1.0, 3.0], [1.0, 3.0]])
+    assert rung_order(points) == [0, 1, 2]
+    assert survivors(points, 3) == {0}
+
+
+def test_scheduler_stops_the_dominated_newcomer_and_keeps_the_first():
+    scheduler = MOASHAScheduler([("ops_g", "minimize")], reduction_factor=2)
+    assert scheduler.decide("a", 0, [1.0, 1.0]) == "CONTINUE"  # alone: ceil(1/2) = 1
+    assert scheduler.decide("b", 0, [2.0, 1.0]) == "STOP"  # dominated by a
+    assert scheduler.decide("c", 0, [0.5, 1.0]) == "CONTINUE"  # dominates both, 2 kept of 3
+    assert scheduler.decide("d", 1, [9.0, 9.0]) == "CONTINUE"  # first at rung 1
+    assert scheduler.recorded[0] == {"a": [1.0, 1.0], "b": [2.0, 1.0], "c": [0.5, 1.0]}
+
+
+def test_maximised_costs_are_negated_and_non_finite_proxies_are_not_recorded():
+    scheduler = MOASHAScheduler([("ops_saving", "maximize")], reduction_factor=2)
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    first = {"rung": 0, "proxy/test_loss": 1.0, "ops_saving": 10.0}
+    worse = {"rung": 0, "proxy/test_loss": 1.0, "ops_saving": 5.0}
+    assert scheduler.on_trial_result(None, Trial("a"), first) == "CONTINUE"
+    assert scheduler.on_trial_result(None, Trial("b"), worse) == "STOP"
+    nan = {"rung": 0, "proxy/test_loss": float("nan"), "ops_saving": 1.0}
+    assert scheduler.on_trial_result(None, Trial("c"), nan) == "CONTINUE"
+    assert scheduler.recorded[0] == {"a": [1.0, -10.0], "b": [1.0, -5.0]}
+    assert scheduler.on_trial_result(None, Trial("d"), {"loss": 1.0}) == "CONTINUE"
+
+
+def test_was_pruned_reads_the_last_result():
+    assert was_pruned({"rung": 0, "proxy/test_loss": 1.0})
+    assert not was_pruned({"rung": 0, "final": True, "fid": 3.0})
+    assert not was_pruned({"loss": 1.0})
+    assert not was_pruned({"rung": 0, "error": "diverged"})
+    assert not was_pruned(None)
+
+
+def test_rung_steps_from_fractions_or_the_ladder():
+    assert EarlyStoppingSpec(rungs=(0.1, 0.3)).rung_steps(100) == (10, 30)
+    ladder = EarlyStoppingSpec(min_fraction=0.1, reduction_factor=3)
+    assert ladder.fractions == pytest.approx((0.1, 0.3, 0.9))
+    assert ladder.rung_steps(10) == (1, 3, 9)
+    # Rounded onto an earlier rung or onto the last step: dropped.
+    assert EarlyStoppingSpec(rungs=(0.05, 0.09, 0.99)).rung_steps(10) == (1, 9)
+    assert EarlyStoppingSpec(rungs=(0.5, 0.99)).rung_steps(2) == (1,)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"rungs": [0.5, 0.2]}, "search.early_stopping.rungs=[0.5, 0.2] is invalid"),
+        ({"rungs": [0.5, 1.0]}, "strictly increasing list of fractions in (0, 1)"),
+        ({"reduction_factor": 1}, "search.early_stopping.reduction_factor=1 is invalid"),
+        ({"min_fraction": 0}, "search.early_stopping.min_fraction=0.0 is invalid"),
+        ({"proxy": "fid"}, "search.early_stopping.proxy='fid' is invalid"),
+        ({"patience": 3}, "search.early_stopping.patience=3 is invalid: unknown key"),
+    ],
+)
+def test_bad_early_stopping_names_the_key(value, message):
+    with pytest.raises(ConfigError, match=".") as info:
+        load_study("search_spaces/lrm_rank.yaml", overrides={"search.early_stopping": value})
+    assert message in str(info.value)
+
+
+def test_early_stopping_is_off_by_default_and_round_trips():
+    spec = load_study("search_spaces/lrm_rank.yaml")
+    assert spec.search.early_stopping == EarlyStoppingSpec()
+    assert not spec.search.early_stopping.enabled
+    on = {"enabled": True, "rungs": [0.2, 0.5], "reduction_factor": 4}
+    spec = load_study("search_spaces/lrm_rank.yaml", overrides={"search.early_stopping": on})
+    assert spec.to_dict()["search"]["early_stopping"] == {
+        "enabled": True, "proxy": "test_loss", "rungs": [0.2, 0.5],
+        "min_fraction": 0.1, "reduction_factor": 4,
+    }  # fmt: skip
