@@ -104,3 +104,59 @@ def test_early_stopping_is_off_by_default_and_round_trips():
         "enabled": True, "proxy": "test_loss", "rungs": [0.2, 0.5],
         "min_fraction": 0.1, "reduction_factor": 4,
     }  # fmt: skip
+
+
+def test_a_study_with_early_stopping_prunes_the_dominated_trials(
+    ray_cluster, tiny_teacher, tmp_path, monkeypatch
+):
+    """Three identical configurations one after the other, eta 3, a rung at step 5: the
+    first reaches the rung alone and finishes; the others tie with it there, and the tie
+    keeps the incumbent, so both are stopped. PRUNED in Optuna with the rung's proxy,
+    KILLED (not FAILED) in MLflow with state=PRUNED, out of the Pareto set."""
+    import optuna
+    from bdm_support import LRM_STUDY, TINY_STUDY
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+    from typer.testing import CliRunner
+
+    from binarydm.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    early = "{enabled: true, rungs: [0.5], reduction_factor: 3}"
+    args = [LRM_STUDY, *TINY_STUDY, "--trials", "3", "--set", "workers.inline=true"]
+    args += ["--set", "resources.max_concurrent_trials=1", "--set", "search.fp_reference=false"]
+    args += ["--set", "search.space.method.lrm.weight=null"]
+    args += ["--set", "search.space.method.lrm.axis=null"]
+    args += ["--set", "search.space.method.lrm.rank_divisor={choice: [4]}"]
+    args += ["--set", f"search.early_stopping={early}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    study = optuna.load_study(study_name="lrm_rank", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+    proxy = trials[1].user_attrs["proxy/test_loss"]
+    assert proxy > 0 and trials[2].user_attrs["proxy/test_loss"] == pytest.approx(proxy)
+    assert trials[1].user_attrs["rung"] == 0 and trials[1].user_attrs["rung_step"] == 5
+    assert trials[1].user_attrs["state"] == "PRUNED"
+    assert [t.number for t in study.best_trials] == [0]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lrm_rank")
+    runs = client.search_runs([experiment.experiment_id])
+    children = {
+        int(r.data.tags["trial_id"]): r for r in runs if r.data.tags.get("bdm.role") == "trial"
+    }
+    parent = next(r for r in runs if r.data.tags.get("bdm.role") == "parent")
+    assert children[0].info.status == "FINISHED" and children[0].data.tags["pareto"] == "true"
+    # The finished trial logged its own rung proxy: the same number the pruned ones tied on.
+    assert children[0].data.metrics["proxy/test_loss"] == pytest.approx(proxy)
+    for number in (1, 2):
+        run = children[number]
+        assert run.info.status == "KILLED"
+        assert run.data.tags["state"] == "PRUNED" and run.data.tags["pruned"] == "true"
+        assert run.data.tags.get("pareto") != "true"
+        assert "fid" not in run.data.metrics
+        (point,) = client.get_metric_history(run.info.run_id, "proxy/test_loss")
+        assert point.step == 5 and point.value == pytest.approx(proxy)
+    assert parent.data.metrics["trials_finished"] == 1
