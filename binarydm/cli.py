@@ -142,10 +142,31 @@ def run(
     _warn_remote_paths(spec, address, console)
     from binarydm.search import pareto_table, run_study
 
-    summary = _guarded(lambda: run_study(spec, address=address, resume=resume, verbose=verbose))
+    def started(location: dict) -> None:
+        for line in location_lines(location):
+            console.print(line, highlight=False, soft_wrap=True)
+
+    summary = _guarded(
+        lambda: run_study(spec, address=address, resume=resume, verbose=verbose, on_start=started)
+    )
     console.print(pareto_table(summary))
     counts = ", ".join(f"{k.lower()}: {v}" for k, v in sorted(summary["counts"].items()))
     console.print(f"trials {counts}; MLflow experiment {spec.tracking.experiment or spec.name!r}")
+    for line in location_lines(summary["location"]):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def location_lines(location: dict) -> list[str]:
+    """Where a study's results are, as printed at its start and end."""
+    lines = [f"MLflow: {location['tracking_uri']} (experiment id {location['experiment_id']})"]
+    if location.get("mlflow_ui"):
+        lines.append(f"  browse: {location['mlflow_ui']}")
+        lines.append(f"  then open {location['mlflow_url']}")
+    else:
+        lines.append(f"  browse: {location['mlflow_url']}")
+    if location.get("ray_dashboard"):
+        lines.append(f"Ray dashboard: {location['ray_dashboard']}")
+    return lines
 
 
 def _warn_remote_paths(spec, address: str | None, console) -> None:

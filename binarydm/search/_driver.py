@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +45,92 @@ class StudyError(RuntimeError):
     """A study that cannot start or continue (the message says what to do)."""
 
 
-def connect_ray(address: str | None, *, verbose: bool = False, timeout_s: float = 30.0) -> None:
-    """Join ``address`` (an existing cluster) or start a local one; fail fast if it is silent."""
+def connect_ray(
+    address: str | None, *, verbose: bool = False, timeout_s: float = 30.0
+) -> str | None:
+    """Join ``address`` (an existing cluster) or start a local one; fail fast if it is silent.
+
+    Returns the Ray dashboard's URL when the cluster runs one (None otherwise).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if address:
         _check_reachable(address, timeout_s)
     elif not os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: joins, starts nothing
         _loopback_only()
-    ray.init(
+    if not verbose:
+        _drop_raylet_notices()
+    context = ray.init(
         address=address or None,
         include_dashboard=False if not address else None,
         log_to_driver=verbose,
         configure_logging=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not is_uri(url) else url or None
+
+
+_AIR_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+#: Raylet notices pushed to every driver that say nothing about the study's results.
+RAYLET_NOTICES = ("the maximum expected startup concurrency",)
+
+
+def is_raylet_notice(data: dict[str, Any]) -> bool:
+    """Whether a message Ray's error listener prints is a benign raylet notice."""
+    lines = data.get("lines") or []
+    return data.get("pid") == "raylet" and any(
+        notice in line for line in lines for notice in RAYLET_NOTICES
+    )
+
+
+def _drop_raylet_notices() -> None:
+    """Keep the raylet's "N PYTHON worker processes have been started ... startup
+    concurrency" warning off the terminal (a trial's Train workers on a small machine
+    always trip it); every other message of Ray's error listener still prints.
+
+    The listener thread looks ``print_to_stdstream`` up in its module on each message,
+    so wrapping that name is enough; ``--verbose`` leaves it alone.
+    """
+    from ray._private import worker
+
+    printer = worker.print_to_stdstream
+    if getattr(printer, "_binarydm_filtered", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if is_raylet_notice(data):
+            log.debug("raylet: %s", " ".join(data.get("lines") or []))
+            return None
+        return printer(data, *args, **kwargs)
+
+    print_to_stdstream._binarydm_filtered = True
+    worker.print_to_stdstream = print_to_stdstream
+
+
+@contextlib.contextmanager
+def _tune_output(verbose: bool):
+    """Ray Tune's own terminal output only with ``--verbose``.
+
+    Tune's new output engine prints its "Configuration for experiment" box, the results
+    folder and a TensorBoard command at every start, whatever ``RunConfig.verbose`` says;
+    its legacy engine at verbosity 0 prints nothing but warnings and errors. The study's
+    own table (``StudyProgress``) and the results' location replace them.
+    """
+    if verbose:
+        yield
+        return
+    before = os.environ.get(_AIR_NEW_OUTPUT)
+    os.environ[_AIR_NEW_OUTPUT] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_AIR_NEW_OUTPUT, None)
+        else:
+            os.environ[_AIR_NEW_OUTPUT] = before
 
 
 def _loopback_only() -> None:
@@ -284,8 +354,13 @@ def run_study(
     resume: bool = False,
     verbose: bool = False,
     show_progress: bool = True,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the study; returns the Pareto summary (see ``analysis.summarize``)."""
+    """Run (or resume) the study; returns the Pareto summary (see ``analysis.summarize``).
+
+    ``on_start`` is called, before the first trial, with where the results go
+    (``results_location``); the summary carries the same under ``"location"``.
+    """
     from ray import tune
 
     from binarydm.data import cache_dir as resolve_cache_dir
@@ -309,12 +384,15 @@ def run_study(
             f"study {spec.name!r} already has results in {experiment_path}; "
             "pass --resume to continue it, or give the study another name"
         )
-    connect_ray(address, verbose=verbose)
+    dashboard = connect_ray(address, verbose=verbose)
     import ray
 
     tracker = StudyTracker.for_study(spec)
     with _sqlite_init_lock(spec.tracking.uri):
         parent = tracker.parent_run_id()
+    location = results_location(spec, tracker.experiment_id, dashboard)
+    if on_start is not None:
+        on_start(location)
     tracker.set_running(parent)
     tracker.set_tags(parent, {"profile": spec.profile or "none"})
     study_text = _study_file_text(spec)
@@ -348,7 +426,7 @@ def run_study(
                 name=spec.name,
                 storage_path=spec.storage.ray_results,
                 callbacks=[progress],
-                verbose=0,
+                verbose=1 if verbose else 0,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
             ),
         )
@@ -357,7 +435,8 @@ def run_study(
     # When trials could start: the overhead accounting (benchmarks/study_overhead.py)
     # counts Ray Tune's launch of the first actors from here.
     tracker.set_tags(parent, {TUNE_STARTED_TAG: f"{time.time():.3f}"})
-    tuner.fit()
+    with _tune_output(verbose):
+        tuner.fit()
     finish_reference(tracker, reference)
     objectives = list(zip(spec.search.metrics, spec.search.directions, strict=True))
     summary = summarize(
@@ -367,7 +446,31 @@ def run_study(
         study_file_text=study_text,
     )
     tracker.finish_study("FINISHED")
+    summary["location"] = location
     return summary
+
+
+def results_location(
+    spec: StudySpec, experiment_id: str, dashboard_url: str | None = None
+) -> dict[str, Any]:
+    """Where a study's results are: its MLflow store, the command and address of the MLflow
+    UI's runs table, the Ray dashboard (when one runs), Ray's and Optuna's storage."""
+    uri = spec.tracking.uri
+    # MLflow 3's UI shows an experiment's runs table only in its ML view, chosen in the URL.
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        command, address = None, f"{uri.rstrip('/')}/{page}"
+    else:
+        command, address = f"mlflow ui --backend-store-uri {uri}", f"http://127.0.0.1:5000/{page}"
+    return {
+        "tracking_uri": mask_secrets(uri),
+        "experiment_id": experiment_id,
+        "mlflow_ui": command,
+        "mlflow_url": mask_secrets(address),
+        "ray_dashboard": dashboard_url,
+        "ray_results": str(Path(spec.storage.ray_results) / spec.name),
+        "optuna": mask_secrets(spec.storage.optuna),
+    }
 
 
 def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:

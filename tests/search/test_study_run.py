@@ -81,6 +81,18 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
     assert "Pareto front" in output
 
 
+def test_the_run_prints_where_its_results_are_and_not_rays_banners(finished_study):
+    workdir, output = finished_study
+    client, parents, _ = _runs(workdir)
+    experiment = client.get_experiment(parents[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}" in output
+    page = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert f"http://127.0.0.1:5000/{page}" in output
+    for noise in ("Configuration for experiment", "tensorboard", "View detailed results"):
+        assert noise not in output
+
+
 def test_optuna_storage_holds_complete_trials(finished_study):
     import optuna
 

@@ -1,0 +1,37 @@
+"""What the CLI says around a study: results' location, Ray's noise kept off, ids, stores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bdm_support import LRM_STUDY
+
+from binarydm.search._driver import is_raylet_notice, results_location
+from binarydm.spec import load_study
+
+STARTUP_NOTICE = (
+    "WARNING: 6 PYTHON worker processes have been started on node: 1 with address: "
+    "127.0.0.1, which is 3x the maximum expected startup concurrency (2). This could be ..."
+)
+
+
+def test_only_the_raylet_startup_notice_is_dropped():
+    assert is_raylet_notice({"lines": [STARTUP_NOTICE], "pid": "raylet"})
+    assert not is_raylet_notice({"lines": ["A worker died or was killed"], "pid": "raylet"})
+    assert not is_raylet_notice({"lines": [STARTUP_NOTICE], "pid": 1234})
+
+
+def test_results_location_opens_the_runs_table(tmp_path):
+    spec = load_study(LRM_STUDY, profile="quick").resolve_paths(tmp_path)
+    where = results_location(spec, "7", "http://127.0.0.1:8265")
+    assert where["mlflow_ui"] == f"mlflow ui --backend-store-uri {spec.tracking.uri}"
+    assert where["mlflow_url"] == (
+        "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    )
+    assert where["ray_dashboard"] == "http://127.0.0.1:8265"
+    served = dataclasses.replace(
+        spec, tracking=dataclasses.replace(spec.tracking, uri="http://u:secret@host:5000")
+    )
+    where = results_location(served, "7")
+    assert where["mlflow_ui"] is None and "secret" not in where["mlflow_url"]
+    assert where["mlflow_url"].endswith("host:5000/#/experiments/7?workflowType=machine_learning")
