@@ -146,14 +146,53 @@ def run(
         for line in location_lines(location):
             console.print(line, highlight=False, soft_wrap=True)
 
-    summary = _guarded(
-        lambda: run_study(spec, address=address, resume=resume, verbose=verbose, on_start=started)
-    )
+    try:
+        summary = _guarded(
+            lambda: run_study(
+                spec, address=address, resume=resume, verbose=verbose, on_start=started
+            )
+        )
+    except KeyboardInterrupt:
+        command = resume_command(file, profile, sets, tracking_uri, address, trials)
+        console.print(interrupted_message(spec.resolve_paths(), command), highlight=False)
+        raise typer.Exit(130) from None
     console.print(pareto_table(summary))
     counts = ", ".join(f"{k.lower()}: {v}" for k, v in sorted(summary["counts"].items()))
     console.print(f"trials {counts}; MLflow experiment {spec.tracking.experiment or spec.name!r}")
     for line in location_lines(summary["location"]):
         console.print(line, highlight=False, soft_wrap=True)
+
+
+def resume_command(
+    file: Path,
+    profile: str | None,
+    sets: list[str] | None,
+    tracking_uri: str | None,
+    address: str | None,
+    trials: int | None,
+) -> str:
+    """The command line that continues this study where it stopped."""
+    import shlex
+
+    words = ["bdm-search", str(file)]
+    for flag, value in (("--profile", profile), ("--tracking-uri", tracking_uri),
+                        ("--address", address), ("--trials", trials)):  # fmt: skip
+        if value is not None:
+            words += [flag, str(value)]
+    for override in sets or []:
+        words += ["--set", override]
+    return shlex.join([*words, "--resume"])
+
+
+def interrupted_message(spec, command: str) -> str:
+    """What an interrupted study kept, and how to continue it (``spec``: paths resolved)."""
+    return (
+        "interrupted: finished trials are saved, unfinished ones continue on resume\n"
+        f"  MLflow runs:  {spec.tracking.uri}\n"
+        f"  Optuna study: {spec.storage.optuna} (study {spec.name!r})\n"
+        f"  Tune state:   {Path(spec.storage.ray_results) / spec.name}\n"
+        f"continue with:\n  {command}"
+    )
 
 
 def location_lines(location: dict) -> list[str]:

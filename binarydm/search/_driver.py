@@ -45,6 +45,14 @@ class StudyError(RuntimeError):
     """A study that cannot start or continue (the message says what to do)."""
 
 
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the study; Tune, Optuna and MLflow kept what it had, for ``--resume``."""
+
+    def __init__(self, unfinished: set[int]):
+        super().__init__(f"interrupted with trials {sorted(unfinished)} unfinished")
+        self.unfinished = unfinished
+
+
 def connect_ray(
     address: str | None, *, verbose: bool = False, timeout_s: float = 30.0
 ) -> str | None:
@@ -273,8 +281,11 @@ def _sqlite_init_lock(uri: str):
     """Serialize the first contact of drivers with one SQLite store.
 
     Two drivers that create the same MLflow (or Optuna) SQLite database at once race in
-    its schema migration, and the loser dies with an Alembic error; a file lock beside
-    the database makes the second one wait and find the schema there.
+    its schema migration, and the loser dies with an Alembic error; a file lock makes the
+    second one wait and find the schema there. The lock lives in the cache folder, named
+    by the database's path, not beside the database: a lock file stays after its release
+    (deleting it would let a third driver lock a new file while a second holds the old
+    one), and the user's folder must hold nothing but the stores, whatever the exit.
     """
     database = sqlite_file(uri)
     if database is None:
@@ -282,8 +293,20 @@ def _sqlite_init_lock(uri: str):
         return
     from filelock import FileLock
 
-    with FileLock(database + ".lock"):
+    with FileLock(str(sqlite_lock_path(database))):
         yield
+
+
+def sqlite_lock_path(database: str) -> Path:
+    """Where ``_sqlite_init_lock`` locks ``database`` (one file per database path)."""
+    import hashlib
+
+    from binarydm.data import cache_dir
+
+    key = hashlib.sha256(str(Path(database).resolve()).encode()).hexdigest()[:16]
+    folder = cache_dir(None) / "locks"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{Path(database).name}-{key}.lock"
 
 
 def _optuna_storage(spec: StudySpec):
@@ -437,6 +460,11 @@ def run_study(
     tracker.set_tags(parent, {TUNE_STARTED_TAG: f"{time.time():.3f}"})
     with _tune_output(verbose):
         tuner.fit()
+    # Tune ends fit() quietly on a first Ctrl-C, its unfinished trials saved for a restore.
+    unfinished = _unfinished_trial_numbers(experiment_path)
+    if unfinished:
+        tracker.finish_study("KILLED")  # a resume sets it RUNNING again
+        raise StudyInterrupted(unfinished)
     finish_reference(tracker, reference)
     objectives = list(zip(spec.search.metrics, spec.search.directions, strict=True))
     summary = summarize(

@@ -35,3 +35,32 @@ def test_results_location_opens_the_runs_table(tmp_path):
     where = results_location(served, "7")
     assert where["mlflow_ui"] is None and "secret" not in where["mlflow_url"]
     assert where["mlflow_url"].endswith("host:5000/#/experiments/7?workflowType=machine_learning")
+
+
+def test_sqlite_init_lock_leaves_nothing_beside_the_store(tmp_path, monkeypatch):
+    from binarydm.search._driver import _sqlite_init_lock, sqlite_lock_path
+
+    monkeypatch.setenv("BINARYDM_CACHE_DIR", str(tmp_path / "cache"))
+    store = tmp_path / "work" / "optuna.db"
+    store.parent.mkdir()
+    with _sqlite_init_lock(f"sqlite:///{store}"):
+        assert sqlite_lock_path(str(store)).parent == tmp_path / "cache" / "locks"
+    assert list(store.parent.iterdir()) == []
+
+
+def test_interrupted_message_says_what_was_kept_and_the_exact_resume_command(tmp_path):
+    from binarydm.cli import interrupted_message, resume_command
+
+    command = resume_command(
+        LRM_STUDY, "quick", ["training.lr=2e-5", "data.root=/a b"], None, None, 3
+    )
+    assert command == (
+        f"bdm-search {LRM_STUDY} --profile quick --trials 3 --set training.lr=2e-5 "
+        "--set 'data.root=/a b' --resume"
+    )
+    spec = load_study(LRM_STUDY, profile="quick").resolve_paths(tmp_path)
+    message = interrupted_message(spec, command)
+    assert f"sqlite:///{tmp_path / 'mlflow.db'}" in message
+    assert f"sqlite:///{tmp_path / 'optuna.db'}" in message
+    assert str(tmp_path / "ray_results" / "lrm_rank") in message
+    assert message.endswith(command)

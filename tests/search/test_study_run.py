@@ -91,6 +91,7 @@ def test_the_run_prints_where_its_results_are_and_not_rays_banners(finished_stud
     assert f"http://127.0.0.1:5000/{page}" in output
     for noise in ("Configuration for experiment", "tensorboard", "View detailed results"):
         assert noise not in output
+    assert not list(workdir.glob("*.lock"))  # no stray files beside the stores
 
 
 def test_optuna_storage_holds_complete_trials(finished_study):
