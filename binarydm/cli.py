@@ -58,6 +58,10 @@ ProfileOption = Annotated[
 TrackingOption = Annotated[
     str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (overrides the file)")
 ]
+StoreOption = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI to read (default: ./mlflow.db)"),
+]
 
 
 def _fail(message: str) -> None:
@@ -94,10 +98,22 @@ def _check_tracking_uri(uri: str | None) -> None:
         )
 
 
-def _store_uri(tracking_uri: str | None) -> str:
-    """The MLflow store a command reads: ``--tracking-uri``, else ./mlflow.db; checked."""
+def _store_uri(tracking_uri: str | None, *, create: bool = False) -> str:
+    """The MLflow store a command reads: ``--tracking-uri``, else ./mlflow.db; checked.
+
+    A command that only reads (``create=False``) refuses a SQLite store that does not
+    exist: opening it would create an empty database.
+    """
+    from binarydm.spec import sqlite_file
+
     uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
     _check_tracking_uri(uri)
+    database = sqlite_file(uri)
+    if not create and database is not None and not Path(database).is_file():
+        _fail(
+            f"no MLflow store at {database}: run the study here first, or pass "
+            "--tracking-uri sqlite:///PATH/mlflow.db (or the server's http://HOST:PORT)"
+        )
     return uri
 
 
@@ -304,7 +320,7 @@ def _single_trial(spec, address: str | None) -> dict:
 def pareto(
     experiment: Annotated[str, typer.Argument(help="MLflow experiment of the study")],
     study: Annotated[str | None, typer.Option(help="study name (default: the experiment)")] = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
 ) -> None:
     """Recompute a study's Pareto front, hypervolume and plots from MLflow alone."""
     from rich.console import Console
@@ -345,12 +361,18 @@ def _parent_study_file(tracker, parent_run_id: str) -> str:
 
 @app.command()
 def sample(
-    run_id: Annotated[str, typer.Argument(help="MLflow run id of a trial")],
+    run_id: Annotated[
+        str,
+        typer.Argument(
+            help="a trial's MLflow run id, a unique prefix of one (as the Pareto table "
+            "prints), or STUDY:N for trial N of study STUDY"
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
     num: Annotated[int, typer.Option(help="number of images")] = 64,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 100,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
 ) -> None:
     """Generate images from a trial's packed 1-bit model (local checkpoint or logged artifact)."""
     import tempfile
@@ -358,14 +380,15 @@ def sample(
     import mlflow
 
     from binarydm.export import load_packed
+    from binarydm.tracking import find_run
     from binarydm.train import ddim_sample, save_grid, to_uint8
 
     uri = _store_uri(tracking_uri)
     client = mlflow.MlflowClient(uri)
     try:
-        run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        _fail(f"run {run_id!r} not found in {uri}: {exc.message}")
+        run = find_run(client, run_id)
+    except LookupError as exc:
+        _fail(str(exc))
     with tempfile.TemporaryDirectory() as tmp:
         packed = _packed_model(client, run, Path(tmp))
         model = load_packed(packed).eval()
@@ -400,7 +423,7 @@ def export_runs(
         Path | None,
         typer.Option(help="the store's mlartifacts folder, copied from the machine that ran it"),
     ] = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
 ) -> None:
     """Write an experiment's runs (params, metrics with history, tags, small artifacts) to a
     folder that can be committed; `bdm-search import` recreates them (docs/run-archive.md)."""
@@ -424,12 +447,15 @@ def import_runs(
     experiment: Annotated[
         str | None, typer.Option(help="experiment to create (default: the archived name)")
     ] = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="MLflow tracking URI to import into (./mlflow.db)"),
+    ] = None,
 ) -> None:
     """Recreate an exported experiment's runs in an MLflow store (for the UI and `pareto`)."""
     from binarydm.tracking import import_archive
 
-    uri = _store_uri(tracking_uri)
+    uri = _store_uri(tracking_uri, create=True)
     try:
         name, created = import_archive(archive, uri, experiment)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from bdm_support import LRM_STUDY
+from typer.testing import CliRunner
 
+from binarydm.cli import app
 from binarydm.search._driver import is_raylet_notice, results_location
 from binarydm.spec import load_study
 
@@ -64,3 +67,48 @@ def test_interrupted_message_says_what_was_kept_and_the_exact_resume_command(tmp
     assert f"sqlite:///{tmp_path / 'optuna.db'}" in message
     assert str(tmp_path / "ray_results" / "lrm_rank") in message
     assert message.endswith(command)
+
+
+def test_a_run_is_found_by_id_unique_prefix_or_study_trial_number(tmp_path):
+    from mlflow import MlflowClient
+
+    from binarydm.tracking import find_run
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+    tags = {"study": "s", "bdm.role": "trial"}
+    runs = [client.create_run(experiment, tags={**tags, "trial_id": str(n)}) for n in range(17)]
+    ids = [r.info.run_id for r in runs]
+    assert find_run(client, ids[3]).info.run_id == ids[3]
+    assert find_run(client, ids[3][:12]).info.run_id == ids[3]
+    assert find_run(client, "s:5").info.run_id == ids[5]
+    # 17 ids over 16 hex digits: two share a first character.
+    first = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+    with pytest.raises(LookupError, match="ambiguous") as ambiguous:
+        find_run(client, first)
+    assert all(i in str(ambiguous.value) for i in ids if i.startswith(first))
+    for missing in ("zzzz", "s:99", "t:0"):
+        with pytest.raises(LookupError):
+            find_run(client, missing)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["pareto", "nonexistent_study"], ["sample", "795652d63427"], ["export", "x", "--out", "o"]],
+)
+def test_reading_commands_refuse_a_missing_store_and_create_nothing(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"no MLflow store at {tmp_path / 'mlflow.db'}" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_and_pareto_help_describe_their_own_options():
+    sample_help = CliRunner().invoke(app, ["sample", "--help"]).output
+    assert "overrides the file" not in sample_help and "prefix" in sample_help
+    from binarydm.tracking._results import _experiment_id
+
+    with pytest.raises(LookupError) as missing:
+        _experiment_id(__import__("mlflow").MlflowClient("sqlite:///:memory:"), "nope")
+    assert "tracking_uri" not in str(missing.value) and "--tracking-uri" in str(missing.value)
