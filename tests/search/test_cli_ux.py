@@ -112,3 +112,28 @@ def test_sample_and_pareto_help_describe_their_own_options():
     with pytest.raises(LookupError) as missing:
         _experiment_id(__import__("mlflow").MlflowClient("sqlite:///:memory:"), "nope")
     assert "tracking_uri" not in str(missing.value) and "--tracking-uri" in str(missing.value)
+
+
+def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_path):
+    import optuna
+
+    from binarydm.search import build_sampler, optuna_space
+    from binarydm.search._searcher import BinaryDMOptunaSearch
+
+    search = load_study(LRM_STUDY, profile="quick").search
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    def searcher():
+        return BinaryDMOptunaSearch(
+            space=optuna_space(search), metric=search.metrics, mode=search.tune_modes,
+            sampler=build_sampler(search), storage=storage, study_name="s",
+        )  # fmt: skip
+
+    first = searcher()
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert study.metric_names == list(search.metrics)
+    first.save(str(tmp_path / "searcher.pkl"))
+    storage.set_study_system_attr(study._study_id, "study:metric_names", None)
+    assert optuna.load_study(study_name="s", storage=storage).metric_names is None
+    searcher().restore(str(tmp_path / "searcher.pkl"))
+    assert optuna.load_study(study_name="s", storage=storage).metric_names == list(search.metrics)

@@ -102,7 +102,10 @@ def test_optuna_storage_holds_complete_trials(finished_study):
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     _, _, children = _runs(workdir)
     fids = {int(c.data.tags["trial_id"]): c.data.metrics["fid"] for c in children}
+    run_ids = {int(c.data.tags["trial_id"]): c.info.run_id for c in children}
+    assert study.metric_names == ["fid", "test_loss"]  # optuna-dashboard's axis names
     for trial in study.trials:
+        assert trial.user_attrs["mlflow_run_id"] == run_ids[trial.number]
         assert trial.values[0] == pytest.approx(fids[trial.number])  # objectives = fid, test_loss
         assert set(trial.params) == {
             "method.lrm.rank_divisor", "method.lrm.weight", "method.lrm.axis"
