@@ -64,6 +64,10 @@ StoreOption = Annotated[
 ]
 
 
+#: The options that are shorthands for study keys.
+_OPTION_OF = {"search.trials": "--trials", "tracking.uri": "--tracking-uri"}
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg="red")
     raise typer.Exit(2)
@@ -80,7 +84,11 @@ def _load(file: Path, profile: str | None, sets: list[str] | None, **extra):
     try:
         spec = load_study(file, profile=profile, overrides=overrides)
     except ConfigError as exc:
-        _fail(str(exc))
+        message = str(exc)
+        for key, value in extra.items():  # an option's value is no --set: name the option
+            if value is not None:
+                message = message.replace(f"--set: {key}=", f"{_OPTION_OF[key]}: {key}=")
+        _fail(message)
     _check_tracking_uri(spec.tracking.uri)
     return spec
 
@@ -252,9 +260,25 @@ def _print_dry_run(spec, console) -> None:
     from binarydm.search import describe_space, estimate_cost
 
     console.print(describe_space(spec))
-    cost = estimate_cost(spec)
+    cost = estimate_cost(spec, teacher_cached=_teacher_cached(spec))
     for key, value in cost.items():
         console.print(f"{key}: {value}")
+
+
+def _teacher_cached(spec) -> bool:
+    """Whether the study's shared FP teacher is already in the cache (no time to count)."""
+    from binarydm.data import DatasetError
+    from binarydm.train import cached_teacher_dir
+
+    if spec.settings.teacher.pretrained or any(
+        k.startswith(("teacher.", "data.")) for k in spec.search.space
+    ):
+        return False
+    settings = spec.resolve_paths().trial_settings({}, spec.search.seeds[0])
+    try:
+        return (cached_teacher_dir(settings, settings.data.root) / "config.json").is_file()
+    except DatasetError:
+        return False
 
 
 @app.command()

@@ -234,6 +234,11 @@ def _check_data(settings, cache_dir: str) -> None:
     from binarydm.train import dataset_sha256
 
     data = settings.data
+    if data.root is not None and not Path(data.root).expanduser().is_dir():
+        raise StudyError(
+            f"data.root={data.root!r} is invalid: no such folder; allowed: a folder holding "
+            "the datasets, or unset ($BINARYDM_DATA_ROOT, ./data or ../shared/data)"
+        )
     try:
         dataset_sha256(settings, data.root, cache_dir)
     except DatasetError as exc:

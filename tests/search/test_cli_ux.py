@@ -137,3 +137,48 @@ def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_pa
     assert optuna.load_study(study_name="s", storage=storage).metric_names is None
     searcher().restore(str(tmp_path / "searcher.pkl"))
     assert optuna.load_study(study_name="s", storage=storage).metric_names == list(search.metrics)
+
+
+def test_option_errors_name_the_option_and_data_root_its_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [LRM_STUDY, "--trials", "0"])
+    assert result.exit_code == 2 and "--trials: search.trials=0 is invalid" in result.output
+    assert "--set" not in result.output
+    result = CliRunner().invoke(app, [LRM_STUDY, "--set", "data.root=/nope", "--trials", "1"])
+    assert result.exit_code == 2, result.output
+    assert "data.root='/nope' is invalid: no such folder" in result.output
+    assert "data_root argument" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_seconds_are_rounded_and_a_cached_teacher_costs_nothing():
+    from binarydm.search import estimate_cost
+
+    spec = load_study(LRM_STUDY, profile="quick")
+    cost = estimate_cost(spec, cluster_cpus=2)
+    assert cost["teacher_seconds"] > 0
+    assert all(cost[k] == round(cost[k], 1) for k in ("seconds_per_run", "wall_seconds"))
+    cached = estimate_cost(spec, cluster_cpus=2, teacher_cached=True)
+    assert cached["teacher_seconds"] == 0
+    assert cached["wall_seconds"] == pytest.approx(cost["wall_seconds"] - cost["teacher_seconds"])
+
+
+def test_a_missing_study_file_offers_the_shipped_studies_not_the_folders_yaml(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "docker-compose.yaml").write_text("services: {}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["validate", "lrm_rnak.yaml"])
+    assert result.exit_code == 2
+    assert "docker-compose" not in result.output and "lrm_rank.yaml" in result.output
+
+
+def test_the_grid_samplers_last_trial_is_told_without_error():
+    import optuna
+
+    from binarydm.search._grid import TunedGridSampler
+
+    study = optuna.create_study(sampler=TunedGridSampler({"x": [0, 1]}))
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_categorical("x", [0, 1]))  # Study.stop raised here
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
