@@ -178,7 +178,8 @@ def run(
         )
     except KeyboardInterrupt:
         command = resume_command(file, profile, sets, tracking_uri, address, trials)
-        console.print(interrupted_message(spec.resolve_paths(), command), highlight=False)
+        message = interrupted_message(spec.resolve_paths(), command)
+        console.print(message, highlight=False, soft_wrap=True)  # the command on one line
         raise typer.Exit(130) from None
     console.print(pareto_table(summary))
     counts = ", ".join(f"{k.lower()}: {v}" for k, v in sorted(summary["counts"].items()))

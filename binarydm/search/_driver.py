@@ -124,17 +124,23 @@ def _tune_output(verbose: bool):
 
     Tune's new output engine prints its "Configuration for experiment" box, the results
     folder and a TensorBoard command at every start, whatever ``RunConfig.verbose`` says;
-    its legacy engine at verbosity 0 prints nothing but warnings and errors. The study's
-    own table (``StudyProgress``) and the results' location replace them.
+    its legacy engine at verbosity 0 prints nothing but warnings and errors. Of those only
+    errors show: on Ctrl-C its warnings suggest ``Tuner.restore`` and list unfetched
+    metrics, where the CLI prints the ``--resume`` command. The study's own table
+    (``StudyProgress``) and the results' location replace them.
     """
     if verbose:
         yield
         return
     before = os.environ.get(_AIR_NEW_OUTPUT)
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
     os.environ[_AIR_NEW_OUTPUT] = "0"
+    tune_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        tune_log.setLevel(level)
         if before is None:
             os.environ.pop(_AIR_NEW_OUTPUT, None)
         else:
@@ -465,8 +471,8 @@ def run_study(
     tracker.set_tags(parent, {TUNE_STARTED_TAG: f"{time.time():.3f}"})
     with _tune_output(verbose):
         tuner.fit()
-    # Tune ends fit() quietly on a first Ctrl-C, its unfinished trials saved for a restore.
-    unfinished = _unfinished_trial_numbers(experiment_path)
+        # Tune ends fit() on a first Ctrl-C, its unfinished trials saved for a restore.
+        unfinished = _unfinished_trial_numbers(experiment_path)
     if unfinished:
         tracker.finish_study("KILLED")  # a resume sets it RUNNING again
         raise StudyInterrupted(unfinished)
@@ -514,7 +520,15 @@ def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:
     from binarydm.search._searcher import TRIAL_NUMBER_KEY
 
     done = (Trial.TERMINATED, Trial.ERROR)
-    analysis = ExperimentAnalysis(str(experiment_path))
+    # Only configs and statuses are read: its warnings about metrics not yet written
+    # (trials that had not reported) say nothing here.
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(str(experiment_path))
+    finally:
+        analysis_log.setLevel(level)
     return {
         int(trial.config[TRIAL_NUMBER_KEY])
         for trial in analysis.trials

@@ -182,3 +182,20 @@ def test_the_grid_samplers_last_trial_is_told_without_error():
         trial = study.ask()
         study.tell(trial, trial.suggest_categorical("x", [0, 1]))  # Study.stop raised here
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_tunes_own_output_is_off_during_fit_unless_verbose(monkeypatch):
+    import logging
+    import os
+
+    from binarydm.search._driver import _tune_output
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    with _tune_output(verbose=False):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # Tune's legacy engine, verbosity 0
+        assert tune_log.getEffectiveLevel() == logging.ERROR
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ and tune_log.level == level
+    with _tune_output(verbose=True):
+        assert "RAY_AIR_NEW_OUTPUT" not in os.environ and tune_log.level == level
