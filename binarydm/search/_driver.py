@@ -82,6 +82,7 @@ def connect_ray(
 
 
 _AIR_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+_ANALYSIS_LOG = "ray.tune.analysis.experiment_analysis"
 #: Raylet notices pushed to every driver that say nothing about the study's results.
 RAYLET_NOTICES = ("the maximum expected startup concurrency",)
 
@@ -406,6 +407,8 @@ def run_study(
 
     # Training reports (loss curves) come before the objectives, which arrive at the end.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if not verbose:  # Tune.restore's warning of trials with no result yet, which resumes expect
+        logging.getLogger(_ANALYSIS_LOG).setLevel(logging.ERROR)
     spec = spec.resolve_paths()
     cache_dir = str(resolve_cache_dir(None))
     faults = fault_injection()
@@ -522,7 +525,7 @@ def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:
     done = (Trial.TERMINATED, Trial.ERROR)
     # Only configs and statuses are read: its warnings about metrics not yet written
     # (trials that had not reported) say nothing here.
-    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_log = logging.getLogger(_ANALYSIS_LOG)
     level = analysis_log.level
     analysis_log.setLevel(logging.ERROR)
     try:
