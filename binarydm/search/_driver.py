@@ -507,7 +507,7 @@ def results_location(
     return {
         "tracking_uri": mask_secrets(uri),
         "experiment_id": experiment_id,
-        "mlflow_ui": command,
+        "mlflow_ui": mask_secrets(command) if command else None,
         "mlflow_url": mask_secrets(address),
         "ray_dashboard": dashboard_url,
         "ray_results": str(Path(spec.storage.ray_results) / spec.name),

@@ -37,6 +37,10 @@ def test_results_location_opens_the_runs_table(tmp_path):
     )
     where = results_location(served, "7")
     assert where["mlflow_ui"] is None and "secret" not in where["mlflow_url"]
+    database = dataclasses.replace(
+        spec, tracking=dataclasses.replace(spec.tracking, uri="postgresql://u:secret@db/mlflow")
+    )
+    assert "secret" not in results_location(database, "7")["mlflow_ui"]
     assert where["mlflow_url"].endswith("host:5000/#/experiments/7?workflowType=machine_learning")
 
 
