@@ -58,6 +58,14 @@ ProfileOption = Annotated[
 TrackingOption = Annotated[
     str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (overrides the file)")
 ]
+StoreOption = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI to read (default: ./mlflow.db)"),
+]
+
+
+#: The options that are shorthands for study keys.
+_OPTION_OF = {"search.trials": "--trials", "tracking.uri": "--tracking-uri"}
 
 
 def _fail(message: str) -> None:
@@ -76,7 +84,11 @@ def _load(file: Path, profile: str | None, sets: list[str] | None, **extra):
     try:
         spec = load_study(file, profile=profile, overrides=overrides)
     except ConfigError as exc:
-        _fail(str(exc))
+        message = str(exc)
+        for key, value in extra.items():  # an option's value is no --set: name the option
+            if value is not None:
+                message = message.replace(f"--set: {key}=", f"{_OPTION_OF[key]}: {key}=")
+        _fail(message)
     _check_tracking_uri(spec.tracking.uri)
     return spec
 
@@ -94,10 +106,22 @@ def _check_tracking_uri(uri: str | None) -> None:
         )
 
 
-def _store_uri(tracking_uri: str | None) -> str:
-    """The MLflow store a command reads: ``--tracking-uri``, else ./mlflow.db; checked."""
+def _store_uri(tracking_uri: str | None, *, create: bool = False) -> str:
+    """The MLflow store a command reads: ``--tracking-uri``, else ./mlflow.db; checked.
+
+    A command that only reads (``create=False``) refuses a SQLite store that does not
+    exist: opening it would create an empty database.
+    """
+    from binarydm.spec import sqlite_file
+
     uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
     _check_tracking_uri(uri)
+    database = sqlite_file(uri)
+    if not create and database is not None and not Path(database).is_file():
+        _fail(
+            f"no MLflow store at {database}: run the study here first, or pass "
+            "--tracking-uri sqlite:///PATH/mlflow.db (or the server's http://HOST:PORT)"
+        )
     return uri
 
 
@@ -142,10 +166,71 @@ def run(
     _warn_remote_paths(spec, address, console)
     from binarydm.search import pareto_table, run_study
 
-    summary = _guarded(lambda: run_study(spec, address=address, resume=resume, verbose=verbose))
+    def started(location: dict) -> None:
+        for line in location_lines(location):
+            console.print(line, highlight=False, soft_wrap=True)
+
+    try:
+        summary = _guarded(
+            lambda: run_study(
+                spec, address=address, resume=resume, verbose=verbose, on_start=started
+            )
+        )
+    except KeyboardInterrupt:
+        command = resume_command(file, profile, sets, tracking_uri, address, trials)
+        message = interrupted_message(spec.resolve_paths(), command)
+        console.print(message, highlight=False, soft_wrap=True)  # the command on one line
+        raise typer.Exit(130) from None
     console.print(pareto_table(summary))
     counts = ", ".join(f"{k.lower()}: {v}" for k, v in sorted(summary["counts"].items()))
     console.print(f"trials {counts}; MLflow experiment {spec.tracking.experiment or spec.name!r}")
+    for line in location_lines(summary["location"]):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def resume_command(
+    file: Path,
+    profile: str | None,
+    sets: list[str] | None,
+    tracking_uri: str | None,
+    address: str | None,
+    trials: int | None,
+) -> str:
+    """The command line that continues this study where it stopped."""
+    import shlex
+
+    words = ["bdm-search", str(file)]
+    for flag, value in (("--profile", profile), ("--tracking-uri", tracking_uri),
+                        ("--address", address), ("--trials", trials)):  # fmt: skip
+        if value is not None:
+            words += [flag, str(value)]
+    for override in sets or []:
+        words += ["--set", override]
+    return shlex.join([*words, "--resume"])
+
+
+def interrupted_message(spec, command: str) -> str:
+    """What an interrupted study kept, and how to continue it (``spec``: paths resolved)."""
+    return (
+        "interrupted: finished trials are saved, unfinished ones continue on resume\n"
+        f"  MLflow runs:  {spec.tracking.uri}\n"
+        f"  Optuna study: {spec.storage.optuna} (study {spec.name!r})\n"
+        f"  Tune state:   {Path(spec.storage.ray_results) / spec.name}\n"
+        f"continue with:\n  {command}"
+    )
+
+
+def location_lines(location: dict) -> list[str]:
+    """Where a study's results are, as printed at its start and end."""
+    lines = [f"MLflow: {location['tracking_uri']} (experiment id {location['experiment_id']})"]
+    if location.get("mlflow_ui"):
+        lines.append(f"  browse: {location['mlflow_ui']}")
+        lines.append(f"  then open {location['mlflow_url']}")
+    else:
+        lines.append(f"  browse: {location['mlflow_url']}")
+    if location.get("ray_dashboard"):
+        lines.append(f"Ray dashboard: {location['ray_dashboard']}")
+    return lines
 
 
 def _warn_remote_paths(spec, address: str | None, console) -> None:
@@ -176,9 +261,25 @@ def _print_dry_run(spec, console) -> None:
     from binarydm.search import describe_space, estimate_cost
 
     console.print(describe_space(spec))
-    cost = estimate_cost(spec)
+    cost = estimate_cost(spec, teacher_cached=_teacher_cached(spec))
     for key, value in cost.items():
         console.print(f"{key}: {value}")
+
+
+def _teacher_cached(spec) -> bool:
+    """Whether the study's shared FP teacher is already in the cache (no time to count)."""
+    from binarydm.data import DatasetError
+    from binarydm.train import cached_teacher_dir
+
+    if spec.settings.teacher.pretrained or any(
+        k.startswith(("teacher.", "data.")) for k in spec.search.space
+    ):
+        return False
+    settings = spec.resolve_paths().trial_settings({}, spec.search.seeds[0])
+    try:
+        return (cached_teacher_dir(settings, settings.data.root) / "config.json").is_file()
+    except DatasetError:
+        return False
 
 
 @app.command()
@@ -244,7 +345,7 @@ def _single_trial(spec, address: str | None) -> dict:
 def pareto(
     experiment: Annotated[str, typer.Argument(help="MLflow experiment of the study")],
     study: Annotated[str | None, typer.Option(help="study name (default: the experiment)")] = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
 ) -> None:
     """Recompute a study's Pareto front, hypervolume and plots from MLflow alone."""
     from rich.console import Console
@@ -285,12 +386,18 @@ def _parent_study_file(tracker, parent_run_id: str) -> str:
 
 @app.command()
 def sample(
-    run_id: Annotated[str, typer.Argument(help="MLflow run id of a trial")],
+    run_id: Annotated[
+        str,
+        typer.Argument(
+            help="a trial's MLflow run id, a unique prefix of one (as the Pareto table "
+            "prints), or STUDY:N for trial N of study STUDY"
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
     num: Annotated[int, typer.Option(help="number of images")] = 64,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 100,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
 ) -> None:
     """Generate images from a trial's packed 1-bit model (local checkpoint or logged artifact)."""
     import tempfile
@@ -298,14 +405,15 @@ def sample(
     import mlflow
 
     from binarydm.export import load_packed
+    from binarydm.tracking import find_run
     from binarydm.train import ddim_sample, save_grid, to_uint8
 
     uri = _store_uri(tracking_uri)
     client = mlflow.MlflowClient(uri)
     try:
-        run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        _fail(f"run {run_id!r} not found in {uri}: {exc.message}")
+        run = find_run(client, run_id)
+    except LookupError as exc:
+        _fail(str(exc))
     with tempfile.TemporaryDirectory() as tmp:
         packed = _packed_model(client, run, Path(tmp))
         model = load_packed(packed).eval()
@@ -340,7 +448,7 @@ def export_runs(
         Path | None,
         typer.Option(help="the store's mlartifacts folder, copied from the machine that ran it"),
     ] = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
 ) -> None:
     """Write an experiment's runs (params, metrics with history, tags, small artifacts) to a
     folder that can be committed; `bdm-search import` recreates them (docs/run-archive.md)."""
@@ -364,12 +472,15 @@ def import_runs(
     experiment: Annotated[
         str | None, typer.Option(help="experiment to create (default: the archived name)")
     ] = None,
-    tracking_uri: TrackingOption = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="MLflow tracking URI to import into (./mlflow.db)"),
+    ] = None,
 ) -> None:
     """Recreate an exported experiment's runs in an MLflow store (for the UI and `pareto`)."""
     from binarydm.tracking import import_archive
 
-    uri = _store_uri(tracking_uri)
+    uri = _store_uri(tracking_uri, create=True)
     try:
         name, created = import_archive(archive, uri, experiment)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -43,7 +43,7 @@ def find_data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     if chosen is not None:
         root = Path(chosen).expanduser().resolve()
         if not root.is_dir():
-            origin = "data_root argument" if explicit is not None else DATA_ROOT_ENV
+            origin = "data.root" if explicit is not None else DATA_ROOT_ENV
             raise DatasetError(f"data root {root} (from {origin}) is not a directory")
         return root
     for candidate in DEFAULT_DATA_ROOTS:

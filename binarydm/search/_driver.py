@@ -16,17 +16,30 @@ collected after it ends, reused by a resume or by a later study of the same key.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from binarydm.metric_contract import TUNE_STARTED_TAG
-from binarydm.spec import StudySpec, is_uri, sqlite_file
+from binarydm.search._console import (
+    ANALYSIS_LOG,
+    drop_raylet_notices,
+    mask_secrets,
+    results_location,
+    tune_output,
+)
+from binarydm.search._preflight import (
+    StudyError,
+    check_reachable,
+    loopback_only,
+    preflight,
+    sqlite_init_lock,
+)
+from binarydm.spec import StudySpec, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -37,73 +50,42 @@ ORPHAN_REASON = (
     "orphaned: the study's driver was killed after Optuna created this trial and before "
     "Ray Tune recorded it, so no restored Tune trial continues it"
 )
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s]*@")
 
 
-class StudyError(RuntimeError):
-    """A study that cannot start or continue (the message says what to do)."""
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the study; Tune, Optuna and MLflow kept what it had, for ``--resume``."""
+
+    def __init__(self, unfinished: set[int]):
+        super().__init__(f"interrupted with trials {sorted(unfinished)} unfinished")
+        self.unfinished = unfinished
 
 
-def connect_ray(address: str | None, *, verbose: bool = False, timeout_s: float = 30.0) -> None:
-    """Join ``address`` (an existing cluster) or start a local one; fail fast if it is silent."""
+def connect_ray(
+    address: str | None, *, verbose: bool = False, timeout_s: float = 30.0
+) -> str | None:
+    """Join ``address`` (an existing cluster) or start a local one; fail fast if it is silent.
+
+    Returns the Ray dashboard's URL when the cluster runs one (None otherwise).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if address:
-        _check_reachable(address, timeout_s)
+        check_reachable(address, timeout_s)
     elif not os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: joins, starts nothing
-        _loopback_only()
-    ray.init(
+        loopback_only()
+    if not verbose:
+        drop_raylet_notices()
+    context = ray.init(
         address=address or None,
         include_dashboard=False if not address else None,
         log_to_driver=verbose,
         configure_logging=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
-
-
-def _loopback_only() -> None:
-    """Make the local cluster we start listen on 127.0.0.1 only.
-
-    On Linux Ray replaces a loopback node IP by the machine's routable one and then its
-    GCS, raylet, worker and agent servers listen on every interface. Its switch for
-    "single-machine, loopback" (named for Windows and macOS, read once at import) keeps
-    the node IP at 127.0.0.1, which every server then binds to. Token authentication
-    stays on: ``ray.init`` enables it for new local clusters unless RAY_AUTH_MODE says
-    otherwise.
-    """
-    from ray._private import ray_constants
-
-    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
-    if os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _check_reachable(address: str, timeout_s: float) -> None:
-    """Ray's own connect retries for minutes; answer within ``timeout_s`` instead."""
-    import socket
-    from urllib.parse import urlparse
-
-    if address == "auto":
-        return
-    parsed = urlparse(address if is_uri(address) else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port
-    if host is None or port is None:
-        raise StudyError(f"--address={address!r} is invalid: expected HOST:PORT or ray://HOST:PORT")
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise StudyError(
-            f"--address={address!r} does not answer ({exc}); start the head with "
-            "`ray start --head` or leave --address out for a local cluster"
-        ) from None
-
-
-def mask_secrets(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host`` everywhere in ``text``."""
-    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not is_uri(url) else url or None
 
 
 def _study_file_text(spec: StudySpec) -> str:
@@ -137,91 +119,12 @@ def fault_injection() -> dict[str, dict[str, Any]]:
     return {str(k): v for k, v in plan.items()}
 
 
-def _preflight(spec: StudySpec, cache_dir: str, address: str | None) -> None:
-    """Fail in seconds, before Ray starts or anything is written, on what would fail late."""
-    if address:
-        _check_reachable(address, timeout_s=30.0)
-    _check_tracking_reachable(spec.tracking.uri)
-    settings = spec.trial_settings({}, spec.search.seeds[0])
-    space = list(spec.search.space)
-    if not any(k.startswith("data.") for k in space):
-        _check_data(settings, cache_dir)
-    pretrained = settings.teacher.pretrained
-    if pretrained and not any(k.startswith("teacher.") for k in space):
-        _check_teacher(pretrained)
-
-
-def _check_data(settings, cache_dir: str) -> None:
-    from binarydm.data import DatasetError
-    from binarydm.train import dataset_sha256
-
-    data = settings.data
-    try:
-        dataset_sha256(settings, data.root, cache_dir)
-    except DatasetError as exc:
-        key, value = ("data.path", data.path) if data.path else ("data.source", data.source)
-        detail = " ".join(str(exc).split())  # download errors span lines; the CLI prints one
-        raise StudyError(
-            f"{key}={value!r} is invalid: {detail}; allowed: an existing dataset "
-            "(a .npz file or image folder for data.path, or a source under data.root)"
-        ) from None
-
-
-def _check_teacher(pretrained: str) -> None:
-    from binarydm.models import load_unet
-
-    if pretrained.startswith(("/", ".", "~")) and not Path(pretrained).expanduser().is_dir():
-        raise StudyError(
-            f"teacher.pretrained={pretrained!r} is invalid: no such folder; allowed: a folder "
-            "written by save_pretrained (with config.json) or a Hugging Face hub id"
-        )
-    if Path(pretrained).expanduser().is_dir():
-        load_unet(pretrained)  # ModelLoadError: one line saying what is wrong with it
-
-
-def _check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """An MLflow server must answer at the start: run creation cannot be buffered."""
-    import socket
-    from urllib.parse import urlparse
-
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https") or parsed.hostname is None:
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise StudyError(
-            f"tracking.uri={mask_secrets(uri)!r} does not answer ({exc}); start the MLflow "
-            "server (mlflow server --host 127.0.0.1 --port PORT) or use a sqlite:/// URI"
-        ) from None
-
-
-@contextlib.contextmanager
-def _sqlite_init_lock(uri: str):
-    """Serialize the first contact of drivers with one SQLite store.
-
-    Two drivers that create the same MLflow (or Optuna) SQLite database at once race in
-    its schema migration, and the loser dies with an Alembic error; a file lock beside
-    the database makes the second one wait and find the schema there.
-    """
-    database = sqlite_file(uri)
-    if database is None:
-        yield
-        return
-    from filelock import FileLock
-
-    with FileLock(database + ".lock"):
-        yield
-
-
 def _optuna_storage(spec: StudySpec):
     """The study's Optuna storage, opened now so a bad URL fails before any trial."""
     import optuna
 
     try:
-        with _sqlite_init_lock(spec.storage.optuna):
+        with sqlite_init_lock(spec.storage.optuna):
             return optuna.storages.RDBStorage(spec.storage.optuna)
     except Exception as exc:  # SQLAlchemy, driver and Optuna errors share no base class
         detail = mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
@@ -297,8 +200,13 @@ def run_study(
     resume: bool = False,
     verbose: bool = False,
     show_progress: bool = True,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the study; returns the Pareto summary (see ``analysis.summarize``)."""
+    """Run (or resume) the study; returns the Pareto summary (see ``analysis.summarize``).
+
+    ``on_start`` is called, before the first trial, with where the results go
+    (``results_location``); the summary carries the same under ``"location"``.
+    """
     from ray import tune
 
     from binarydm.data import cache_dir as resolve_cache_dir
@@ -310,10 +218,12 @@ def run_study(
 
     # Training reports (loss curves) come before the objectives, which arrive at the end.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if not verbose:  # Tune.restore's warning of trials with no result yet, which resumes expect
+        logging.getLogger(ANALYSIS_LOG).setLevel(logging.ERROR)
     spec = spec.resolve_paths()
     cache_dir = str(resolve_cache_dir(None))
     faults = fault_injection()
-    _preflight(spec, cache_dir, address)
+    preflight(spec, cache_dir, address)
     storage = _optuna_storage(spec)
     experiment_path = Path(spec.storage.ray_results) / spec.name
     # Before anything touches MLflow: a refused run must not reopen the parent run.
@@ -322,12 +232,15 @@ def run_study(
             f"study {spec.name!r} already has results in {experiment_path}; "
             "pass --resume to continue it, or give the study another name"
         )
-    connect_ray(address, verbose=verbose)
+    dashboard = connect_ray(address, verbose=verbose)
     import ray
 
     tracker = StudyTracker.for_study(spec)
-    with _sqlite_init_lock(spec.tracking.uri):
+    with sqlite_init_lock(spec.tracking.uri):
         parent = tracker.parent_run_id()
+    location = results_location(spec, tracker.experiment_id, dashboard)
+    if on_start is not None:
+        on_start(location)
     tracker.set_running(parent)
     tracker.set_tags(parent, {"profile": spec.profile or "none"})
     study_text = _study_file_text(spec)
@@ -363,7 +276,7 @@ def run_study(
                 name=spec.name,
                 storage_path=spec.storage.ray_results,
                 callbacks=callbacks,
-                verbose=0,
+                verbose=1 if verbose else 0,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.trial_retries),
             ),
         )
@@ -372,7 +285,13 @@ def run_study(
     # When trials could start: the overhead accounting (benchmarks/study_overhead.py)
     # counts Ray Tune's launch of the first actors from here.
     tracker.set_tags(parent, {TUNE_STARTED_TAG: f"{time.time():.3f}"})
-    tuner.fit()
+    with tune_output(verbose):
+        tuner.fit()
+        # Tune ends fit() on a first Ctrl-C, its unfinished trials saved for a restore.
+        unfinished = _unfinished_trial_numbers(experiment_path)
+    if unfinished:
+        tracker.finish_study("KILLED")  # a resume sets it RUNNING again
+        raise StudyInterrupted(unfinished)
     finish_reference(tracker, reference)
     objectives = list(zip(spec.search.metrics, spec.search.directions, strict=True))
     summary = summarize(
@@ -382,6 +301,7 @@ def run_study(
         study_file_text=study_text,
     )
     tracker.finish_study("FINISHED")
+    summary["location"] = location
     return summary
 
 
@@ -393,7 +313,15 @@ def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:
     from binarydm.search._searcher import TRIAL_NUMBER_KEY
 
     done = (Trial.TERMINATED, Trial.ERROR)
-    analysis = ExperimentAnalysis(str(experiment_path))
+    # Only configs and statuses are read: its warnings about metrics not yet written
+    # (trials that had not reported) say nothing here.
+    analysis_log = logging.getLogger(ANALYSIS_LOG)
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(str(experiment_path))
+    finally:
+        analysis_log.setLevel(level)
     return {
         int(trial.config[TRIAL_NUMBER_KEY])
         for trial in analysis.trials

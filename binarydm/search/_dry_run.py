@@ -93,12 +93,14 @@ def estimate_cost(
     cost: CostModel | None = None,
     cluster_cpus: float | None = None,
     cluster_gpus: float = 0,
+    teacher_cached: bool = False,
 ) -> dict[str, Any]:
     """Rough run time of a study: an estimate from step counts and ``cost`` constants.
 
     Searched step counts and sizes count at the middle of their range. Seeds of one
     configuration run one after another inside its trial; the teacher is pretrained
-    once and cached (0 s if ``teacher.pretrained`` is set or it is already cached).
+    once and cached (0 s if ``teacher.pretrained`` is set or ``teacher_cached``). Seconds
+    are rounded to a tenth: they are an estimate.
     """
     settings = spec.settings
     cost = cost or (GPU_COST if settings.workers.use_gpu else CPU_COST)
@@ -115,7 +117,7 @@ def estimate_cost(
     run_s += samples * cost.feature_image_s + cost.trial_overhead_s
     teacher = settings.teacher
     teacher_s = 0.0
-    if teacher.pretrained is None:
+    if teacher.pretrained is None and not teacher_cached:
         teacher_s = teacher.steps * teacher.batch_size * cost.teacher_image_s * pixels
     cpus = (os.cpu_count() or 1) if cluster_cpus is None else cluster_cpus
     concurrent = spec.max_concurrent_trials(cluster_cpus=cpus, cluster_gpus=cluster_gpus)
@@ -126,7 +128,7 @@ def estimate_cost(
         "seeds": seeds,
         "runs": trials * seeds,
         "concurrent_trials": concurrent,
-        "seconds_per_run": run_s,
-        "teacher_seconds": teacher_s,
-        "wall_seconds": teacher_s + math.ceil(trials / concurrent) * seeds * run_s,
+        "seconds_per_run": round(run_s, 1),
+        "teacher_seconds": round(teacher_s, 1),
+        "wall_seconds": round(teacher_s + math.ceil(trials / concurrent) * seeds * run_s, 1),
     }

@@ -105,4 +105,6 @@ def build_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
     if search.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     grid = {key: list(dimension.choices) for key, dimension in search.space.items()}
-    return optuna.samplers.GridSampler(grid, seed=seed)
+    from binarydm.search._grid import TunedGridSampler
+
+    return TunedGridSampler(grid, seed=seed)

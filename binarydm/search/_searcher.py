@@ -9,13 +9,16 @@ A trial the early-stopping scheduler stopped at a rung (``_early_stop.was_pruned
 PRUNED, its rung's proxy, costs, index and step in its user attrs: Optuna takes
 ``tell(state=PRUNED)`` in multi-objective studies, and PRUNED trials are in no front.
 The Optuna trial number is passed to the trainable (``TRIAL_NUMBER_KEY``): it is
-the stable ``trial_id`` of MLflow runs.
+the stable ``trial_id`` of MLflow runs. The Optuna study names its objectives after
+the metrics (``optuna-dashboard`` shows ``fid``, not ``0``), and each trial carries its
+MLflow run id in the user attr ``MLFLOW_RUN_ATTR`` (set by the trainable).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -24,6 +27,7 @@ from binarydm.search._early_stop import PRUNED_STATE, rung_values, was_pruned
 from binarydm.spec import cost_objectives
 
 TRIAL_NUMBER_KEY = "__optuna_trial_number"
+MLFLOW_RUN_ATTR = "mlflow_run_id"
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +51,25 @@ def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: boo
 
 class BinaryDMOptunaSearch(OptunaSearch):
     """OptunaSearch that records failures as FAILED and exposes the Optuna trial number."""
+
+    def _setup_study(self, mode) -> None:
+        super()._setup_study(mode)
+        self._name_objectives()
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._name_objectives()
+
+    def _name_objectives(self) -> None:
+        """Name the study's objectives after their metrics (stored with the study)."""
+        if self._ot_study is None:
+            return
+        names = self.metric if isinstance(self.metric, list) else [self.metric]
+        if self._ot_study.metric_names == names:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning: the API, not the study
+            self._ot_study.set_metric_names(names)
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)

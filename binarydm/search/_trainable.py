@@ -23,7 +23,7 @@ from typing import Any
 
 from binarydm.metric_contract import AVERAGED, COMPARABILITY, timing
 from binarydm.search._launch import launch_metrics
-from binarydm.search._searcher import TRIAL_NUMBER_KEY
+from binarydm.search._searcher import MLFLOW_RUN_ATTR, TRIAL_NUMBER_KEY
 from binarydm.train.settings import TrialSettings
 
 
@@ -111,6 +111,7 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         ray.tune.report({**logged, "trial_id": number, "final": True})
         return
     run_id, attempt = tracker.start_attempt(number)
+    set_trial_user_attrs(spec, number, {MLFLOW_RUN_ATTR: run_id})
     tracker.log_metrics(run_id, launch_metrics(entered))
     # The trial's settings, built once: every seed's are these with its seed.
     settings = spec.trial_settings(config, spec.search.seeds[0])
@@ -157,16 +158,23 @@ def record_attempt_error(spec, number: int, attempt: int, exc: BaseException) ->
     Ray Tune tells its searcher only that a trial errored, not why; the searcher turns this
     attr into the FAILED trial's ``fail_reason``.
     """
+    set_trial_user_attrs(
+        spec, number, {"last_error": error_line(exc), "last_error_attempt": attempt}
+    )
+
+
+def set_trial_user_attrs(spec, number: int, attrs: dict[str, Any]) -> None:
+    """Set user attrs of the study's Optuna trial ``number`` (none for a single-trial run)."""
     import optuna
 
     storage = optuna.storages.RDBStorage(spec.storage.optuna)
     try:
         study_id = storage.get_study_id_from_name(spec.name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-        storage.set_trial_user_attr(trial_id, "last_error", error_line(exc))
-        storage.set_trial_user_attr(trial_id, "last_error_attempt", attempt)
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
     except (KeyError, RuntimeError, optuna.exceptions.OptunaError):
-        pass  # no such trial (a single-trial run) or already finished: MLflow has the error
+        pass  # no such trial (a single-trial run) or already finished: MLflow has the rest
     finally:
         storage.remove_session()
 

@@ -35,6 +35,8 @@ from binarydm.spec._types import (
 from binarydm.train.settings import TrialSettings
 
 _COMBINATION_SAMPLES = 32
+#: The repository's studies (absent from an installed wheel: then no list is offered).
+SHIPPED_STUDIES = Path(__file__).resolve().parents[2] / "search_spaces"
 _SPACE_KEY = re.compile(r"^search\.space\..+$")
 _SEED_ALLOWED = "not set here: each run's seed comes from search.seeds"
 
@@ -118,7 +120,7 @@ def load_study(
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        studies = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        studies = _shipped_studies(path.parent)
         hint = f"allowed: {', '.join(studies)}" if studies else "allowed: an existing YAML file"
         raise ConfigError(f"{path}: no such study file; {hint}") from None
     except OSError as exc:
@@ -186,6 +188,19 @@ def parse_study(
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return dataclasses.replace(spec, source=source)
+
+
+def _shipped_studies(folder: Path) -> list[str]:
+    """The studies shipped in ``search_spaces/``: by name when ``folder`` is that folder,
+    else by path (from the cwd where it can): other YAML files beside a typo are no studies.
+    """
+    if not SHIPPED_STUDIES.is_dir():
+        return []
+    studies = sorted(SHIPPED_STUDIES.glob("*.yaml"))
+    if folder.resolve() == SHIPPED_STUDIES:
+        return [study.name for study in studies]
+    cwd = Path.cwd()
+    return [str(s.relative_to(cwd) if s.is_relative_to(cwd) else s) for s in studies]
 
 
 def _in_context(context: str, thunk: Callable[[], Any]) -> Any:

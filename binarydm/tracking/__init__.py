@@ -11,6 +11,7 @@ from binarydm.tracking._buffer import BufferedLogger, is_tracking_outage
 from binarydm.tracking._queries import oldest_run
 from binarydm.tracking._repro import reproducibility_params
 from binarydm.tracking._results import (
+    find_run,
     list_studies,
     load_reference,
     load_study_results,
@@ -35,6 +36,7 @@ __all__ = [
     "BufferedLogger",
     "ParamConflictError",
     "StudyTracker",
+    "find_run",
     "flatten_params",
     "is_tracking_outage",
     "list_studies",

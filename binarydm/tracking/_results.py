@@ -18,7 +18,12 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from binarydm.tracking._queries import oldest_run, quote_filter_value, search_all_runs
+from binarydm.tracking._queries import (
+    oldest_run,
+    quote_filter_value,
+    search_all_runs,
+    search_store_runs,
+)
 from binarydm.tracking._runs import (
     OBJECTIVES_ARTIFACT,
     ROLE_PARENT,
@@ -39,9 +44,44 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
     if found is None or found.lifecycle_stage == "deleted":
         raise LookupError(
             f"no active MLflow experiment named {experiment!r} at {client.tracking_uri}; "
-            "check the name and MLFLOW_TRACKING_URI (or pass tracking_uri)"
+            "check the name and the store (--tracking-uri)"
         )
     return found.experiment_id
+
+
+def find_run(client: MlflowClient, reference: str) -> Run:
+    """A run of the store by its id, a unique prefix of it (the Pareto table prints 12
+    characters), or ``STUDY:N``, the trial of Optuna number N in study STUDY.
+
+    Raises LookupError naming the candidates when a prefix is ambiguous or matches none.
+    """
+    study, sep, number = reference.rpartition(":")
+    if sep and study and number.isdigit():
+        query = (
+            f"tags.{TAG_STUDY} = {quote_filter_value(study)} AND tags.`{TAG_ROLE}` = "
+            f"'{ROLE_TRIAL}' AND tags.{TAG_TRIAL_ID} = '{int(number)}'"
+        )
+        found = search_store_runs(client, query)
+        if not found:
+            raise LookupError(
+                f"study {study!r} has no trial {int(number)} at {client.tracking_uri}"
+            )
+        return oldest_run(found)
+    if len(reference) == 32:
+        try:
+            return client.get_run(reference)
+        except MlflowException:
+            pass
+    found = [r for r in search_store_runs(client, "") if r.info.run_id.startswith(reference)]
+    if len(found) == 1:
+        return found[0]
+    if not found or not reference:
+        raise LookupError(
+            f"run {reference!r} not found at {client.tracking_uri}; pass a run id, a unique "
+            "prefix of one (as the Pareto table prints) or STUDY:TRIAL_NUMBER"
+        )
+    names = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in found[:10])
+    raise LookupError(f"run {reference!r} is ambiguous: {len(found)} runs start with it: {names}")
 
 
 def _parent_run(client: MlflowClient, experiment_id: str, experiment: str, study: str) -> Run:

@@ -66,6 +66,8 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 OBJECTIVE_DIRECTIONS = ("minimize", "maximize")
 TRUNCATION_MARK = "...[truncated]"
 OBJECTIVES_ARTIFACT = "objectives.json"
+#: MLflow 3's UI opens an experiment of this kind in its runs table (ML view), not GenAI's.
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class ParamConflictError(ValueError):
@@ -208,7 +210,9 @@ class StudyTracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is None:
             try:
-                return self.client.create_experiment(self.experiment, self.artifact_location)
+                return self.client.create_experiment(
+                    self.experiment, self.artifact_location, tags=EXPERIMENT_KIND_TAGS
+                )
             except MlflowException as exc:
                 # Another process (a second driver, a worker) created it between our two calls.
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":

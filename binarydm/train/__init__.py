@@ -17,7 +17,8 @@ _EXPORTS = by_module(
         "step": ("NonFiniteLossError", "StepLosses", "StepParts", "qat_step", "teacher_step"),
         "job": ("FaultPlan", "WorkerJob"),
         "_runner": (
-            "DivergedTrialError", "TrialError", "dataset_sha256", "ensure_teacher",
+            "DivergedTrialError", "TrialError", "cached_teacher_dir", "dataset_sha256",
+            "ensure_teacher",
             "final_metrics", "fit_qat", "make_trainer", "worker_job",
         ),
         "_diffusion": (

@@ -126,30 +126,13 @@ def ensure_teacher(
     """
     from filelock import FileLock
 
-    from binarydm.data import cache_dir as resolve_cache_dir
-    from binarydm.models import load_unet, teacher_cache_key
+    from binarydm.models import load_unet
 
     if settings.teacher.pretrained:
         load_unet(settings.teacher.pretrained)  # fail now, clearly, not inside every worker
         return Path(settings.teacher.pretrained)
-    cache = Path(resolve_cache_dir(cache_dir))
-    teacher = settings.teacher
-    data = settings.data
-    key = teacher_cache_key(
-        teacher.preset,
-        data.source,
-        dataset_sha256(settings, data_root, str(cache)),
-        data.resolution,
-        teacher.steps,
-        teacher.seed,
-        extra={
-            "batch_size": teacher.batch_size,
-            "lr": teacher.lr,
-            "channels": data.channels,
-            "ema_decay": teacher.ema_decay,
-        },
-    )
-    target = cache / "teachers" / key
+    target = cached_teacher_dir(settings, data_root, cache_dir)
+    cache, key = target.parent.parent, target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
@@ -173,6 +156,32 @@ def ensure_teacher(
             shutil.copytree(Path(ckpt) / "unet", staging, dirs_exist_ok=True)
             os.replace(staging, target)
     return target
+
+
+def cached_teacher_dir(settings: TrialSettings, data_root=None, cache_dir=None) -> Path:
+    """Where ``ensure_teacher`` caches the FP teacher of ``settings`` (it holds a
+    ``config.json`` once trained)."""
+    from binarydm.data import cache_dir as resolve_cache_dir
+    from binarydm.models import teacher_cache_key
+
+    cache = Path(resolve_cache_dir(cache_dir))
+    teacher = settings.teacher
+    data = settings.data
+    key = teacher_cache_key(
+        teacher.preset,
+        data.source,
+        dataset_sha256(settings, data_root, str(cache)),
+        data.resolution,
+        teacher.steps,
+        teacher.seed,
+        extra={
+            "batch_size": teacher.batch_size,
+            "lr": teacher.lr,
+            "channels": data.channels,
+            "ema_decay": teacher.ema_decay,
+        },
+    )
+    return cache / "teachers" / key
 
 
 def dataset_sha256(settings: TrialSettings, data_root=None, cache_dir=None) -> str:

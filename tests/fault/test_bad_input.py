@@ -18,7 +18,8 @@ from fault_support import BDM_SEARCH, LRM_STUDY, free_port, tiny
 from typer.testing import CliRunner
 
 from binarydm.cli import app
-from binarydm.search._driver import _study_file_text, mask_secrets
+from binarydm.search._console import mask_secrets
+from binarydm.search._driver import _study_file_text
 from binarydm.spec import load_study
 
 SECRET = "S3cr3tPassw0rd"

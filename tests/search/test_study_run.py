@@ -81,6 +81,19 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
     assert "Pareto front" in output
 
 
+def test_the_run_prints_where_its_results_are_and_not_rays_banners(finished_study):
+    workdir, output = finished_study
+    client, parents, _ = _runs(workdir)
+    experiment = client.get_experiment(parents[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}" in output
+    page = f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert f"http://127.0.0.1:5000/{page}" in output
+    for noise in ("Configuration for experiment", "tensorboard", "View detailed results"):
+        assert noise not in output
+    assert not list(workdir.glob("*.lock"))  # no stray files beside the stores
+
+
 def test_optuna_storage_holds_complete_trials(finished_study):
     import optuna
 
@@ -89,7 +102,10 @@ def test_optuna_storage_holds_complete_trials(finished_study):
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     _, _, children = _runs(workdir)
     fids = {int(c.data.tags["trial_id"]): c.data.metrics["fid"] for c in children}
+    run_ids = {int(c.data.tags["trial_id"]): c.info.run_id for c in children}
+    assert study.metric_names == ["fid", "test_loss"]  # optuna-dashboard's axis names
     for trial in study.trials:
+        assert trial.user_attrs["mlflow_run_id"] == run_ids[trial.number]
         assert trial.values[0] == pytest.approx(fids[trial.number])  # objectives = fid, test_loss
         assert set(trial.params) == {
             "method.lrm.rank_divisor", "method.lrm.weight", "method.lrm.axis"

@@ -1,0 +1,205 @@
+"""What the CLI says around a study: results' location, Ray's noise kept off, ids, stores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from bdm_support import LRM_STUDY
+from typer.testing import CliRunner
+
+from binarydm.cli import app
+from binarydm.search._console import is_raylet_notice, results_location
+from binarydm.spec import load_study
+
+STARTUP_NOTICE = (
+    "WARNING: 6 PYTHON worker processes have been started on node: 1 with address: "
+    "127.0.0.1, which is 3x the maximum expected startup concurrency (2). This could be ..."
+)
+
+
+def test_only_the_raylet_startup_notice_is_dropped():
+    assert is_raylet_notice({"lines": [STARTUP_NOTICE], "pid": "raylet"})
+    assert not is_raylet_notice({"lines": ["A worker died or was killed"], "pid": "raylet"})
+    assert not is_raylet_notice({"lines": [STARTUP_NOTICE], "pid": 1234})
+
+
+def test_results_location_opens_the_runs_table(tmp_path):
+    spec = load_study(LRM_STUDY, profile="quick").resolve_paths(tmp_path)
+    where = results_location(spec, "7", "http://127.0.0.1:8265")
+    assert where["mlflow_ui"] == f"mlflow ui --backend-store-uri {spec.tracking.uri}"
+    assert where["mlflow_url"] == (
+        "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    )
+    assert where["ray_dashboard"] == "http://127.0.0.1:8265"
+    served = dataclasses.replace(
+        spec, tracking=dataclasses.replace(spec.tracking, uri="http://u:secret@host:5000")
+    )
+    where = results_location(served, "7")
+    assert where["mlflow_ui"] is None and "secret" not in where["mlflow_url"]
+    database = dataclasses.replace(
+        spec, tracking=dataclasses.replace(spec.tracking, uri="postgresql://u:secret@db/mlflow")
+    )
+    assert "secret" not in results_location(database, "7")["mlflow_ui"]
+    assert where["mlflow_url"].endswith("host:5000/#/experiments/7?workflowType=machine_learning")
+
+
+def test_sqlite_init_lock_leaves_nothing_beside_the_store(tmp_path, monkeypatch):
+    from binarydm.search._preflight import sqlite_init_lock, sqlite_lock_path
+
+    monkeypatch.setenv("BINARYDM_CACHE_DIR", str(tmp_path / "cache"))
+    store = tmp_path / "work" / "optuna.db"
+    store.parent.mkdir()
+    with sqlite_init_lock(f"sqlite:///{store}"):
+        assert sqlite_lock_path(str(store)).parent == tmp_path / "cache" / "locks"
+    assert list(store.parent.iterdir()) == []
+
+
+def test_interrupted_message_says_what_was_kept_and_the_exact_resume_command(tmp_path):
+    from binarydm.cli import interrupted_message, resume_command
+
+    command = resume_command(
+        LRM_STUDY, "quick", ["training.lr=2e-5", "data.root=/a b"], None, None, 3
+    )
+    assert command == (
+        f"bdm-search {LRM_STUDY} --profile quick --trials 3 --set training.lr=2e-5 "
+        "--set 'data.root=/a b' --resume"
+    )
+    spec = load_study(LRM_STUDY, profile="quick").resolve_paths(tmp_path)
+    message = interrupted_message(spec, command)
+    assert f"sqlite:///{tmp_path / 'mlflow.db'}" in message
+    assert f"sqlite:///{tmp_path / 'optuna.db'}" in message
+    assert str(tmp_path / "ray_results" / "lrm_rank") in message
+    assert message.endswith(command)
+
+
+def test_a_run_is_found_by_id_unique_prefix_or_study_trial_number(tmp_path):
+    from mlflow import MlflowClient
+
+    from binarydm.tracking import find_run
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+    tags = {"study": "s", "bdm.role": "trial"}
+    runs = [client.create_run(experiment, tags={**tags, "trial_id": str(n)}) for n in range(17)]
+    ids = [r.info.run_id for r in runs]
+    assert find_run(client, ids[3]).info.run_id == ids[3]
+    assert find_run(client, ids[3][:12]).info.run_id == ids[3]
+    assert find_run(client, "s:5").info.run_id == ids[5]
+    # 17 ids over 16 hex digits: two share a first character.
+    first = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+    with pytest.raises(LookupError, match="ambiguous") as ambiguous:
+        find_run(client, first)
+    assert all(i in str(ambiguous.value) for i in ids if i.startswith(first))
+    for missing in ("zzzz", "s:99", "t:0"):
+        with pytest.raises(LookupError):
+            find_run(client, missing)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["pareto", "nonexistent_study"], ["sample", "795652d63427"], ["export", "x", "--out", "o"]],
+)
+def test_reading_commands_refuse_a_missing_store_and_create_nothing(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"no MLflow store at {tmp_path / 'mlflow.db'}" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_and_pareto_help_describe_their_own_options():
+    sample_help = CliRunner().invoke(app, ["sample", "--help"]).output
+    assert "overrides the file" not in sample_help and "prefix" in sample_help
+    from binarydm.tracking._results import _experiment_id
+
+    with pytest.raises(LookupError) as missing:
+        _experiment_id(__import__("mlflow").MlflowClient("sqlite:///:memory:"), "nope")
+    assert "tracking_uri" not in str(missing.value) and "--tracking-uri" in str(missing.value)
+
+
+def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_path):
+    import optuna
+
+    from binarydm.search import build_sampler, optuna_space
+    from binarydm.search._searcher import BinaryDMOptunaSearch
+
+    search = load_study(LRM_STUDY, profile="quick").search
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    def searcher():
+        return BinaryDMOptunaSearch(
+            space=optuna_space(search), metric=search.metrics, mode=search.tune_modes,
+            sampler=build_sampler(search), storage=storage, study_name="s",
+        )  # fmt: skip
+
+    first = searcher()
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert study.metric_names == list(search.metrics)
+    first.save(str(tmp_path / "searcher.pkl"))
+    storage.set_study_system_attr(study._study_id, "study:metric_names", None)
+    assert optuna.load_study(study_name="s", storage=storage).metric_names is None
+    searcher().restore(str(tmp_path / "searcher.pkl"))
+    assert optuna.load_study(study_name="s", storage=storage).metric_names == list(search.metrics)
+
+
+def test_option_errors_name_the_option_and_data_root_its_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [LRM_STUDY, "--trials", "0"])
+    assert result.exit_code == 2 and "--trials: search.trials=0 is invalid" in result.output
+    assert "--set" not in result.output
+    result = CliRunner().invoke(app, [LRM_STUDY, "--set", "data.root=/nope", "--trials", "1"])
+    assert result.exit_code == 2, result.output
+    assert "data.root='/nope' is invalid: no such folder" in result.output
+    assert "data_root argument" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_seconds_are_rounded_and_a_cached_teacher_costs_nothing():
+    from binarydm.search import estimate_cost
+
+    spec = load_study(LRM_STUDY, profile="quick")
+    cost = estimate_cost(spec, cluster_cpus=2)
+    assert cost["teacher_seconds"] > 0
+    assert all(cost[k] == round(cost[k], 1) for k in ("seconds_per_run", "wall_seconds"))
+    cached = estimate_cost(spec, cluster_cpus=2, teacher_cached=True)
+    assert cached["teacher_seconds"] == 0
+    assert cached["wall_seconds"] == pytest.approx(cost["wall_seconds"] - cost["teacher_seconds"])
+
+
+def test_a_missing_study_file_offers_the_shipped_studies_not_the_folders_yaml(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "docker-compose.yaml").write_text("services: {}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["validate", "lrm_rnak.yaml"])
+    assert result.exit_code == 2
+    assert "docker-compose" not in result.output and "lrm_rank.yaml" in result.output
+
+
+def test_the_grid_samplers_last_trial_is_told_without_error():
+    import optuna
+
+    from binarydm.search._grid import TunedGridSampler
+
+    study = optuna.create_study(sampler=TunedGridSampler({"x": [0, 1]}))
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_categorical("x", [0, 1]))  # Study.stop raised here
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_tunes_own_output_is_off_during_fit_unless_verbose(monkeypatch):
+    import logging
+    import os
+
+    from binarydm.search._console import tune_output
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    with tune_output(verbose=False):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # Tune's legacy engine, verbosity 0
+        assert tune_log.getEffectiveLevel() == logging.ERROR
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ and tune_log.level == level
+    with tune_output(verbose=True):
+        assert "RAY_AIR_NEW_OUTPUT" not in os.environ and tune_log.level == level
