@@ -15,7 +15,9 @@
 #   bash benchmarks/cifar10_w1_session.sh unpack           # join, check, install, smoke run (SMOKE=0: none)
 #   bash benchmarks/cifar10_w1_session.sh start STUDY NAME [--set KEY=VALUE ...]
 #   bash benchmarks/cifar10_w1_session.sh poll SECONDS     # repeat until it reports "done"
-# A machine idle for over 30 s goes back and takes /tmp with it: no pauses between calls.
+# A machine idle for over 30 s goes back and takes /tmp with it: no pauses between calls
+# (issue the next poll straight after the last returns; start nothing else in between:
+# a run was lost at step 650 of 1500 that way).
 set -eo pipefail
 stage="$1"
 shift || true

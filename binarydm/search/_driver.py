@@ -286,10 +286,13 @@ def run_study(
     # counts Ray Tune's launch of the first actors from here.
     tracker.set_tags(parent, {TUNE_STARTED_TAG: f"{time.time():.3f}"})
     with tune_output(verbose):
-        tuner.fit()
+        results = tuner.fit()
         # Tune ends fit() on a first Ctrl-C, its unfinished trials saved for a restore.
-        unfinished = _unfinished_trial_numbers(experiment_path)
-    if unfinished:
+        # Judged on this driver's own trials (the result grid): a second driver of the
+        # study shares the experiment folder, and its running trials are not ours.
+        interrupted = results.num_terminated + results.num_errors < len(results)
+        unfinished = _unfinished_trial_numbers(experiment_path) if interrupted else set()
+    if interrupted:
         tracker.finish_study("KILLED")  # a resume sets it RUNNING again
         raise StudyInterrupted(unfinished)
     finish_reference(tracker, reference)
