@@ -104,6 +104,11 @@ TRIAL_METRICS = frozenset(
 )  # fmt: skip
 
 
+def seed_prefix(seed: int) -> str:
+    """The prefix of one seed's curves in a trial of several seeds (``seed1.loss``)."""
+    return f"seed{seed}."
+
+
 def is_trial_metric(name: str) -> bool:
     """Whether ``name`` is in the contract of a trial's run (``seed<k>.`` curves included)."""
     seed, dot, curve = name.partition(".")

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from binarydm.metric_contract import AVERAGED, COMPARABILITY, timing
+from binarydm.metric_contract import AVERAGED, COMPARABILITY, seed_prefix, timing
 from binarydm.search._launch import launch_metrics
 from binarydm.search._searcher import MLFLOW_RUN_ATTR, TRIAL_NUMBER_KEY
 from binarydm.train.settings import TrialSettings
@@ -260,7 +260,7 @@ def execute_trial(
         rung_steps = early.rung_steps(settings0.training.steps) if early.enabled else ()
         for seed in spec.search.seeds:
             seed_settings = settings0 if seed == settings0.seed else settings0.replace(seed=seed)
-            prefix = f"seed{seed}." if len(spec.search.seeds) > 1 else ""
+            prefix = seed_prefix(seed) if len(spec.search.seeds) > 1 else ""
             fit_start, fit_start_unix = time.perf_counter(), time.time()
             if prepare_s is None:
                 prepare_s = fit_start - entered

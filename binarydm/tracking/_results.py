@@ -122,6 +122,17 @@ def _trial_record(run: Run) -> dict[str, Any]:
     }
 
 
+def _child_runs(tracking_uri: str | None, experiment: str, study: str, role: str) -> list[Run]:
+    """Every run of ``role`` (trial or reference) under the parent run of ``study``."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    parent = _parent_run(client, experiment_id, experiment, study)
+    query = (
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' AND tags.`{TAG_ROLE}` = '{role}'"
+    )
+    return search_all_runs(client, experiment_id, query)
+
+
 def load_study_results(
     experiment: str, study: str, tracking_uri: str | None = None
 ) -> list[dict[str, Any]]:
@@ -132,15 +143,8 @@ def load_study_results(
     ``start_time``, ``end_time``. ``tracking_uri`` None means MLflow's default
     (``MLFLOW_TRACKING_URI``).
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = _experiment_id(client, experiment)
-    parent = _parent_run(client, experiment_id, experiment, study)
-    query = (
-        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
-        f"AND tags.`{TAG_ROLE}` = '{ROLE_TRIAL}'"
-    )
     by_trial: dict[int, list[Run]] = {}
-    for run in search_all_runs(client, experiment_id, query):
+    for run in _child_runs(tracking_uri, experiment, study, ROLE_TRIAL):
         by_trial.setdefault(int(run.data.tags[TAG_TRIAL_ID]), []).append(run)
     return [_trial_record(oldest_run(runs)) for _, runs in sorted(by_trial.items())]
 
@@ -154,14 +158,7 @@ def load_reference(
     were copied from, or None), ``params``, ``metrics``, ``tags``, ``start_time``,
     ``end_time``. Not a trial: ``load_study_results`` never returns it.
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = _experiment_id(client, experiment)
-    parent = _parent_run(client, experiment_id, experiment, study)
-    query = (
-        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
-        f"AND tags.`{TAG_ROLE}` = '{ROLE_REFERENCE}'"
-    )
-    runs = search_all_runs(client, experiment_id, query)
+    runs = _child_runs(tracking_uri, experiment, study, ROLE_REFERENCE)
     if not runs:
         return None
     run = oldest_run(runs)
