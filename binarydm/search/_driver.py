@@ -163,13 +163,14 @@ def _searcher(spec: StudySpec, storage):
 
 
 def early_stopping_scheduler(spec: StudySpec):
-    """The study's Tune scheduler: MO-ASHA under ``search.early_stopping``, else FIFO."""
+    """The study's Tune scheduler: MO-ASHA under ``search.early_stopping`` (unless
+    ``stop: false``), else FIFO."""
     from binarydm.search._early_stop import MOASHAScheduler
     from binarydm.spec import cost_objectives
 
     early = spec.search.early_stopping
-    if not early.enabled:
-        return None
+    if not (early.enabled and early.stop):
+        return None  # FIFO; with stop: false the rungs are still scored and logged
     directions = dict(zip(spec.search.metrics, spec.search.directions, strict=True))
     costs = [(m, directions[m]) for m in cost_objectives(spec.search.metrics)]
     return MOASHAScheduler(costs, early.reduction_factor)

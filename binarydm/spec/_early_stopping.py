@@ -6,7 +6,9 @@ objectives (``ops_g``, ``size_mib``, ... known from the start), and the study's 
 keeps the trial only if it is in the top ``1 / reduction_factor`` of the trials recorded at
 that rung by non-dominated sorting (Schmucker et al. 2021, MO-ASHA with the NSGA-II
 ranking). Off by default. The rung fractions are given either as ``rungs`` or as a
-geometric ladder from ``min_fraction`` with ratio ``reduction_factor``.
+geometric ladder from ``min_fraction`` with ratio ``reduction_factor``. With
+``stop: false`` the rungs are scored and logged and no trial is stopped: the baseline
+that measures the proxy's rank correlation with the final FID.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class EarlyStoppingSpec:
     """Multi-objective early stopping of trials at rungs (MO-ASHA); off by default."""
 
     enabled: bool = _doc("stop trials dominated at a rung", default=False)
+    stop: bool = _doc(
+        "false = score and log every rung but stop no trial (to measure how the proxy "
+        "ranks trials against their final FID before trusting it)",
+        default=True,
+    )
     proxy: Proxy = _doc(
         "what a rung scores: test_loss = held-out denoising MSE of the EMA/eval model with "
         "every stage on and EBB switched (the deployed form)",
@@ -114,6 +121,7 @@ class EarlyStoppingSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "enabled": self.enabled,
+            "stop": self.stop,
             "proxy": self.proxy,
             "rungs": list(self.rungs) if self.rungs is not None else None,
             "min_fraction": self.min_fraction,

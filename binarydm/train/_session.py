@@ -113,8 +113,14 @@ class CheckpointStore:
             shutil.rmtree(staging, ignore_errors=True)  # gone already when persisted
 
     def persist(self, source: str | os.PathLike, name: str) -> str:
-        """Move (or copy) ``source`` into the run folder as ``name``, register it, evict
-        the oldest beyond ``keep``; returns the persisted folder."""
+        """Place ``source`` as ``name`` and register it at once (``place`` + ``register``)."""
+        target = self.place(source, name)
+        self.register(name)
+        return target
+
+    def place(self, source: str | os.PathLike, name: str) -> str:
+        """Move (or copy) ``source`` into the run folder as ``name``, not yet registered:
+        a run killed now resumes from the checkpoint before it; returns the folder."""
         source, target = Path(source), self.run_dir / name
         if source.parent.resolve() == self.run_dir.resolve():
             staging = source  # from staging(): complete, on the same file system
@@ -126,6 +132,11 @@ class CheckpointStore:
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
+        return str(target)
+
+    def register(self, name: str) -> None:
+        """Name the placed checkpoint ``name`` newest in the index; evict the oldest
+        beyond ``keep``."""
         names = [n for n in self.registered() if n != name] + [name]
         evicted = []
         if self.keep is not None and len(names) > self.keep:
@@ -133,7 +144,6 @@ class CheckpointStore:
         self._write_index(names)
         for old in evicted:  # after the index no longer names them
             shutil.rmtree(self.run_dir / old, ignore_errors=True)
-        return str(target)
 
     def _write_index(self, names: list[str]) -> None:
         tmp = self.run_dir / f".{INDEX_FILE}.tmp"
@@ -184,13 +194,23 @@ class InlineSession:
         return model  # one worker: nothing to synchronise
 
     def report(self, metrics: dict[str, Any], directory: str | None, name: str | None) -> None:
+        """Report ``metrics``, with ``directory`` as the checkpoint ``name`` if given.
+
+        The checkpoint is registered only after ``on_report`` returned (its curve point
+        logged, Ray Tune's blocking report taken by the driver), as Ray Train registers a
+        checkpoint with its report's metrics: a trial killed in between resumes from the
+        checkpoint before and trains the step again, rather than resuming past a step
+        whose metrics never reached the run.
+        """
         path = None
         if directory is not None:
-            path = self.store.persist(directory, name or "checkpoint")
-            self.last_checkpoint = path
+            path = self.store.place(directory, name or "checkpoint")
         self.last_metrics = dict(metrics)
         if self.on_report is not None:
             self.on_report(dict(metrics), path)
+        if path is not None:
+            self.store.register(name or "checkpoint")
+            self.last_checkpoint = path
 
 
 def report_checkpoint(

@@ -101,9 +101,28 @@ def test_early_stopping_is_off_by_default_and_round_trips():
     on = {"enabled": True, "rungs": [0.2, 0.5], "reduction_factor": 4}
     spec = load_study("search_spaces/lrm_rank.yaml", overrides={"search.early_stopping": on})
     assert spec.to_dict()["search"]["early_stopping"] == {
-        "enabled": True, "proxy": "test_loss", "rungs": [0.2, 0.5],
+        "enabled": True, "stop": True, "proxy": "test_loss", "rungs": [0.2, 0.5],
         "min_fraction": 0.1, "reduction_factor": 4,
     }  # fmt: skip
+
+
+def test_stop_false_scores_the_rungs_under_a_fifo_scheduler():
+    """``stop: false`` (the measuring baseline): Tune's default FIFO scheduler, which
+    stops no trial, and the same rung steps as with stopping on."""
+    from binarydm.search._driver import early_stopping_scheduler
+    from binarydm.search._early_stop import MOASHAScheduler
+
+    def spec_with(**early):
+        rungs = {"enabled": True, "rungs": [0.1, 0.3], **early}
+        return load_study("search_spaces/lrm_rank.yaml", overrides={"search.early_stopping": rungs})
+
+    stopping, observing = spec_with(), spec_with(stop=False)
+    assert isinstance(early_stopping_scheduler(stopping), MOASHAScheduler)
+    assert early_stopping_scheduler(observing) is None
+    assert observing.search.early_stopping.rung_steps(150) == (15, 45)
+    assert observing.to_dict()["search"]["early_stopping"]["stop"] is False
+    with pytest.raises(ConfigError, match="search.early_stopping.stop"):
+        spec_with(stop="sometimes")
 
 
 def test_a_study_with_early_stopping_prunes_the_dominated_trials(

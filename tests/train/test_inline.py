@@ -86,6 +86,26 @@ def test_unregistered_folder_is_not_a_resume_point(tmp_path):
     assert session.checkpoint_path() == str(tmp_path / "checkpoint_00000005")
 
 
+def test_checkpoint_is_registered_only_after_its_report_was_taken(tmp_path):
+    """A trial killed while its report is on the way (the curve point, Tune's report)
+    resumes from the checkpoint before, so no step's metrics are skipped on resume."""
+    newest_while_reporting = []
+
+    def killed_while_reporting(metrics, path):
+        newest_while_reporting.append(InlineSession(tmp_path, None).checkpoint_path())
+        if metrics["step"] == 10:
+            raise KeyboardInterrupt("killed mid-report")
+
+    session = InlineSession(tmp_path, torch.device("cpu"), on_report=killed_while_reporting)
+    session.report({"step": 5}, str(_checkpoint(tmp_path, 5)), "checkpoint_00000005")
+    with pytest.raises(KeyboardInterrupt):
+        session.report({"step": 10}, str(_checkpoint(tmp_path, 10)), "checkpoint_00000010")
+    first = str(tmp_path / "checkpoint_00000005")
+    assert newest_while_reporting == [None, first]  # not yet registered while reporting
+    assert InlineSession(tmp_path, None).checkpoint_path() == first  # the retry's resume point
+    assert session.last_checkpoint == first
+
+
 def _settings(**overrides):
     values = {
         "training.steps": 12,
