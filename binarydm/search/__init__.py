@@ -10,7 +10,12 @@ What a study is, and how a study file is read, lives below in ``binarydm.spec``.
 
 from binarydm._lazy import by_module, lazy_exports
 from binarydm.search._dry_run import CPU_COST, GPU_COST, CostModel, describe_space, estimate_cost
-from binarydm.search._pareto import default_reference_point, hypervolume, pareto_front
+from binarydm.search._pareto import (
+    default_reference_point,
+    hypervolume,
+    hypervolume_history,
+    pareto_front,
+)
 from binarydm.search._sampling import (
     DefineByRunSpace,
     build_sampler,
@@ -42,6 +47,7 @@ __all__ = [
     "distribution",
     "estimate_cost",
     "hypervolume",
+    "hypervolume_history",
     "optuna_distributions",
     "optuna_space",
     "pareto_front",

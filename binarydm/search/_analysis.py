@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from binarydm.search._pareto import default_reference_point, hypervolume, pareto_front
+from binarydm.search._pareto import (
+    default_reference_point,
+    hypervolume,
+    hypervolume_history,
+    pareto_front,
+)
 
 FID_RATIO = "fid_ratio_to_fp"
 FP_ROW = "FP"
@@ -74,9 +79,11 @@ def summarize(
     for record in records:
         record["pareto"] = record["trial_id"] in pareto_ids
     tracker.log_study_summary(objectives, ref, volume, counts, study_file_text)
+    history = _history(records, complete, ref, objectives)
     if complete:
         fp = reference["metrics"] if reference is not None else None
         tracker.log_pareto_plots(plot_points(records), objectives, fp=fp)
+        tracker.log_hypervolume_history(history)
     if log_checkpoints:
         for record in records:
             packed = Path(record["tags"].get("checkpoint", "")) / "model.bdm"
@@ -86,11 +93,37 @@ def summarize(
         "records": records,
         "pareto_ids": sorted(pareto_ids),
         "hypervolume": volume,
+        "hypervolume_history": history,
         "reference_point": ref,
         "counts": counts,
         "objectives": objectives,
         "reference": reference,
     }
+
+
+def _history(records, complete, ref, objectives) -> dict[str, Any]:
+    """The hypervolume of the trials finished by each trial's end, in wall-clock seconds
+    since the study's first trial started (an interrupted study's pause included)."""
+    starts = [r["start_time"] for r in records if r.get("start_time")]
+    timed = [(r, vals) for r, vals in complete if r.get("end_time")]
+    out: dict[str, Any] = {
+        "objectives": [list(o) for o in objectives],
+        "reference_point": dict(ref),
+        "first_trial_start_unix": min(starts) / 1000 if starts else None,
+        "points": [],
+    }
+    if not starts or not timed:
+        return out
+    metrics, directions = [m for m, _ in objectives], [d for _, d in objectives]
+    elapsed = [(r["end_time"] - min(starts)) / 1000 for r, _ in timed]
+    steps = hypervolume_history(
+        [vals for _, vals in timed], elapsed, [ref[m] for m in metrics], directions
+    )
+    out["points"] = [
+        {"elapsed_s": t, "hypervolume": v, "trials_finished": sum(e <= t for e in elapsed)}
+        for t, v in steps
+    ]
+    return out
 
 
 def log_fid_ratios(tracker, records: list[dict[str, Any]], reference: dict[str, Any] | None):

@@ -140,3 +140,26 @@ def default_reference_point(
     margin = np.where(margin > 0, margin, (factor - 1) * (worst - best))
     margin = np.where(margin > 0, margin, factor - 1)
     return (worst + margin) * signs
+
+
+def hypervolume_history(
+    points: object,
+    finished_at: Sequence[float],
+    reference_point: Sequence[float],
+    directions: Sequence[str],
+) -> list[tuple[float, float]]:
+    """``(time, hypervolume of the points finished by then)`` at each finishing time.
+
+    ``finished_at[i]`` is when ``points[i]`` became known; ties count together (one
+    entry per distinct time). Non-decreasing by construction: a new point can only add
+    volume. An empty input gives an empty history.
+    """
+    values = np.asarray(points, dtype=float)
+    times = np.asarray(finished_at, dtype=float)
+    if len(values) != len(times):
+        raise ValueError(f"{len(values)} points but {len(times)} finishing times")
+    history: list[tuple[float, float]] = []
+    for moment in np.unique(times):
+        known = values[times <= moment]
+        history.append((float(moment), hypervolume(known, reference_point, directions)))
+    return history

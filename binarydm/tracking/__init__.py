@@ -38,6 +38,7 @@ __all__ = [
     "StudyTracker",
     "find_run",
     "flatten_params",
+    "hypervolume_figure",
     "is_tracking_outage",
     "list_studies",
     "load_reference",
@@ -57,6 +58,7 @@ __all__ = [
 _LAZY = by_module(
     {
         "_plots": ("pareto_plots", "log_pareto_plots"),
+        "_hypervolume_plot": ("hypervolume_figure",),
         "_archive": ("export_experiment", "import_archive", "read_archive"),
     }
 )

@@ -480,6 +480,19 @@ class StudyTracker:
         self.client.log_text(parent, study_file_text, study_file_name)
         return parent
 
+    def log_hypervolume_history(self, history: Mapping[str, Any]) -> None:
+        """``hypervolume_vs_time.png`` and ``hypervolume_history.json`` on the parent run.
+
+        ``history``: ``{"reference_point", "objectives", "first_trial_start_unix",
+        "points": [{"elapsed_s", "hypervolume", "trials_finished"}]}``
+        (``search.summarize`` builds it)."""
+        from binarydm.tracking._hypervolume_plot import JSON_NAME, PNG_NAME, hypervolume_figure
+
+        run_id = self.parent_run_id()
+        steps = [(p["elapsed_s"], p["hypervolume"]) for p in history["points"]]
+        self.client.log_dict(run_id, dict(history), JSON_NAME)
+        self.log_figure(run_id, hypervolume_figure({self.study: steps}), PNG_NAME)
+
     def log_pareto_plots(
         self,
         points: Sequence[Mapping[str, Any]],

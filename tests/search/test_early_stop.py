@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -179,3 +181,12 @@ def test_a_study_with_early_stopping_prunes_the_dominated_trials(
         (point,) = client.get_metric_history(run.info.run_id, "proxy/test_loss")
         assert point.step == 5 and point.value == pytest.approx(proxy)
     assert parent.data.metrics["trials_finished"] == 1
+    # Hypervolume against time on the parent run: the one finished trial, never the pruned.
+    import json
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"hypervolume_vs_time.png", "hypervolume_history.json"} <= artifacts
+    local = client.download_artifacts(parent.info.run_id, "hypervolume_history.json", str(tmp_path))
+    (point,) = json.loads(Path(local).read_text())["points"]
+    assert point["trials_finished"] == 1 and point["elapsed_s"] > 0
+    assert point["hypervolume"] == pytest.approx(parent.data.metrics["hypervolume"])

@@ -7,7 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from binarydm.search._pareto import default_reference_point, hypervolume, pareto_front
+from binarydm.search._pareto import (
+    default_reference_point,
+    hypervolume,
+    hypervolume_history,
+    pareto_front,
+)
 
 MIN2 = ["minimize", "minimize"]
 MIN3 = ["minimize"] * 3
@@ -144,3 +149,20 @@ def test_default_reference_point_skips_non_finite_rows() -> None:
         default_reference_point([[np.nan, 1.0]], MIN2)
     with pytest.raises(ValueError, match="factor=1.0 is invalid"):
         default_reference_point([[1.0, 1.0]], MIN2, factor=1.0)
+
+
+def test_hypervolume_history_hand_computed() -> None:
+    """Boxes against reference (4, 4): (1, 3) alone is 3; (3, 1) adds 3 minus their
+    overlap 1 (total 5); (2, 2) then adds the 1x1 square between them (total 6); a
+    dominated point finishing last adds nothing."""
+    points = [[3, 1], [1, 3], [2, 2], [3, 3]]
+    history = hypervolume_history(points, [20.0, 10.0, 30.0, 40.0], [4, 4], ["minimize"] * 2)
+    assert history == [(10.0, 3.0), (20.0, 5.0), (30.0, 6.0), (40.0, 6.0)]
+
+
+def test_hypervolume_history_counts_ties_together_and_needs_one_time_per_point() -> None:
+    history = hypervolume_history([[1, 3], [3, 1]], [5.0, 5.0], [4, 4], ["minimize"] * 2)
+    assert history == [(5.0, 5.0)]
+    assert hypervolume_history(np.zeros((0, 2)), [], [4, 4], ["minimize"] * 2) == []
+    with pytest.raises(ValueError, match="2 points but 1 finishing times"):
+        hypervolume_history([[1, 3], [3, 1]], [5.0], [4, 4], ["minimize"] * 2)
