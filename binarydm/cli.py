@@ -173,7 +173,12 @@ def run(
     try:
         summary = _guarded(
             lambda: run_study(
-                spec, address=address, resume=resume, verbose=verbose, on_start=started
+                spec,
+                address=address,
+                resume=resume,
+                verbose=verbose,
+                on_start=started,
+                say=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
         )
     except KeyboardInterrupt:
@@ -319,8 +324,11 @@ def trial(
 def _single_trial(spec, address: str | None) -> dict:
     import dataclasses
 
+    from rich.console import Console
+
     from binarydm.data import cache_dir as resolve_cache_dir
-    from binarydm.search import StudyContext, connect_ray, execute_trial
+    from binarydm.search import StudyContext, connect_ray, execute_trial, shared_teacher
+    from binarydm.search._console import worker_progress
     from binarydm.tracking import StudyTracker
 
     spec = spec.resolve_paths()
@@ -335,8 +343,15 @@ def _single_trial(spec, address: str | None) -> dict:
         run_name=f"{spec.name}-trial",
         tags={"study": spec.name, "bdm.role": "single-trial"},
     )
-    context = StudyContext(spec, None, str(resolve_cache_dir(None)), "", "")
-    metrics = execute_trial(context, {}, tracker, run.info.run_id, 1, name=f"{spec.name}-single")
+    cache = str(resolve_cache_dir(None))
+    say = Console(stderr=True).print
+    teacher = shared_teacher(spec, cache, lambda line: say(line, highlight=False, soft_wrap=True))
+    context = StudyContext(spec, teacher, cache, "", "")
+    say(f"QAT of {spec.name}'s fixed settings, then its evaluation", highlight=False)
+    with worker_progress():  # the worker's training and sampling bars, with ETAs
+        metrics = execute_trial(
+            context, {}, tracker, run.info.run_id, 1, name=f"{spec.name}-single"
+        )
     metrics["mlflow_run_id"] = run.info.run_id
     return metrics
 

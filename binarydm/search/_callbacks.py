@@ -123,12 +123,23 @@ class PrunedRunRecorder(Callback):
 
 
 class StudyProgress(Callback):
-    """A live table: one row per trial with its state, sampled parameters and metrics."""
+    """A live table: one row per trial with its state, progress (training step and ETA,
+    then evaluation), sampled parameters and metrics."""
 
-    def __init__(self, dimensions: list[str], metrics: list[str], *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        dimensions: list[str],
+        metrics: list[str],
+        *,
+        enabled: bool = True,
+        steps: int | None = None,
+        seeds: int = 1,
+    ) -> None:
         self.dimensions = dimensions
         self.metrics = metrics
         self.enabled = enabled
+        self.steps = steps  # training.steps unless the trial's config samples it
+        self.seeds = seeds
         self.rows: dict[str, dict[str, Any]] = {}
         self._live = None
         self._last = 0.0
@@ -142,13 +153,14 @@ class StudyProgress(Callback):
         table = Table(title="BinaryDM study", expand=False)
         table.add_column("trial")
         table.add_column("state")
+        table.add_column("progress")
         for dim in self.dimensions:
             table.add_column(dim.split(".", 1)[-1], overflow="fold")
         for metric in ["step", "loss", *self.metrics]:
             table.add_column(metric, justify="right")
         for row in self.rows.values():
             config = row.get("config", {})
-            cells = [str(row.get("number", "?")), row["state"]]
+            cells = [str(row.get("number", "?")), row["state"], progress_cell(row)]
             cells += [_fmt(config.get(dim)) for dim in self.dimensions]
             cells += [_fmt(row["metrics"].get(m)) for m in ["step", "loss", *self.metrics]]
             table.add_row(*cells)
@@ -171,11 +183,14 @@ class StudyProgress(Callback):
 
         row = self._row(trial)
         row.update(state="RUNNING", config=trial.config, number=trial.config.get(TRIAL_NUMBER_KEY))
+        row["steps"] = trial.config.get("training.steps", self.steps)
+        row["seeds"] = self.seeds
         self._refresh(force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
         row["metrics"].update({k: v for k, v in result.items() if isinstance(v, int | float)})
+        track_progress(row, result, time.monotonic())
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -193,6 +208,45 @@ class StudyProgress(Callback):
             self._live.update(self._table())
             self._live.stop()
             self._live = None
+
+
+def track_progress(row: dict[str, Any], result: dict[str, Any], now: float) -> None:
+    """Update a table row's training progress from one of its trial's results.
+
+    Seeds train one after another, each from step 0: a step below the last one seen
+    starts the next seed. The rate is measured over the current seed's reports."""
+    step = result.get("step")
+    if result.get("final") or not isinstance(step, int | float):
+        return
+    step = int(step)
+    if step < row.get("step", -1):
+        row["seed_index"] = row.get("seed_index", 0) + 1
+        row.pop("first_seen", None)
+    row["step"] = step
+    if "first_seen" not in row:
+        row["first_seen"] = (step, now)
+    row["last_seen"] = (step, now)
+
+
+def progress_cell(row: dict[str, Any]) -> str:
+    """``step/steps`` with an ETA while training, ``evaluating`` after the last step
+    (sampling and FID report nothing until the trial ends), the seed when there are
+    several."""
+    if row.get("state") != "RUNNING" or "step" not in row:
+        return ""
+    steps, step = row.get("steps"), row["step"]
+    seeds = row.get("seeds", 1)
+    seed = f"seed {row.get('seed_index', 0) + 1}/{seeds} " if seeds > 1 else ""
+    if not steps:
+        return f"{seed}step {step}"
+    if step >= steps:
+        return f"{seed}evaluating"
+    (s0, t0), (s1, t1) = row["first_seen"], row["last_seen"]
+    eta = ""
+    if s1 > s0 and t1 > t0:
+        remaining = (steps - step) / ((s1 - s0) / (t1 - t0))
+        eta = f" ETA {int(remaining // 60)}:{int(remaining % 60):02d}"
+    return f"{seed}{step}/{steps}{eta}"
 
 
 def _fmt(value: Any) -> str:

@@ -1,5 +1,6 @@
 """What a study prints around Ray: Tune's output kept for ``--verbose``, the raylet's
-start-up notices dropped, secrets masked, and where the results are.
+start-up notices and the workers' log lines dropped (their progress bars kept where no
+live table shows progress), secrets masked, and where the results are.
 
 Tune's new output engine prints its configuration box and a TensorBoard hint whatever
 ``RunConfig.verbose`` says; the raylet's "startup concurrency" notice reaches every
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,66 @@ def is_raylet_notice(data: dict[str, Any]) -> bool:
     )
 
 
-def drop_raylet_notices() -> None:
-    """Keep the raylet's "N PYTHON worker processes have been started ... startup
-    concurrency" warning off the terminal (a trial's Train workers on a small machine
-    always trip it); every other message of Ray's error listener still prints.
+#: Set while the workers' progress bars (``ray.experimental.tqdm_ray``) may reach the
+#: terminal: the FP teacher's pretraining and ``bdm-search trial``. During a study's
+#: trials the live table (``StudyProgress``) shows their progress instead.
+_worker_progress = threading.Event()
 
-    The listener thread looks ``print_to_stdstream`` up in its module on each message,
-    so wrapping that name is enough; ``--verbose`` leaves it alone.
+
+@contextlib.contextmanager
+def worker_progress():
+    """Let the workers' progress bars through to the terminal inside the block."""
+    _worker_progress.set()
+    try:
+        yield
+    finally:
+        _worker_progress.clear()
+        _close_worker_bars()
+
+
+def _close_worker_bars() -> None:
+    """Close the bars the driver still draws for workers: a worker that ended (the
+    teacher's) sends no more updates, and Ray's bar manager would redraw its last state
+    under every later line until the driver exits."""
+    from ray.experimental import tqdm_ray
+
+    manager = getattr(tqdm_ray, "_manager", None)  # None: no bar was ever drawn
+    groups = getattr(manager, "bar_groups", None)
+    if not groups:
+        return
+    with manager.lock:
+        for group in groups.values():
+            for bar in group.bars_by_uuid.values():
+                bar.bar.close()
+            group.bars_by_uuid.clear()
+        groups.clear()
+
+
+def shown_worker_lines(data: dict[str, Any], progress: bool) -> list[str]:
+    """The lines of a worker's output batch that a non-verbose driver prints: its
+    progress-bar updates while ``progress``, nothing else (the raylet's own errors are
+    Ray's error listener's, not worker output)."""
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    if not progress:
+        return []
+    return [line for line in data.get("lines") or [] if RAY_TQDM_MAGIC in line]
+
+
+def quiet_ray_output() -> None:
+    """What a non-verbose driver prints of Ray's forwarded output (call before
+    ``ray.init(log_to_driver=True)``):
+
+    - never the raylet's "N PYTHON worker processes have been started ... startup
+      concurrency" warning (a trial's Train workers on a small machine always trip it);
+      every other message of Ray's error listener still prints;
+    - of the workers' own output only their progress bars, and only inside
+      ``worker_progress()`` (the teacher's pretraining, ``bdm-search trial``); the rest
+      goes to this module's debug log.
+
+    Ray binds ``print_to_stdstream`` for worker output when it connects and the error
+    listener looks the name up on each message, so wrapping the name before
+    ``ray.init`` covers both; ``--verbose`` leaves it alone.
     """
     from ray._private import worker
 
@@ -59,10 +114,48 @@ def drop_raylet_notices() -> None:
         if is_raylet_notice(data):
             log.debug("raylet: %s", " ".join(data.get("lines") or []))
             return None
-        return printer(data, *args, **kwargs)
+        if data.get("pid") == "raylet" or data.get("pid") == "autoscaler":
+            return printer(data, *args, **kwargs)
+        lines = shown_worker_lines(data, _worker_progress.is_set())
+        if len(lines) < len(data.get("lines") or []):
+            log.debug("worker %s: %s", data.get("pid"), " ".join(data.get("lines") or []))
+        if not lines:
+            return None
+        return printer({**data, "lines": lines}, *args, **kwargs)
 
     print_to_stdstream._binarydm_filtered = True
     worker.print_to_stdstream = print_to_stdstream
+
+
+#: Library notices a non-verbose study drops: (logger, message start). The token one is
+#: Ray's note that the local cluster this driver starts has token auth on, its secure
+#: default (the "disabled" warning still prints); MLflow's are its first-use table set-up.
+LIBRARY_NOTICES = (
+    ("ray._private.authentication.authentication_token_setup",
+     "Token authentication is enabled for this Ray cluster"),
+    ("mlflow.store.db.utils", "Creating initial MLflow database tables"),
+    ("mlflow.store.db.utils", "Updating database tables"),
+)  # fmt: skip
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def quiet_library_notices() -> None:
+    """Drop ``LIBRARY_NOTICES`` from their loggers (idempotent); ``--verbose`` skips it."""
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, start in LIBRARY_NOTICES:
+        by_logger[name] = (*by_logger.get(name, ()), start)
+    for name, starts in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices(starts))
 
 
 @contextlib.contextmanager
@@ -120,3 +213,19 @@ def results_location(
         "ray_results": str(Path(spec.storage.ray_results) / spec.name),
         "optuna": mask_secrets(spec.storage.optuna),
     }
+
+
+def teacher_notice(settings, cached: Path | None) -> str:
+    """One line saying which FP teacher a study uses: given, cached, or pretrained now.
+
+    ``cached``: where the cache keeps this teacher (``train.cached_teacher_dir``), None
+    for ``teacher.pretrained``."""
+    teacher, data = settings.teacher, settings.data
+    if cached is None:
+        return f"FP teacher: {teacher.pretrained} (teacher.pretrained)"
+    if (cached / "config.json").exists():
+        return f"FP teacher: reusing the cached one in {cached}"
+    return (
+        f"FP teacher: pretraining {teacher.preset} on {data.source} at {data.resolution} px "
+        f"for {teacher.steps} steps (once: cached in {cached} for later studies)"
+    )

@@ -27,10 +27,13 @@ from typing import Any
 from binarydm.metric_contract import TUNE_STARTED_TAG
 from binarydm.search._console import (
     ANALYSIS_LOG,
-    drop_raylet_notices,
     mask_secrets,
+    quiet_library_notices,
+    quiet_ray_output,
     results_location,
+    teacher_notice,
     tune_output,
+    worker_progress,
 )
 from binarydm.search._preflight import (
     StudyError,
@@ -76,11 +79,11 @@ def connect_ray(
     elif not os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: joins, starts nothing
         loopback_only()
     if not verbose:
-        drop_raylet_notices()
+        quiet_ray_output()
     context = ray.init(
         address=address or None,
         include_dashboard=False if not address else None,
-        log_to_driver=verbose,
+        log_to_driver=True,  # filtered by quiet_ray_output unless verbose
         configure_logging=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
     )
@@ -135,16 +138,27 @@ def _optuna_storage(spec: StudySpec):
         ) from None
 
 
-def _shared_teacher(spec: StudySpec, cache_dir: str) -> str | None:
-    """Pretrain the teacher once, before trials, unless the space changes it per trial."""
-    from binarydm.train import ensure_teacher
+def shared_teacher(
+    spec: StudySpec, cache_dir: str, say: Callable[[str], None] = log.info
+) -> str | None:
+    """Pretrain the teacher once, before trials, unless the space changes it per trial;
+    ``say`` is told whether a cached one is reused or one is pretrained (its workers'
+    progress bar, with an ETA, shows meanwhile)."""
+    from binarydm.train import cached_teacher_dir, ensure_teacher
 
     if any(k.startswith(("teacher.", "data.")) for k in spec.search.space):
+        say("FP teacher: each trial pretrains or reuses its own (the space varies it)")
         return None  # each trial ensures (and caches) its own
     settings = spec.trial_settings({}, spec.search.seeds[0])
+    data_root = settings.data.root
+    cached = None
+    if not settings.teacher.pretrained:
+        cached = cached_teacher_dir(settings, data_root, cache_dir)
+    say(teacher_notice(settings, cached))
     storage = str(Path(spec.storage.ray_results) / "teachers")
-    return str(ensure_teacher(settings, storage_path=storage, data_root=settings.data.root,
-                              cache_dir=cache_dir))  # fmt: skip
+    with worker_progress():
+        return str(ensure_teacher(settings, storage_path=storage, data_root=data_root,
+                                  cache_dir=cache_dir))  # fmt: skip
 
 
 def _searcher(spec: StudySpec, storage):
@@ -202,11 +216,13 @@ def run_study(
     verbose: bool = False,
     show_progress: bool = True,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the study; returns the Pareto summary (see ``analysis.summarize``).
 
     ``on_start`` is called, before the first trial, with where the results go
-    (``results_location``); the summary carries the same under ``"location"``.
+    (``results_location``); the summary carries the same under ``"location"``. ``say``
+    gets one-line notices for the terminal (the FP teacher reused or pretrained).
     """
     from ray import tune
 
@@ -221,6 +237,11 @@ def run_study(
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if not verbose:  # Tune.restore's warning of trials with no result yet, which resumes expect
         logging.getLogger(ANALYSIS_LOG).setLevel(logging.ERROR)
+        import optuna
+
+        # Optuna's "A new study created in RDB" line: the results' location says where.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        quiet_library_notices()
     spec = spec.resolve_paths()
     cache_dir = str(resolve_cache_dir(None))
     faults = fault_injection()
@@ -245,14 +266,17 @@ def run_study(
     tracker.set_running(parent)
     tracker.set_tags(parent, {"profile": spec.profile or "none"})
     study_text = _study_file_text(spec)
-    teacher = _shared_teacher(spec, cache_dir)
+    teacher = shared_teacher(spec, cache_dir, say or log.info)
     context = StudyContext(spec, teacher, cache_dir, parent, study_text, faults)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context), _driver_resources(spec)
     )
     cluster = ray.cluster_resources()
     concurrency = spec.max_concurrent_trials(cluster.get("CPU", 1), cluster.get("GPU", 0))
-    progress = StudyProgress(list(spec.search.space), spec.search.metrics, enabled=show_progress)
+    progress = StudyProgress(
+        list(spec.search.space), spec.search.metrics, enabled=show_progress,
+        steps=spec.settings.training.steps, seeds=len(spec.search.seeds),
+    )  # fmt: skip
     callbacks = [progress, PrunedRunRecorder(spec)]
     restorable = resume and tune.Tuner.can_restore(str(experiment_path))
     if restorable:

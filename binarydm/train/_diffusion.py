@@ -7,6 +7,8 @@ sampled exactly like its FP teacher.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
@@ -63,8 +65,12 @@ def ddim_sample(
     batch_size: int = 250,
     num_train_timesteps: int = 1000,
     autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """``num_images`` deterministic DDIM (eta = 0) samples in [-1, 1], NCHW float32 on the CPU."""
+    """``num_images`` deterministic DDIM (eta = 0) samples in [-1, 1], NCHW float32 on the CPU.
+
+    ``on_step`` is called after each denoising step of each batch (a progress bar's
+    ``ceil(num_images / batch_size) * steps`` units)."""
     device = next(model.parameters()).device
     config = model.config
     shape = (config.in_channels, config.sample_size, config.sample_size)
@@ -81,6 +87,8 @@ def ddim_sample(
             ):
                 eps = model(x, t.to(device).expand(count)).sample
             x = sampler.step(eps.float(), t, x).prev_sample
+            if on_step is not None:
+                on_step()
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 
 from binarydm.metric_contract import COST, PROXY_METRICS, timing
 from binarydm.train._diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
+from binarydm.train._progress import progress_bar
 from binarydm.train.settings import TrialSettings
 
 
@@ -50,12 +52,22 @@ def fid_reference_name(settings: TrialSettings) -> str:
     return f"{name}/{settings.evaluation.reference_split}/{data.resolution}px"
 
 
+#: The smallest side a sample tile is shown at in ``samples.png``: a 16 px MNIST grid of
+#: 8 tiles is 146 px wide, too small to judge in MLflow's artifact view.
+MIN_TILE_PX = 64
+
+
 def save_grid(images_uint8, path: Path, nrow: int = 8) -> None:
+    """The first images as a grid PNG, tiles enlarged by whole pixels (nearest neighbour,
+    so no detail is invented) to at least ``MIN_TILE_PX``."""
     from PIL import Image
     from torchvision.utils import make_grid
 
     tensor = torch.from_numpy(images_uint8).permute(0, 3, 1, 2)
-    grid = make_grid(tensor, nrow=nrow, padding=2, pad_value=255)
+    scale = max(1, math.ceil(MIN_TILE_PX / tensor.shape[-1]))
+    if scale > 1:
+        tensor = tensor.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    grid = make_grid(tensor, nrow=nrow, padding=2 * scale, pad_value=255)
     array = grid.permute(1, 2, 0).numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
@@ -138,6 +150,11 @@ def evaluate(
     _freeze(model, True)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     t_sample = time.perf_counter()
+    batches = math.ceil(evaluation.fid_samples / evaluation.sample_batch_size)
+    bar = progress_bar(
+        f"sampling {evaluation.fid_samples} images", batches * evaluation.sampling_steps,
+        unit="step",
+    )  # fmt: skip
     samples = ddim_sample(
         model,
         evaluation.fid_samples,
@@ -146,7 +163,9 @@ def evaluate(
         batch_size=evaluation.sample_batch_size,
         autocast_dtype=autocast,
         num_train_timesteps=settings.training.num_train_timesteps,
+        on_step=lambda: bar.update(1),
     )
+    bar.close()
     sample_s = time.perf_counter() - t_sample
     _freeze(model, False)
     samples_uint8 = to_uint8(samples)

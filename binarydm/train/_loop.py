@@ -26,6 +26,7 @@ from binarydm.train._checkpoint import link_state, load_latest_valid, save_state
 from binarydm.train._diffusion import noise_scheduler, noisy_batch
 from binarydm.train._ema import ModelEMA
 from binarydm.train._modes import training_mode
+from binarydm.train._progress import progress_bar
 from binarydm.train._session import report_checkpoint
 from binarydm.train.job import FaultPlan, WorkerJob
 from binarydm.train.settings import TrialSettings
@@ -294,9 +295,7 @@ def _train(run: _Run) -> dict[str, Any]:
     returns the last report's metrics."""
     recipe, mode, session, faults = run.recipe, run.mode, run.session, run.job.faults
     noise_sched = noise_scheduler(recipe.num_train_timesteps)
-    progress = (
-        _progress_bar(mode.label, run.start_step, recipe.steps) if session.rank == 0 else None
-    )
+    progress = progress_bar(mode.label, recipe.steps, run.start_step) if session.rank == 0 else None
     run.parts.model.train()
     window = _Window()
     run.clock.start_training()
@@ -448,12 +447,3 @@ def _report_error(session, error: NonFiniteLossError, mode: str) -> None:
         (folder / "error.json").write_text(json.dumps(reported))
 
     report_checkpoint(session, metrics, f"error_{error.step:08d}", write)
-
-
-def _progress_bar(label: str, start: int, total: int):
-    """A progress bar that Ray forwards from the worker to the driver's terminal."""
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=total, desc=label)
-    bar.update(start)
-    return bar

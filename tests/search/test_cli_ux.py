@@ -24,6 +24,78 @@ def test_only_the_raylet_startup_notice_is_dropped():
     assert not is_raylet_notice({"lines": [STARTUP_NOTICE], "pid": 1234})
 
 
+def test_worker_output_shows_only_progress_bars_and_only_when_asked():
+    """Non-verbose: a worker's log lines never reach the terminal; its tqdm_ray bar
+    updates do inside ``worker_progress()`` (teacher pretraining, ``bdm-search trial``)."""
+    import json
+
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    from binarydm.search._console import _worker_progress, shown_worker_lines, worker_progress
+
+    bar = json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "x": 3, "total": 10, "desc": "teacher"})
+    batch = {"pid": 4321, "lines": ["INFO some worker log line", bar, "Traceback ..."]}
+    assert shown_worker_lines(batch, progress=False) == []
+    assert shown_worker_lines(batch, progress=True) == [bar]
+    with worker_progress():
+        assert _worker_progress.is_set()
+    assert not _worker_progress.is_set()
+
+
+def test_library_notices_are_dropped_and_other_records_kept():
+    import logging
+
+    from binarydm.search._console import quiet_library_notices
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    token = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    tables = logging.getLogger("mlflow.store.db.utils")
+    for logger in (token, tables):
+        logger.addHandler(handler)
+    try:
+        quiet_library_notices()
+        quiet_library_notices()  # idempotent: one filter per logger
+        assert sum(type(f).__name__ == "_DropNotices" for f in tables.filters) == 1
+        token.warning("Token authentication is enabled for this Ray cluster. Set ...")
+        token.warning("Token authentication is disabled for this Ray cluster. Anyone ...")
+        tables.warning("Creating initial MLflow database tables...")
+        tables.warning("could not migrate the database")
+    finally:
+        for logger in (token, tables):
+            logger.removeHandler(handler)
+    assert seen == [
+        "Token authentication is disabled for this Ray cluster. Anyone ...",
+        "could not migrate the database",
+    ]
+
+
+def test_progress_cell_counts_steps_with_an_eta_then_says_evaluating():
+    from binarydm.search._callbacks import progress_cell, track_progress
+
+    row = {"state": "RUNNING", "steps": 100, "seeds": 1}
+    assert progress_cell(row) == ""  # no report yet
+    track_progress(row, {"step": 10}, now=100.0)
+    assert progress_cell(row) == "10/100"  # one report: no rate yet
+    track_progress(row, {"step": 30}, now=110.0)  # 20 steps in 10 s: 70 left = 35 s
+    assert progress_cell(row) == "30/100 ETA 0:35"
+    track_progress(row, {"step": 100}, now=145.0)
+    assert progress_cell(row) == "evaluating"
+    track_progress(row, {"step": 100, "final": True, "fid": 3.0}, now=150.0)
+    assert progress_cell({**row, "state": "DONE"}) == ""
+
+    seeds = {"state": "RUNNING", "steps": 100, "seeds": 2}
+    for step, now in ((50, 0.0), (100, 10.0), (20, 20.0), (60, 30.0)):
+        track_progress(seeds, {"step": step}, now=now)
+    # The second seed's rate: 40 steps in 10 s, 40 left.
+    assert progress_cell(seeds) == "seed 2/2 60/100 ETA 0:10"
+
+
 def test_results_location_opens_the_runs_table(tmp_path):
     spec = load_study(LRM_STUDY, profile="quick").resolve_paths(tmp_path)
     where = results_location(spec, "7", "http://127.0.0.1:8265")

@@ -76,6 +76,7 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
         ]
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto.png", "pareto.html", "objectives.json", "study.yaml"} <= parent_artifacts
+    assert {"hypervolume_vs_time.png", "hypervolume_history.json"} <= parent_artifacts
     assert parent.data.metrics["trials_finished"] == 2
     assert parent.data.metrics["hypervolume"] >= 0
     assert "Pareto front" in output
@@ -91,6 +92,7 @@ def test_the_run_prints_where_its_results_are_and_not_rays_banners(finished_stud
     assert f"http://127.0.0.1:5000/{page}" in output
     for noise in ("Configuration for experiment", "tensorboard", "View detailed results"):
         assert noise not in output
+    assert "FP teacher: reusing the cached one in " in output  # the session's tiny teacher
     assert not list(workdir.glob("*.lock"))  # no stray files beside the stores
 
 
@@ -202,7 +204,7 @@ def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
     import dataclasses
 
     from binarydm.data import cache_dir
-    from binarydm.search._driver import _shared_teacher
+    from binarydm.search import shared_teacher
     from binarydm.search._reference import start_reference
     from binarydm.spec import load_study
     from binarydm.tracking import StudyTracker, load_reference
@@ -213,7 +215,9 @@ def test_a_second_study_with_the_same_teacher_and_settings_reuses_the_reference(
     spec = load_study(LRM_STUDY, overrides=TINY[1::2])
     spec = dataclasses.replace(spec, name="lrm_rank_again").resolve_paths(workdir)
     tracker = StudyTracker.for_study(spec)
-    teacher = _shared_teacher(spec, str(cache_dir(None)))
+    said: list[str] = []
+    teacher = shared_teacher(spec, str(cache_dir(None)), said.append)
+    assert said == [f"FP teacher: reusing the cached one in {teacher}"]
     # None: nothing was launched, so nothing is evaluated.
     assert start_reference(spec, tracker, teacher, str(cache_dir(None))) is None
     (copy,) = _references(workdir, "lrm_rank_again")
