@@ -83,6 +83,25 @@ TUNE_STARTED_TAG = "timing/tune_started_unix"
 AVERAGED = QUALITY + COST + TRAINING_LOSSES + THROUGHPUT + TIMINGS
 #: Two FIDs are comparable only with these equal: logged as params on every run.
 COMPARABILITY = ("fid_dims", "fid_samples", "sampling_steps", "fid_reference")
+#: The settings key each comparability param repeats: a run logs the value once, under
+#: the comparability name (``fid_reference`` is derived from the data, not a key).
+COMPARABILITY_SETTINGS = {
+    "fid_dims": "evaluation.fid_dims",
+    "fid_samples": "evaluation.fid_samples",
+    "sampling_steps": "evaluation.sampling_steps",
+}
+
+
+def once_under_comparability_names(params: dict) -> dict:
+    """``params`` (flattened settings) with each ``COMPARABILITY_SETTINGS`` key renamed to
+    its comparability name, so the value is a run's param once."""
+    out = dict(params)
+    for name, key in COMPARABILITY_SETTINGS.items():
+        if key in out:
+            out[name] = out.pop(key)
+    return out
+
+
 #: Logged at every reported step of the run (the training curves).
 CURVE_METRICS = (*TRAINING_LOSSES, "lr", "train_images_per_s")
 

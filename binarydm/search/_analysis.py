@@ -84,6 +84,9 @@ def summarize(
         fp = reference["metrics"] if reference is not None else None
         tracker.log_pareto_plots(plot_points(records), objectives, fp=fp)
         tracker.log_hypervolume_history(history)
+    if records:
+        searched = sorted({p for r in records for p in _searched(r)})
+        tracker.log_summary_table(records, metrics, searched, reference)
     if log_checkpoints:
         for record in records:
             packed = Path(record["tags"].get("checkpoint", "")) / "model.bdm"
@@ -99,6 +102,12 @@ def summarize(
         "objectives": objectives,
         "reference": reference,
     }
+
+
+def _searched(record: dict[str, Any]) -> list[str]:
+    """The record's searched params (its ``searched`` tag), those it logged."""
+    tag = record["tags"].get("searched", "")
+    return [p for p in tag.split(",") if p and p != "none" and p in record["params"]]
 
 
 def _history(records, complete, ref, objectives) -> dict[str, Any]:

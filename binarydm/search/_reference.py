@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from binarydm.metric_contract import once_under_comparability_names
 from binarydm.train.settings import TrialSettings
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,9 @@ def reference_params(
 ) -> dict[str, Any]:
     """The settings a reference run logs before it is scored (evaluate() adds the rest)."""
     data = settings.data
+    evaluation = {f"evaluation.{k}": v for k, v in dataclasses.asdict(settings.evaluation).items()}
     return {
-        **{f"evaluation.{k}": v for k, v in dataclasses.asdict(settings.evaluation).items()},
+        **once_under_comparability_names(evaluation),
         "data.source": data.source,
         "data.path": data.path,
         "data.resolution": data.resolution,

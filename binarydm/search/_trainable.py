@@ -21,7 +21,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from binarydm.metric_contract import AVERAGED, COMPARABILITY, seed_prefix, timing
+from binarydm.metric_contract import (
+    AVERAGED,
+    COMPARABILITY,
+    once_under_comparability_names,
+    seed_prefix,
+    timing,
+)
 from binarydm.search._launch import launch_metrics
 from binarydm.search._searcher import MLFLOW_RUN_ATTR, TRIAL_NUMBER_KEY
 from binarydm.train.settings import TrialSettings
@@ -41,6 +47,10 @@ class StudyContext:
 
     def faults_of(self, number: int) -> dict[str, Any]:
         return {**self.faults.get("*", {}), **self.faults.get(str(number), {})}
+
+
+#: The tag naming a trial's searched params (dimensions), comma-separated.
+SEARCHED_TAG = "searched"
 
 
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,6 +83,7 @@ def trial_params(
     flat.pop("seed")
     # A cases dimension's label (``row: ebb``) is no settings key: logged beside them.
     labels = {key: params[key] for key in params if key not in flat}
+    flat = once_under_comparability_names(flat)
     if flat.get("teacher.pretrained"):
         # A given teacher is loaded, not pretrained here: logging the pretraining fields
         # would claim settings that shaped no weights (teacher.sha256 says which were used).
@@ -81,9 +92,12 @@ def trial_params(
             for key, value in flat.items()
             if not key.startswith("teacher.") or key == "teacher.pretrained"
         }
+    from binarydm.train import fid_reference_name
+
     return {
         **flat,
         **labels,
+        "fid_reference": fid_reference_name(settings),
         "seeds": list(spec.search.seeds),
         "seed": spec.search.seeds[0] if len(spec.search.seeds) == 1 else "per-seed",
         "profile": spec.profile or "none",
@@ -238,7 +252,12 @@ def execute_trial(
     spec = context.spec
     entered = time.perf_counter()
     try:
-        tracker.set_tags(run_id, {"profile": spec.profile or "none", "attempt": attempt})
+        tracker.set_tags(
+            run_id,
+            # Which of the ~70 params the search chose (the rest are the study's settings).
+            {"profile": spec.profile or "none", "attempt": attempt,
+             SEARCHED_TAG: ",".join(sorted(spec.search.space)) or "none"},
+        )  # fmt: skip
         settings0 = settings or spec.trial_settings(config, spec.search.seeds[0])
         data_root = settings0.data.root
         params = trial_params(context, config, settings0)

@@ -142,8 +142,15 @@ def _matplotlib_figure(
 def _hover_text(point: Mapping[str, Any], metrics: list[str]) -> str:
     lines = [f"<b>trial {point['trial_id']}</b>" + (" (Pareto)" if point.get("pareto") else "")]
     lines += [f"{m} = {point[m]:.6g}" for m in metrics]
-    params = sorted((point.get("params") or {}).items())
-    lines += [html.escape(f"{k} = {v}") for k, v in params[:MAX_HOVER_PARAMS]]
+    # The searched params first (in bold): they are what tells two trials apart.
+    searched = [k for k in point.get("searched") or () if k in (point.get("params") or {})]
+    params = sorted(
+        (point.get("params") or {}).items(), key=lambda kv: (kv[0] not in searched, kv[0])
+    )
+    lines += [
+        f"<b>{html.escape(f'{k} = {v}')}</b>" if k in searched else html.escape(f"{k} = {v}")
+        for k, v in params[:MAX_HOVER_PARAMS]
+    ]
     if len(params) > MAX_HOVER_PARAMS:
         lines.append(f"... {len(params) - MAX_HOVER_PARAMS} more params")
     return "<br>".join(lines)
@@ -184,7 +191,11 @@ def _plotly_html(
                 go.Scatter(
                     x=[p[x] for p in members],
                     y=[p[y] for p in members],
-                    mode=mode,
+                    mode=f"{mode}+text",
+                    # Each point labelled with its trial number (the hover has the rest).
+                    text=[str(p["trial_id"]) for p in members],
+                    textposition="top center",
+                    textfont={"size": 10},
                     name=name,
                     legendgroup=name,
                     showlegend=index == 0,

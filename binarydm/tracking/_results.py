@@ -184,6 +184,7 @@ def plot_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "trial_id": record["trial_id"],
             "pareto": bool(record["pareto"]),
             "params": record["params"],
+            "searched": [p for p in record["tags"].get("searched", "").split(",") if p],
         }
         for record in records
     ]

@@ -480,6 +480,23 @@ class StudyTracker:
         self.client.log_text(parent, study_file_text, study_file_name)
         return parent
 
+    def log_summary_table(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        metrics: Sequence[str],
+        searched: Sequence[str],
+        reference: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``trials.csv`` and ``trials.html`` on the parent run (``_summary_table``)."""
+        from binarydm.tracking import _summary_table as table
+
+        columns, rows = table.summary_rows(records, metrics, searched, reference)
+        run_id = self.parent_run_id()
+        self.log_text(run_id, table.to_csv(columns, rows), table.CSV_NAME)
+        title = f"study {self.study}: {len(records)} trials"
+        page = table.to_html(columns, rows, self.experiment_id, title)
+        self.log_text(run_id, page, table.HTML_NAME)
+
     def log_hypervolume_history(self, history: Mapping[str, Any]) -> None:
         """``hypervolume_vs_time.png`` and ``hypervolume_history.json`` on the parent run.
 

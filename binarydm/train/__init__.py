@@ -24,7 +24,7 @@ _EXPORTS = by_module(
         "_diffusion": (
             "ddim_sample", "held_out_loss", "noise_scheduler", "noisy_batch", "to_uint8",
         ),
-        "_evaluate": ("evaluate", "save_grid"),
+        "_evaluate": ("evaluate", "fid_reference_name", "save_grid"),
         "_session": ("CheckpointStore", "InlineSession", "RayTrainSession", "inline_device"),
         "_loop": (
             "FAULT_KEYS", "load_training_images", "run_loop", "to_training_device",

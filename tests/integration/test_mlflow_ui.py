@@ -100,6 +100,16 @@ def test_runs_table_shows_the_study_with_its_trials_folded(chromium, ui_study, t
     assert name_cell and "<button" in name_cell[1], "no expander beside the parent run"
 
 
+def test_the_printed_address_opens_the_runs_table(chromium, ui_study, tmp_path):
+    """The address ``bdm-search`` prints (``?workflowType=machine_learning``) opens MLflow
+    3's runs table, not its GenAI overview, whatever the browser chose last."""
+    url = f"{ui_study.url}/#/experiments/{ui_study.experiment_id}?workflowType=machine_learning"
+    matching = f"{len(ui_study.children) + 1} matching runs"
+    text = _text(_render(chromium, url, tmp_path / "printed", matching))
+    assert matching in text and ui_study.parent.info.run_name in text, text[:3000]
+    assert "Detect Issues" not in text  # the GenAI overview's pop-up
+
+
 def test_trial_page_shows_metrics_and_pareto_tag(chromium, ui_study, tmp_path):
     # A Pareto member: its page is the one worth a screenshot.
     trial = next(r for r in ui_study.trials if r.data.tags["pareto"] == "true")

@@ -791,6 +791,13 @@ def test_cases_label_is_logged_beside_the_settings() -> None:
     assert params["row"] == "lmb"
     assert params["method.ebb.enabled"] == "False" or params["method.ebb.enabled"] is False
     assert params["method.weight.bases"] == 2
+    # The FID's comparability settings once, under design.md's names, known before the end.
+    assert params["fid_dims"] == spec.settings.evaluation.fid_dims
+    assert params["sampling_steps"] == spec.settings.evaluation.sampling_steps
+    assert params["fid_reference"] == "mnist/test/16px"
+    assert not {"evaluation.fid_dims", "evaluation.fid_samples", "evaluation.sampling_steps"} & set(
+        params
+    )
 
 
 BENCHMARK_STUDIES = sorted((REPO / "benchmarks" / "studies").glob("*.yaml"))

@@ -63,6 +63,12 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
         assert params["sampling_steps"] == "4" and params["fid_reference"] == "mnist/test/16px"
         assert params["seed"] == "0" and len(params["data.sha256"]) == 64
         assert "method.lrm.rank_divisor" in params and "version.torch" in params
+        # Each value once (the comparability names only), the searched ones named.
+        assert not {"evaluation.fid_dims", "evaluation.fid_samples"} & set(params)
+        assert (
+            child.data.tags["searched"]
+            == "method.lrm.axis,method.lrm.rank_divisor,method.lrm.weight"
+        )
         assert "code.git_commit" in params and "hardware.cpu" in params
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"samples.png", "config.json"} <= artifacts
@@ -77,6 +83,18 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto.png", "pareto.html", "objectives.json", "study.yaml"} <= parent_artifacts
     assert {"hypervolume_vs_time.png", "hypervolume_history.json"} <= parent_artifacts
+    # The trials table: one row per trial with its Pareto tag, and the FP row last.
+    import csv
+
+    table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(workdir)))
+    rows = list(csv.DictReader(table.read_text().splitlines()))
+    assert [r["trial"] for r in rows] == ["0", "1", "FP"]
+    for child in children:
+        (row,) = [r for r in rows if r["run_id"] == child.info.run_id]
+        assert row["pareto"] == child.data.tags["pareto"]
+        assert float(row["fid"]) == pytest.approx(child.data.metrics["fid"])
+        assert row["method.lrm.rank_divisor"] == child.data.params["method.lrm.rank_divisor"]
+    assert "trials.html" in parent_artifacts
     assert parent.data.metrics["trials_finished"] == 2
     assert parent.data.metrics["hypervolume"] >= 0
     assert "Pareto front" in output

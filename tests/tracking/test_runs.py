@@ -278,6 +278,7 @@ def test_load_study_results_round_trip(tracker, store):
         "trial_id": 0,
         "pareto": True,
         "params": {"weight.bases": "1"},
+        "searched": [],
     }
 
     with pytest.raises(LookupError, match="no study 'missing'.*another, lrm_rank"):
@@ -294,6 +295,7 @@ def test_pareto_plots_png_and_offline_html(tracker, tmp_path):
         {"trial_id": 2, "fid": float("nan"), "ops_g": 2.0, "pareto": False},  # failed: left out
     ]
     points[0]["params"] = {"weight.bases": "1", "lrm.rank_divisor": "8"}
+    points[0]["searched"] = ["lrm.rank_divisor"]
     tracker.log_pareto_plots(points, OBJECTIVES)
     parent = tracker.parent_run_id()
     png = Path(tracker.client.download_artifacts(parent, "pareto.png", str(tmp_path)))
@@ -304,6 +306,11 @@ def test_pareto_plots_png_and_offline_html(tracker, tmp_path):
     assert "plotly" in html and "<script src" not in html and len(html) > 1_000_000
     assert "trial 0" in html and "trial 1" in html and "trial 3" in html
     assert "trial 2" not in html and "lrm.rank_divisor = 8" in html
+    # The searched param leads the hover, in bold (plotly escapes "<" in its JSON), before
+    # the fixed ones; every point carries its trial number as a label.
+    hover = html[html.index("\\u003cb\\u003etrial 0") :]
+    assert hover.index("\\u003cb\\u003elrm.rank_divisor = 8") < hover.index("weight.bases = 1")
+    assert '"mode":"lines+markers+text"' in html and '"text":["1","0"]' in html
 
     figure, html_3d = pareto_plots(points, [*OBJECTIVES, ("size_mib", "minimize")])
     assert len([ax for ax in figure.axes if ax.get_visible()]) == 3  # one panel per pair
