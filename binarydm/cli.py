@@ -160,7 +160,10 @@ def run(
 
     spec = _load(file, profile, sets, **{"tracking.uri": tracking_uri, "search.trials": trials})
     console = Console()
+    for note in spec.profile_notes():
+        console.print(note, highlight=False, soft_wrap=True)
     if dry_run:
+        _guarded(lambda: _preflight(spec, address))
         _print_dry_run(spec, console)
         return
     _warn_remote_paths(spec, address, console)
@@ -293,10 +296,24 @@ def validate(
     sets: SetOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Check a study file (and overrides); prints `ok` or one line saying what is wrong."""
+    """Check a study file (and overrides) and what its run reads first (the data, a given
+    teacher, an MLflow server); prints `ok` or one line saying what is wrong. Creates no
+    store (it may fill the data cache, as the run would)."""
     spec = _load(file, profile, sets)
+    _guarded(lambda: _preflight(spec, None))
+    for note in spec.profile_notes():
+        typer.echo(note)
     typer.echo(f"ok: study {spec.name!r}, profile {spec.profile or 'none'}, "
-               f"{spec.search.trials} trials x {len(spec.search.seeds)} seeds")  # fmt: skip
+               f"{spec.search.trials} trials x {len(spec.search.seeds)} seeds; "
+               "data, teacher and tracking store reachable")  # fmt: skip
+
+
+def _preflight(spec, address: str | None) -> None:
+    """The run's own checks before Ray starts (``search._preflight.preflight``)."""
+    from binarydm.data import cache_dir as resolve_cache_dir
+    from binarydm.search._preflight import preflight
+
+    preflight(spec.resolve_paths(), str(resolve_cache_dir(None)), address)
 
 
 @app.command()

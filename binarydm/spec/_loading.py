@@ -335,7 +335,34 @@ def _assemble(
         tracking=build(TrackingSpec, _section(raw, "tracking"), "tracking."),
         storage=build(StorageSpec, _section(raw, "storage"), "storage."),
         profile=profile,
+        profile_replaced=_replaced_by_profile(fixed, base, settings, profile_settings, cli),
     )
+
+
+_UNSET = object()
+
+
+def _file_value(fixed: Mapping[str, Any], key: str) -> Any:
+    """The value the file's ``settings`` mapping gives dotted ``key``, or ``_UNSET``."""
+    node: Any = fixed
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _UNSET
+        node = node[part]
+    return node
+
+
+def _replaced_by_profile(fixed, base, settings, profile_settings, cli) -> tuple:
+    """The keys the file's ``settings`` set and the profile changed (``--set`` ones are the
+    user's explicit choice, so not reported): (key, file value, profile value)."""
+    before, after = base.flat(), settings.flat()
+    out = []
+    for key in sorted(profile_settings):
+        if key in cli or _file_value(fixed, key) is _UNSET:
+            continue
+        if before.get(key) != after.get(key):
+            out.append((key, before.get(key), after.get(key)))
+    return tuple(out)
 
 
 def _check_space_keys(space: dict[str, Dimension]) -> None:

@@ -340,6 +340,19 @@ class StudySpec:
     # Not in the file: what loading decided.
     profile: str | None = field(default=None, metadata={"file": False})
     source: str | None = field(default=None, metadata={"file": False})
+    #: (key, the file's settings value, the profile's) for each key the file's
+    #: ``settings`` set that the selected profile replaced (``--set`` keys excepted).
+    profile_replaced: tuple[tuple[str, Any, Any], ...] = field(default=(), metadata={"file": False})
+
+    def profile_notes(self) -> list[str]:
+        """The settings values the selected profile replaced (``profile_replaced``), in
+        one line (none when it replaced nothing the file set)."""
+        if not self.profile_replaced:
+            return []
+        changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in self.profile_replaced)
+        count = len(self.profile_replaced)
+        values = "value" if count == 1 else "values"
+        return [f"note: profile {self.profile!r} replaces {count} {values} of settings: {changes}"]
 
     def __post_init__(self) -> None:
         require(

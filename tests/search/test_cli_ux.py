@@ -275,3 +275,55 @@ def test_tunes_own_output_is_off_during_fit_unless_verbose(monkeypatch):
     assert "RAY_AIR_NEW_OUTPUT" not in os.environ and tune_log.level == level
     with tune_output(verbose=True):
         assert "RAY_AIR_NEW_OUTPUT" not in os.environ and tune_log.level == level
+
+
+PROFILE_STUDY = """
+name: replaced
+settings:
+  data: {source: npz, path: %s, resolution: 16, channels: 1}
+  training: {steps: 400}
+search:
+  algorithm: random
+  trials: 2
+  objectives: [{metric: fid}]
+  space:
+    training.lr: {logfloat: [1.0e-5, 1.0e-3]}
+profiles:
+  quick: {data.source: mnist, data.path: null, training.steps: 400, teacher.steps: 50}
+"""
+
+
+def test_a_profile_replacing_a_file_setting_is_said_by_validate_and_dry_run(tmp_path):
+    """The profile's data.source replaces the file's npz: said, in one line; its
+    training.steps equals the file's and teacher.steps was never set there: not said; a
+    --set of the same key is the user's own choice: not said either."""
+    study = tmp_path / "replaced.yaml"
+    study.write_text(PROFILE_STUDY % (tmp_path / "mine.npz"))
+    spec = load_study(study, profile="quick")
+    assert spec.profile_replaced == (
+        ("data.path", str(tmp_path / "mine.npz"), None),
+        ("data.source", "npz", "mnist"),
+    )
+    assert load_study(study, profile="none").profile_replaced == ()
+    assert (
+        load_study(
+            study, profile="quick", overrides=["data.source=mnist", "data.path=null"]
+        ).profile_notes()
+        == []
+    )
+
+    note = "note: profile 'quick' replaces 2 values of settings: data.path "
+    result = CliRunner().invoke(app, ["validate", str(study)])
+    assert result.exit_code == 0, result.output
+    assert note in result.output and "'npz' -> 'mnist'" in result.output
+    assert "data, teacher and tracking store reachable" in result.output
+    dry = CliRunner().invoke(app, [str(study), "--dry-run"], catch_exceptions=False)
+    assert dry.exit_code == 0 and note in dry.output
+
+
+def test_validate_runs_the_preflight_and_creates_no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["validate", LRM_STUDY, "--set", "data.root=/nope"])
+    assert result.exit_code == 2
+    assert "data.root='/nope' is invalid: no such folder" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
