@@ -107,7 +107,14 @@ CURVE_METRICS = (*TRAINING_LOSSES, "lr", "train_images_per_s")
 
 #: What a trial reports at an early-stopping rung (``search.early_stopping``): the
 #: proxy's value (logged to the run at the rung's step), the rung's index and its step.
-PROXY_METRICS = ("proxy/test_loss",)
+PROXY_METRICS = ("proxy/test_loss", "proxy/fid")
+
+
+def proxy_metric(proxy: str) -> str:
+    """The rung metric of ``search.early_stopping.proxy`` (``test_loss`` -> ``proxy/test_loss``)."""
+    return f"proxy/{proxy}"
+
+
 RUNG = "rung"
 RUNG_STEP = "rung_step"
 

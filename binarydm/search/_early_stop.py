@@ -1,7 +1,8 @@
 """Multi-objective early stopping of a study's trials: MO-ASHA as a Ray Tune scheduler.
 
 ``search.early_stopping`` (``binarydm.spec.EarlyStoppingSpec``) makes the first seed of
-every trial report, at each rung step, its proxy (``proxy/test_loss``) beside the cost
+every trial report, at each rung step, its proxy (``proxy/test_loss``, or a small FID
+``proxy/fid`` under ``proxy: fid``) beside the cost
 objectives (``ops_g``, ``size_mib``...: fixed by the configuration, so already exact).
 ``MOASHAScheduler`` is asynchronous successive halving over those points (Schmucker et
 al. 2021, "Multi-objective Asynchronous Successive Halving", with its NSGA-II ranking):
@@ -110,8 +111,14 @@ class MOASHAScheduler(FIFOScheduler):
     recorded and continues.
     """
 
-    def __init__(self, costs: list[tuple[str, str]], reduction_factor: int) -> None:
+    def __init__(
+        self,
+        costs: list[tuple[str, str]],
+        reduction_factor: int,
+        proxy: str = PROXY_METRICS[0],
+    ) -> None:
         super().__init__()
+        self.proxy = proxy  # the rung metric ranked (minimised): proxy/test_loss or proxy/fid
         self.costs = list(costs)
         self.reduction_factor = int(reduction_factor)
         # rung -> {trial_id: minimised point}, in arrival order.
@@ -119,8 +126,7 @@ class MOASHAScheduler(FIFOScheduler):
         self.decisions: dict[str, tuple[int, str]] = {}
 
     def _point(self, result: dict[str, Any]) -> list[float] | None:
-        (proxy,) = PROXY_METRICS
-        values = [result.get(proxy), *(result.get(m) for m, _ in self.costs)]
+        values = [result.get(self.proxy), *(result.get(m) for m, _ in self.costs)]
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
             return None
         signs = [1.0] + [1.0 if d == "minimize" else -1.0 for _, d in self.costs]

@@ -247,7 +247,7 @@ def execute_trial(
     from binarydm.models import weights_sha256
     from binarydm.search._callbacks import MlflowCurveCallback, curve_buffer
     from binarydm.tracking import reproducibility_params
-    from binarydm.train import dataset_sha256, ensure_teacher, final_metrics, fit_qat
+    from binarydm.train import RungPlan, dataset_sha256, ensure_teacher, final_metrics, fit_qat
 
     spec = context.spec
     entered = time.perf_counter()
@@ -276,7 +276,13 @@ def execute_trial(
         tracker.log_params(run_id, {"teacher.sha256": weights_sha256(teacher)})
         prepare_s = None
         early = spec.search.early_stopping
-        rung_steps = early.rung_steps(settings0.training.steps) if early.enabled else ()
+        rungs = RungPlan()
+        if early.enabled:
+            rungs = RungPlan(
+                steps=early.rung_steps(settings0.training.steps),
+                fid_samples=early.fid_samples if early.proxy == "fid" else None,
+                fid_sampling_steps=early.sampling_steps,
+            )
         for seed in spec.search.seeds:
             seed_settings = settings0 if seed == settings0.seed else settings0.replace(seed=seed)
             prefix = seed_prefix(seed) if len(spec.search.seeds) > 1 else ""
@@ -293,7 +299,7 @@ def execute_trial(
                 callbacks=[*(extra_callbacks or []), MlflowCurveCallback(tracker, run_id, prefix)],
                 faults=faults,
                 # Rungs are the first seed's steps: the trial is judged on its first seed.
-                rungs=rung_steps if seed == spec.search.seeds[0] else (),
+                rungs=rungs if seed == spec.search.seeds[0] else RungPlan(),
             )
             fit_s, fit_end_unix = time.perf_counter() - fit_start, time.time()
             # The Train controller has finished: replay any curve points an outage held back.

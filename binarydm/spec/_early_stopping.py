@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from binarydm._typed import require
-from binarydm.metric_contract import COST
+from binarydm.metric_contract import COST, proxy_metric
 
-#: The proxies a rung can score; ``fid`` (a small-sample FID) is not built yet.
-Proxy = Literal["test_loss"]
+#: The proxies a rung can rank by: the held-out denoising loss, or a small FID.
+Proxy = Literal["test_loss", "fid"]
 _KEY = "search.early_stopping"
 
 
@@ -40,10 +40,16 @@ class EarlyStoppingSpec:
         default=True,
     )
     proxy: Proxy = _doc(
-        "what a rung scores: test_loss = held-out denoising MSE of the EMA/eval model with "
-        "every stage on and EBB switched (the deployed form)",
+        "what a rung ranks by: test_loss = held-out denoising MSE of the EMA/eval model with "
+        "every stage on and EBB switched (the deployed form); fid = a small FID of that "
+        "model (fid_samples DDIM samples of sampling_steps steps, the trial's Inception)",
         default="test_loss",
     )
+    fid_samples: int = _doc(
+        "samples of a rung's small FID (proxy fid); more than evaluation.fid_dims",
+        default=256,
+    )
+    sampling_steps: int = _doc("DDIM steps of a rung's small FID (proxy fid)", default=10)
     rungs: tuple[float, ...] | None = _doc(
         "rung positions as increasing fractions of training.steps in (0, 1); null = "
         "min_fraction * reduction_factor**k below 1",
@@ -64,6 +70,16 @@ class EarlyStoppingSpec:
             eta,
             "an integer >= 2",
         )
+        for key, value in (
+            ("fid_samples", self.fid_samples),
+            ("sampling_steps", self.sampling_steps),
+        ):
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{_KEY}.{key}",
+                value,
+                "an integer >= 1",
+            )
         require(
             0 < self.min_fraction < 1,
             f"{_KEY}.min_fraction",
@@ -107,6 +123,22 @@ class EarlyStoppingSpec:
                 out.append(step)
         return tuple(out)
 
+    @property
+    def metric(self) -> str:
+        """The rung metric the scheduler ranks by (``proxy/test_loss``, ``proxy/fid``)."""
+        return proxy_metric(self.proxy)
+
+    def check_fid_dims(self, fid_dims: int) -> None:
+        """A small FID needs more samples than feature dimensions (a full-rank covariance)."""
+        if self.enabled and self.proxy == "fid":
+            require(
+                self.fid_samples > fid_dims,
+                f"{_KEY}.fid_samples",
+                self.fid_samples,
+                f"more samples than evaluation.fid_dims={fid_dims} (else the covariance is "
+                "singular)",
+            )
+
     def check_objectives(self, metrics: list[str]) -> None:
         """Early stopping needs an objective: the proxy stands in for the quality ones."""
         if not self.enabled:
@@ -123,6 +155,8 @@ class EarlyStoppingSpec:
             "enabled": self.enabled,
             "stop": self.stop,
             "proxy": self.proxy,
+            "fid_samples": self.fid_samples,
+            "sampling_steps": self.sampling_steps,
             "rungs": list(self.rungs) if self.rungs is not None else None,
             "min_fraction": self.min_fraction,
             "reduction_factor": self.reduction_factor,

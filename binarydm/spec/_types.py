@@ -361,6 +361,7 @@ class StudySpec:
             self.name,
             "letters, digits, '_', '.', '-' (it names the experiment and the Optuna study)",
         )
+        self.search.early_stopping.check_fid_dims(self.settings.evaluation.fid_dims)
 
     def trial_settings(self, params: Mapping[str, Any], seed: int) -> TrialSettings:
         """The settings of one run: fixed settings (profile applied) + sampled ``params`` + seed."""

@@ -15,7 +15,7 @@ _EXPORTS = by_module(
             "TrialSettings", "WorkerSettings",
         ),
         "step": ("NonFiniteLossError", "StepLosses", "StepParts", "qat_step", "teacher_step"),
-        "job": ("FaultPlan", "WorkerJob"),
+        "job": ("FaultPlan", "RungPlan", "WorkerJob"),
         "_runner": (
             "DivergedTrialError", "TrialError", "cached_teacher_dir", "dataset_sha256",
             "ensure_teacher",

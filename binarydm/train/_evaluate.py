@@ -23,6 +23,8 @@ from binarydm.train._diffusion import ddim_sample, held_out_loss, noise_schedule
 from binarydm.train._progress import progress_bar
 from binarydm.train.settings import TrialSettings
 
+PROXY_TEST_LOSS, PROXY_FID = PROXY_METRICS
+
 
 def _split_images(settings: TrialSettings, split: str, count: int, data_root, cache_dir):
     """The first ``count`` images of a split at the model's resolution (uint8 NHWC)."""
@@ -199,9 +201,17 @@ def evaluate(
 
 @torch.no_grad()
 def rung_proxy(
-    model: nn.Module, settings: TrialSettings, *, data_root=None, cache_dir=None
+    model: nn.Module,
+    settings: TrialSettings,
+    *,
+    data_root=None,
+    cache_dir=None,
+    fid: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """The early-stopping proxy at a rung: held-out ``test_loss`` and the costs (``COST``).
+    """The early-stopping proxy at a rung: held-out ``test_loss`` and the costs (``COST``),
+    and with ``fid = (samples, sampling_steps)`` a small FID (``proxy/fid``): that many
+    DDIM samples of that many steps, the trial's Inception features (``fid_dims``) against
+    the first ``samples`` reference images, the trial's sampling seed.
 
     ``model`` is the one the final evaluation scores (the EMA model under
     ``evaluation.use_ema``). It is scored as it would be deployed: on a copy with the
@@ -223,8 +233,26 @@ def rung_proxy(
     device = next(deployed.parameters()).device
     images = _test_images(settings, data_root, cache_dir, settings.evaluation.test_loss_images)
     scheduler = noise_scheduler(settings.training.num_train_timesteps)
-    (proxy,) = PROXY_METRICS
-    scores = {proxy: held_out_loss(deployed, images, scheduler, seed=1234)}
+    scores = {PROXY_TEST_LOSS: held_out_loss(deployed, images, scheduler, seed=1234)}
+    if fid is not None:
+        samples, steps = fid
+        small = settings.replace(
+            **{"evaluation.fid_samples": samples, "evaluation.sampling_steps": steps}
+        )
+        _freeze(deployed, True)
+        drawn = ddim_sample(
+            deployed,
+            samples,
+            steps=steps,
+            seed=settings.seed,
+            batch_size=settings.evaluation.sample_batch_size,
+            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+            num_train_timesteps=settings.training.num_train_timesteps,
+        )
+        scored = score_fid(
+            to_uint8(drawn), small, data_root=data_root, cache_dir=cache_dir, device=device
+        )
+        scores[PROXY_FID] = scored["fid"]
     example = (
         torch.zeros(1, data.channels, data.resolution, data.resolution, device=device),
         torch.zeros(1, dtype=torch.long, device=device),

@@ -325,7 +325,7 @@ def _after_step(run: _Run, window, done: int, images_seen: int, metrics: dict[st
     recipe = run.recipe
     is_ckpt = done % recipe.checkpoint_every == 0 or done == recipe.steps
     is_log = done % recipe.log_every == 0
-    is_rung = done in run.job.rungs
+    is_rung = done in run.job.rungs.steps
     if is_log or is_ckpt or is_rung:
         metrics = _window_metrics(run, window.take(), done, images_seen)
     rung = _rung_metrics(run, done) if is_rung else {}
@@ -344,14 +344,18 @@ def _rung_metrics(run: _Run, done: int) -> dict[str, Any]:
     """
     from binarydm.train._evaluate import rung_proxy
 
-    out: dict[str, Any] = {RUNG: run.job.rungs.index(done), RUNG_STEP: done}
+    out: dict[str, Any] = {RUNG: run.job.rungs.steps.index(done), RUNG_STEP: done}
     if run.session.rank != 0:
         return out
     parts, settings = run.parts, run.job.settings
     use_ema = parts.ema is not None and settings.evaluation.use_ema
     model = parts.ema.module if use_ema else parts.model
+    plan = run.job.rungs
+    fid = None if plan.fid_samples is None else (plan.fid_samples, plan.fid_sampling_steps)
     out.update(
-        rung_proxy(model, settings, data_root=run.job.data_root, cache_dir=run.job.cache_dir)
+        rung_proxy(
+            model, settings, data_root=run.job.data_root, cache_dir=run.job.cache_dir, fid=fid
+        )
     )
     return out
 

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from binarydm.train.job import FaultPlan, WorkerJob
+from binarydm.train.job import FaultPlan, RungPlan, WorkerJob
 from binarydm.train.settings import TrialSettings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def make_trainer(
     callbacks: list | None = None,
     faults: FaultPlan | None = None,
     evaluate: bool = True,
-    rungs: tuple[int, ...] = (),
+    rungs: RungPlan | tuple[int, ...] = (),
 ):
     """A ``TorchTrainer`` running the training loop in ``mode`` (teacher or qat) with the
     settings' workers, failure and checkpoint policy; ``faults``: fault injection
@@ -96,7 +96,7 @@ def worker_job(
     *,
     faults: FaultPlan | None = None,
     evaluate: bool = True,
-    rungs: tuple[int, ...] = (),
+    rungs: RungPlan | tuple[int, ...] = (),
 ) -> WorkerJob:
     """The job every worker of a fit runs, its paths absolute."""
     return WorkerJob(
@@ -107,7 +107,7 @@ def worker_job(
         cache_dir=_abs(cache_dir),
         faults=faults or FaultPlan(),
         evaluate=evaluate,
-        rungs=tuple(rungs),
+        rungs=RungPlan.of(rungs),
     )
 
 
@@ -212,7 +212,7 @@ def fit_qat(
     callbacks: list | None = None,
     faults: FaultPlan | None = None,
     evaluate: bool = True,
-    rungs: tuple[int, ...] = (),
+    rungs: RungPlan | tuple[int, ...] = (),
 ):
     """Run (or resume) the QAT of one trial; returns Ray Train's ``Result`` (or, inline,
     an ``InlineResult`` with the same fields). ``faults``, ``evaluate`` and ``rungs``: as

@@ -96,13 +96,33 @@ class FaultPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class RungPlan:
+    """Where QAT reports its early-stopping proxy, and what the proxy holds.
+
+    ``steps``: the rung steps (none: no rungs). Every rung scores the held-out
+    ``proxy/test_loss``; with ``fid_samples`` set it also scores ``proxy/fid``, a small
+    FID of that many DDIM samples of ``fid_sampling_steps`` steps (the trial's Inception
+    and feature width) against as many reference images.
+    """
+
+    steps: tuple[int, ...] = ()
+    fid_samples: int | None = None
+    fid_sampling_steps: int = 10
+
+    @classmethod
+    def of(cls, rungs: RungPlan | tuple[int, ...] | list[int]) -> RungPlan:
+        """``rungs`` as a plan: a bare tuple of steps scores the test loss only."""
+        return rungs if isinstance(rungs, RungPlan) else cls(steps=tuple(rungs))
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkerJob:
     """One worker's job: train ``mode`` (``teacher`` or ``qat``) with ``settings``.
 
     Paths are absolute (Tune and Train change working directories). ``evaluate=False``
     ends QAT without its evaluation (tests and benchmarks that time training alone).
-    ``rungs``: the training steps where QAT reports its early-stopping proxy
-    (``search.early_stopping``; none by default).
+    ``rungs``: where QAT reports its early-stopping proxy and what it scores
+    (``RungPlan``, from ``search.early_stopping``; no rungs by default).
     """
 
     settings: TrialSettings
@@ -112,7 +132,7 @@ class WorkerJob:
     cache_dir: str | None = None
     faults: FaultPlan = FaultPlan()
     evaluate: bool = True
-    rungs: tuple[int, ...] = ()
+    rungs: RungPlan = RungPlan()
 
     def __post_init__(self) -> None:
         if self.mode not in ("teacher", "qat"):

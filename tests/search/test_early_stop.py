@@ -61,6 +61,29 @@ def test_maximised_costs_are_negated_and_non_finite_proxies_are_not_recorded():
     assert scheduler.on_trial_result(None, Trial("d"), {"loss": 1.0}) == "CONTINUE"
 
 
+def test_a_fid_proxy_scheduler_ranks_by_proxy_fid():
+    """Under ``proxy: fid`` the scheduler ranks rungs by ``proxy/fid`` (the test loss is
+    reported beside it and ignored): b's lower test loss does not save it."""
+    spec = load_study(
+        "search_spaces/lrm_rank.yaml",
+        overrides={"search.early_stopping": {"enabled": True, "proxy": "fid", "rungs": [0.5]}},
+    )
+    assert spec.search.early_stopping.metric == "proxy/fid"
+    from binarydm.search._driver import early_stopping_scheduler
+
+    scheduler = early_stopping_scheduler(spec)
+    assert scheduler.proxy == "proxy/fid"
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    a = {"rung": 0, "proxy/fid": 10.0, "proxy/test_loss": 0.5}
+    b = {"rung": 0, "proxy/fid": 20.0, "proxy/test_loss": 0.1}
+    assert scheduler.on_trial_result(None, Trial("a"), a) == "CONTINUE"
+    assert scheduler.on_trial_result(None, Trial("b"), b) == "STOP"
+
+
 def test_was_pruned_reads_the_last_result():
     assert was_pruned({"rung": 0, "proxy/test_loss": 1.0})
     assert not was_pruned({"rung": 0, "final": True, "fid": 3.0})
@@ -86,7 +109,13 @@ def test_rung_steps_from_fractions_or_the_ladder():
         ({"rungs": [0.5, 1.0]}, "strictly increasing list of fractions in (0, 1)"),
         ({"reduction_factor": 1}, "search.early_stopping.reduction_factor=1 is invalid"),
         ({"min_fraction": 0}, "search.early_stopping.min_fraction=0.0 is invalid"),
-        ({"proxy": "fid"}, "search.early_stopping.proxy='fid' is invalid"),
+        ({"proxy": "loss"}, "search.early_stopping.proxy='loss' is invalid"),
+        (
+            {"enabled": True, "proxy": "fid", "fid_samples": 64},
+            "search.early_stopping.fid_samples=64 is invalid: allowed more samples than "
+            "evaluation.fid_dims=64",
+        ),
+        ({"sampling_steps": 0}, "search.early_stopping.sampling_steps=0 is invalid"),
         ({"patience": 3}, "search.early_stopping.patience=3 is invalid: unknown key"),
     ],
 )
@@ -103,7 +132,8 @@ def test_early_stopping_is_off_by_default_and_round_trips():
     on = {"enabled": True, "rungs": [0.2, 0.5], "reduction_factor": 4}
     spec = load_study("search_spaces/lrm_rank.yaml", overrides={"search.early_stopping": on})
     assert spec.to_dict()["search"]["early_stopping"] == {
-        "enabled": True, "stop": True, "proxy": "test_loss", "rungs": [0.2, 0.5],
+        "enabled": True, "stop": True, "proxy": "test_loss", "fid_samples": 256,
+        "sampling_steps": 10, "rungs": [0.2, 0.5],
         "min_fraction": 0.1, "reduction_factor": 4,
     }  # fmt: skip
 
