@@ -168,6 +168,7 @@ def run(
         return
     _warn_remote_paths(spec, address, console)
     from binarydm.search import pareto_table, run_study
+    from binarydm.search._console import interrupted_message, location_lines
 
     def started(location: dict) -> None:
         for line in location_lines(location):
@@ -215,30 +216,6 @@ def resume_command(
     for override in sets or []:
         words += ["--set", override]
     return shlex.join([*words, "--resume"])
-
-
-def interrupted_message(spec, command: str) -> str:
-    """What an interrupted study kept, and how to continue it (``spec``: paths resolved)."""
-    return (
-        "interrupted: finished trials are saved, unfinished ones continue on resume\n"
-        f"  MLflow runs:  {spec.tracking.uri}\n"
-        f"  Optuna study: {spec.storage.optuna} (study {spec.name!r})\n"
-        f"  Tune state:   {Path(spec.storage.ray_results) / spec.name}\n"
-        f"continue with:\n  {command}"
-    )
-
-
-def location_lines(location: dict) -> list[str]:
-    """Where a study's results are, as printed at its start and end."""
-    lines = [f"MLflow: {location['tracking_uri']} (experiment id {location['experiment_id']})"]
-    if location.get("mlflow_ui"):
-        lines.append(f"  browse: {location['mlflow_ui']}")
-        lines.append(f"  then open {location['mlflow_url']}")
-    else:
-        lines.append(f"  browse: {location['mlflow_url']}")
-    if location.get("ray_dashboard"):
-        lines.append(f"Ray dashboard: {location['ray_dashboard']}")
-    return lines
 
 
 def _warn_remote_paths(spec, address: str | None, console) -> None:
@@ -339,38 +316,14 @@ def trial(
 
 
 def _single_trial(spec, address: str | None) -> dict:
-    import dataclasses
-
     from rich.console import Console
 
-    from binarydm.data import cache_dir as resolve_cache_dir
-    from binarydm.search import StudyContext, connect_ray, execute_trial, shared_teacher
-    from binarydm.search._console import worker_progress
-    from binarydm.tracking import StudyTracker
+    from binarydm.search import run_single_trial
 
-    spec = spec.resolve_paths()
-    # Only the fixed settings run: the search space is not sampled.
-    spec = dataclasses.replace(
-        spec, search=dataclasses.replace(spec.search, seeds=spec.search.seeds[:1])
+    console = Console(stderr=True)
+    return run_single_trial(
+        spec, address, say=lambda line: console.print(line, highlight=False, soft_wrap=True)
     )
-    connect_ray(address)
-    tracker = StudyTracker.for_study(spec)
-    run = tracker.client.create_run(
-        tracker.experiment_id,
-        run_name=f"{spec.name}-trial",
-        tags={"study": spec.name, "bdm.role": "single-trial"},
-    )
-    cache = str(resolve_cache_dir(None))
-    say = Console(stderr=True).print
-    teacher = shared_teacher(spec, cache, lambda line: say(line, highlight=False, soft_wrap=True))
-    context = StudyContext(spec, teacher, cache, "", "")
-    say(f"QAT of {spec.name}'s fixed settings, then its evaluation", highlight=False)
-    with worker_progress():  # the worker's training and sampling bars, with ETAs
-        metrics = execute_trial(
-            context, {}, tracker, run.info.run_id, 1, name=f"{spec.name}-single"
-        )
-    metrics["mlflow_run_id"] = run.info.run_id
-    return metrics
 
 
 @app.command()

@@ -28,7 +28,14 @@ from binarydm.search._sampling import (
 # Loaded on first use: the driver and the trial import Ray and MLflow.
 _LAZY = by_module(
     {
-        "_driver": ("StudyError", "StudyInterrupted", "connect_ray", "run_study", "shared_teacher"),
+        "_driver": (
+            "StudyError",
+            "StudyInterrupted",
+            "connect_ray",
+            "run_single_trial",
+            "run_study",
+            "shared_teacher",
+        ),
         "_trainable": ("StudyContext", "execute_trial", "run_trial"),
         "_analysis": ("pareto_table", "summarize"),
         "_early_stop": ("MOASHAScheduler", "rung_order", "survivors", "was_pruned"),

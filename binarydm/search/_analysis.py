@@ -47,7 +47,13 @@ def summarize(
     ``reference`` in the result is the study's FINISHED FP reference run
     (``tracking.load_reference``), or None.
     """
-    from binarydm.tracking import load_reference, load_study_results, plot_points
+    from binarydm.tracking import (
+        load_reference,
+        load_study_results,
+        log_hypervolume_history,
+        log_summary_table,
+        plot_points,
+    )
 
     metrics = [m for m, _ in objectives]
     directions = [d for _, d in objectives]
@@ -83,10 +89,10 @@ def summarize(
     if complete:
         fp = reference["metrics"] if reference is not None else None
         tracker.log_pareto_plots(plot_points(records), objectives, fp=fp)
-        tracker.log_hypervolume_history(history)
+        log_hypervolume_history(tracker, history)
     if records:
         searched = sorted({p for r in records for p in _searched(r)})
-        tracker.log_summary_table(records, metrics, searched, reference)
+        log_summary_table(tracker, records, metrics, searched, reference)
     if log_checkpoints:
         for record in records:
             packed = Path(record["tags"].get("checkpoint", "")) / "model.bdm"

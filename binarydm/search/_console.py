@@ -229,3 +229,27 @@ def teacher_notice(settings, cached: Path | None) -> str:
         f"FP teacher: pretraining {teacher.preset} on {data.source} at {data.resolution} px "
         f"for {teacher.steps} steps (once: cached in {cached} for later studies)"
     )
+
+
+def interrupted_message(spec, command: str) -> str:
+    """What an interrupted study kept, and how to continue it (``spec``: paths resolved)."""
+    return (
+        "interrupted: finished trials are saved, unfinished ones continue on resume\n"
+        f"  MLflow runs:  {spec.tracking.uri}\n"
+        f"  Optuna study: {spec.storage.optuna} (study {spec.name!r})\n"
+        f"  Tune state:   {Path(spec.storage.ray_results) / spec.name}\n"
+        f"continue with:\n  {command}"
+    )
+
+
+def location_lines(location: dict) -> list[str]:
+    """Where a study's results are, as printed at its start and end."""
+    lines = [f"MLflow: {location['tracking_uri']} (experiment id {location['experiment_id']})"]
+    if location.get("mlflow_ui"):
+        lines.append(f"  browse: {location['mlflow_ui']}")
+        lines.append(f"  then open {location['mlflow_url']}")
+    else:
+        lines.append(f"  browse: {location['mlflow_url']}")
+    if location.get("ray_dashboard"):
+        lines.append(f"Ray dashboard: {location['ray_dashboard']}")
+    return lines

@@ -395,3 +395,39 @@ def settle_orphans(spec: StudySpec, storage, tracker, owned: set[int]) -> dict[i
         settled[number] = "FAIL"
     log.warning("resume: settled Optuna trials left RUNNING by the killed driver: %s", settled)
     return settled
+
+
+def run_single_trial(
+    spec: StudySpec, address: str | None = None, say: Callable[[str], None] = log.info
+) -> dict[str, Any]:
+    """One trial of the study's fixed settings (``bdm-search trial``): its own MLflow run
+    (``bdm.role=single-trial``), the workers' progress bars shown; returns its metrics
+    with ``mlflow_run_id``. ``say`` gets the one-line notices (the teacher)."""
+    import dataclasses
+
+    from binarydm.data import cache_dir as resolve_cache_dir
+    from binarydm.search._trainable import StudyContext, execute_trial
+    from binarydm.tracking import StudyTracker
+
+    spec = spec.resolve_paths()
+    # Only the fixed settings run: the search space is not sampled.
+    spec = dataclasses.replace(
+        spec, search=dataclasses.replace(spec.search, seeds=spec.search.seeds[:1])
+    )
+    connect_ray(address)
+    tracker = StudyTracker.for_study(spec)
+    run = tracker.client.create_run(
+        tracker.experiment_id,
+        run_name=f"{spec.name}-trial",
+        tags={"study": spec.name, "bdm.role": "single-trial"},
+    )
+    cache = str(resolve_cache_dir(None))
+    teacher = shared_teacher(spec, cache, say)
+    context = StudyContext(spec, teacher, cache, "", "")
+    say(f"QAT of {spec.name}'s fixed settings, then its evaluation")
+    with worker_progress():  # the worker's training and sampling bars, with ETAs
+        metrics = execute_trial(
+            context, {}, tracker, run.info.run_id, 1, name=f"{spec.name}-single"
+        )
+    metrics["mlflow_run_id"] = run.info.run_id
+    return metrics

@@ -39,6 +39,8 @@ __all__ = [
     "find_run",
     "flatten_params",
     "hypervolume_figure",
+    "log_hypervolume_history",
+    "log_summary_table",
     "is_tracking_outage",
     "list_studies",
     "load_reference",
@@ -58,7 +60,8 @@ __all__ = [
 _LAZY = by_module(
     {
         "_plots": ("pareto_plots", "log_pareto_plots"),
-        "_hypervolume_plot": ("hypervolume_figure",),
+        "_hypervolume_plot": ("hypervolume_figure", "log_hypervolume_history"),
+        "_summary_table": ("log_summary_table",),
         "_archive": ("export_experiment", "import_archive", "read_archive"),
     }
 )

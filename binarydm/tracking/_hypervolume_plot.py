@@ -8,6 +8,7 @@ against one reference point). Matplotlib only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -40,3 +41,14 @@ def hypervolume_figure(
         axes.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def log_hypervolume_history(tracker, history: Mapping[str, Any]) -> None:
+    """``hypervolume_vs_time.png`` and ``hypervolume_history.json`` on the study's parent
+    run (a ``StudyTracker``). ``history``: ``{"reference_point", "objectives",
+    "first_trial_start_unix", "points": [{"elapsed_s", "hypervolume", "trials_finished"}]}``
+    (``search.summarize`` builds it)."""
+    run_id = tracker.parent_run_id()
+    steps = [(p["elapsed_s"], p["hypervolume"]) for p in history["points"]]
+    tracker.client.log_dict(run_id, dict(history), JSON_NAME)
+    tracker.log_figure(run_id, hypervolume_figure({tracker.study: steps}), PNG_NAME)

@@ -480,36 +480,6 @@ class StudyTracker:
         self.client.log_text(parent, study_file_text, study_file_name)
         return parent
 
-    def log_summary_table(
-        self,
-        records: Sequence[Mapping[str, Any]],
-        metrics: Sequence[str],
-        searched: Sequence[str],
-        reference: Mapping[str, Any] | None = None,
-    ) -> None:
-        """``trials.csv`` and ``trials.html`` on the parent run (``_summary_table``)."""
-        from binarydm.tracking import _summary_table as table
-
-        columns, rows = table.summary_rows(records, metrics, searched, reference)
-        run_id = self.parent_run_id()
-        self.log_text(run_id, table.to_csv(columns, rows), table.CSV_NAME)
-        title = f"study {self.study}: {len(records)} trials"
-        page = table.to_html(columns, rows, self.experiment_id, title)
-        self.log_text(run_id, page, table.HTML_NAME)
-
-    def log_hypervolume_history(self, history: Mapping[str, Any]) -> None:
-        """``hypervolume_vs_time.png`` and ``hypervolume_history.json`` on the parent run.
-
-        ``history``: ``{"reference_point", "objectives", "first_trial_start_unix",
-        "points": [{"elapsed_s", "hypervolume", "trials_finished"}]}``
-        (``search.summarize`` builds it)."""
-        from binarydm.tracking._hypervolume_plot import JSON_NAME, PNG_NAME, hypervolume_figure
-
-        run_id = self.parent_run_id()
-        steps = [(p["elapsed_s"], p["hypervolume"]) for p in history["points"]]
-        self.client.log_dict(run_id, dict(history), JSON_NAME)
-        self.log_figure(run_id, hypervolume_figure({self.study: steps}), PNG_NAME)
-
     def log_pareto_plots(
         self,
         points: Sequence[Mapping[str, Any]],

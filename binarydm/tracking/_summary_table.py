@@ -96,3 +96,18 @@ def to_html(
         "<p>Highlighted: the Pareto front. FP: the FP teacher scored with the trials' "
         "evaluation settings (not a trial).</p></body></html>"
     )
+
+
+def log_summary_table(
+    tracker,
+    records: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str],
+    searched: Sequence[str],
+    reference: Mapping[str, Any] | None = None,
+) -> None:
+    """``trials.csv`` and ``trials.html`` on the study's parent run (a ``StudyTracker``)."""
+    columns, rows = summary_rows(records, metrics, searched, reference)
+    run_id = tracker.parent_run_id()
+    tracker.log_text(run_id, to_csv(columns, rows), CSV_NAME)
+    title = f"study {tracker.study}: {len(records)} trials"
+    tracker.log_text(run_id, to_html(columns, rows, tracker.experiment_id, title), HTML_NAME)

@@ -128,7 +128,8 @@ def test_sqlite_init_lock_leaves_nothing_beside_the_store(tmp_path, monkeypatch)
 
 
 def test_interrupted_message_says_what_was_kept_and_the_exact_resume_command(tmp_path):
-    from binarydm.cli import interrupted_message, resume_command
+    from binarydm.cli import resume_command
+    from binarydm.search._console import interrupted_message
 
     command = resume_command(
         LRM_STUDY, "quick", ["training.lr=2e-5", "data.root=/a b"], None, None, 3
