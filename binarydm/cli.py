@@ -277,20 +277,20 @@ def validate(
     teacher, an MLflow server); prints `ok` or one line saying what is wrong. Creates no
     store (it may fill the data cache, as the run would)."""
     spec = _load(file, profile, sets)
-    _guarded(lambda: _preflight(spec, None))
+    checked = _guarded(lambda: _preflight(spec, None))
     for note in spec.profile_notes():
         typer.echo(note)
     typer.echo(f"ok: study {spec.name!r}, profile {spec.profile or 'none'}, "
                f"{spec.search.trials} trials x {len(spec.search.seeds)} seeds; "
-               "data, teacher and tracking store reachable")  # fmt: skip
+               f"checked: the file, {', '.join(checked) or 'nothing else'}")  # fmt: skip
 
 
-def _preflight(spec, address: str | None) -> None:
+def _preflight(spec, address: str | None) -> list[str]:
     """The run's own checks before Ray starts (``search._preflight.preflight``)."""
     from binarydm.data import cache_dir as resolve_cache_dir
     from binarydm.search._preflight import preflight
 
-    preflight(spec.resolve_paths(), str(resolve_cache_dir(None)), address)
+    return preflight(spec.resolve_paths(), str(resolve_cache_dir(None)), address)
 
 
 @app.command()

@@ -92,6 +92,12 @@ COMPARABILITY_SETTINGS = {
 }
 
 
+def logged_param_name(key: str) -> str:
+    """The name a run logs settings ``key`` under (its comparability name, if it has one)."""
+    names = {setting: name for name, setting in COMPARABILITY_SETTINGS.items()}
+    return names.get(key, key)
+
+
 def once_under_comparability_names(params: dict) -> dict:
     """``params`` (flattened settings) with each ``COMPARABILITY_SETTINGS`` key renamed to
     its comparability name, so the value is a run's param once."""

@@ -214,13 +214,16 @@ def track_progress(row: dict[str, Any], result: dict[str, Any], now: float) -> N
     """Update a table row's training progress from one of its trial's results.
 
     Seeds train one after another, each from step 0: a step below the last one seen
-    starts the next seed. The rate is measured over the current seed's reports."""
+    starts the next seed (or is a retry from a checkpoint). The rate is measured since."""
     step = result.get("step")
     if result.get("final") or not isinstance(step, int | float):
         return
     step = int(step)
     if step < row.get("step", -1):
-        row["seed_index"] = row.get("seed_index", 0) + 1
+        # The next seed, or a retry resuming from an earlier checkpoint (with one seed
+        # left, or with one seed only, it can be nothing else): the rate starts again.
+        if row.get("seed_index", 0) + 1 < row.get("seeds", 1):
+            row["seed_index"] = row.get("seed_index", 0) + 1
         row.pop("first_seen", None)
     row["step"] = step
     if "first_seen" not in row:

@@ -47,6 +47,13 @@ def is_raylet_notice(data: dict[str, Any]) -> bool:
 #: terminal: the FP teacher's pretraining and ``bdm-search trial``. During a study's
 #: trials the live table (``StudyProgress``) shows their progress instead.
 _worker_progress = threading.Event()
+#: Set by ``quiet_ray_output``, cleared by ``loud_ray_output`` (a ``--verbose`` driver).
+_quiet = threading.Event()
+
+
+def loud_ray_output() -> None:
+    """Undo ``quiet_ray_output`` for this process: Ray's output prints as it comes."""
+    _quiet.clear()
 
 
 @contextlib.contextmanager
@@ -78,6 +85,22 @@ def _close_worker_bars() -> None:
         groups.clear()
 
 
+def shown_batch(data: dict[str, Any], *, progress: bool) -> dict[str, Any] | None:
+    """What a quiet driver prints of one batch Ray forwards (None: nothing).
+
+    The raylet's startup-concurrency notice: nothing; its other messages (Ray's error
+    listener): as they are; the autoscaler's ("resource request cannot be scheduled
+    right now" while trials hold the cluster, expected in a study): nothing; a worker's
+    output: its progress-bar lines while ``progress`` (``shown_worker_lines``)."""
+    pid = data.get("pid")
+    if is_raylet_notice(data) or pid == "autoscaler":
+        return None
+    if pid == "raylet":
+        return data
+    lines = shown_worker_lines(data, progress)
+    return {**data, "lines": lines} if lines else None
+
+
 def shown_worker_lines(data: dict[str, Any], progress: bool) -> list[str]:
     """The lines of a worker's output batch that a non-verbose driver prints: its
     progress-bar updates while ``progress``, nothing else (the raylet's own errors are
@@ -97,8 +120,8 @@ def quiet_ray_output() -> None:
       concurrency" warning (a trial's Train workers on a small machine always trip it);
       every other message of Ray's error listener still prints;
     - of the workers' own output only their progress bars, and only inside
-      ``worker_progress()`` (the teacher's pretraining, ``bdm-search trial``); the rest
-      goes to this module's debug log.
+      ``worker_progress()`` (the teacher's pretraining, ``bdm-search trial``); the rest,
+      and the autoscaler's scheduling notices, go to this module's debug log.
 
     Ray binds ``print_to_stdstream`` for worker output when it connects and the error
     listener looks the name up on each message, so wrapping the name before
@@ -106,22 +129,18 @@ def quiet_ray_output() -> None:
     """
     from ray._private import worker
 
+    _quiet.set()
     printer = worker.print_to_stdstream
     if getattr(printer, "_binarydm_filtered", False):
         return
 
     def print_to_stdstream(data, *args, **kwargs):
-        if is_raylet_notice(data):
-            log.debug("raylet: %s", " ".join(data.get("lines") or []))
-            return None
-        if data.get("pid") == "raylet" or data.get("pid") == "autoscaler":
+        if not _quiet.is_set():  # a later --verbose connect in this process
             return printer(data, *args, **kwargs)
-        lines = shown_worker_lines(data, _worker_progress.is_set())
-        if len(lines) < len(data.get("lines") or []):
-            log.debug("worker %s: %s", data.get("pid"), " ".join(data.get("lines") or []))
-        if not lines:
-            return None
-        return printer({**data, "lines": lines}, *args, **kwargs)
+        shown = shown_batch(data, progress=_worker_progress.is_set())
+        if shown is None or len(shown["lines"]) < len(data.get("lines") or []):
+            log.debug("%s: %s", data.get("pid"), " ".join(data.get("lines") or []))
+        return None if shown is None else printer(shown, *args, **kwargs)
 
     print_to_stdstream._binarydm_filtered = True
     worker.print_to_stdstream = print_to_stdstream

@@ -27,6 +27,7 @@ from typing import Any
 from binarydm.metric_contract import TUNE_STARTED_TAG
 from binarydm.search._console import (
     ANALYSIS_LOG,
+    loud_ray_output,
     mask_secrets,
     quiet_library_notices,
     quiet_ray_output,
@@ -78,7 +79,9 @@ def connect_ray(
         check_reachable(address, timeout_s)
     elif not os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`: joins, starts nothing
         loopback_only()
-    if not verbose:
+    if verbose:
+        loud_ray_output()
+    else:
         quiet_ray_output()
     context = ray.init(
         address=address or None,

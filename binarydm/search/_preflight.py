@@ -56,18 +56,26 @@ def check_reachable(address: str, timeout_s: float) -> None:
         ) from None
 
 
-def preflight(spec: StudySpec, cache_dir: str, address: str | None) -> None:
-    """Fail in seconds, before Ray starts or anything is written, on what would fail late."""
+def preflight(spec: StudySpec, cache_dir: str, address: str | None) -> list[str]:
+    """Fail in seconds, before Ray starts or anything is written, on what would fail late;
+    returns what was checked (the data and a given teacher only where the space does not
+    vary them, a cluster and an MLflow server only where given)."""
+    checked = []
     if address:
         check_reachable(address, timeout_s=30.0)
-    _check_tracking_reachable(spec.tracking.uri)
+        checked.append("the Ray cluster")
+    if _check_tracking_reachable(spec.tracking.uri):
+        checked.append("the MLflow server")
     settings = spec.trial_settings({}, spec.search.seeds[0])
     space = list(spec.search.space)
     if not any(k.startswith("data.") for k in space):
         _check_data(settings, cache_dir)
+        checked.append("the data")
     pretrained = settings.teacher.pretrained
     if pretrained and not any(k.startswith("teacher.") for k in space):
         _check_teacher(pretrained)
+        checked.append("the teacher")
+    return checked
 
 
 def _check_data(settings, cache_dir: str) -> None:
@@ -103,14 +111,15 @@ def _check_teacher(pretrained: str) -> None:
         load_unet(pretrained)  # ModelLoadError: one line saying what is wrong with it
 
 
-def _check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """An MLflow server must answer at the start: run creation cannot be buffered."""
+def _check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> bool:
+    """An MLflow server must answer at the start: run creation cannot be buffered.
+    Returns whether ``uri`` is a server (a file store needs no check)."""
     import socket
     from urllib.parse import urlparse
 
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https") or parsed.hostname is None:
-        return
+        return False
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
@@ -120,6 +129,7 @@ def _check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
             f"tracking.uri={mask_secrets(uri)!r} does not answer ({exc}); start the MLflow "
             "server (mlflow server --host 127.0.0.1 --port PORT) or use a sqlite:/// URI"
         ) from None
+    return True
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 from binarydm.metric_contract import (
     AVERAGED,
     COMPARABILITY,
+    logged_param_name,
     once_under_comparability_names,
     seed_prefix,
     timing,
@@ -256,7 +257,7 @@ def execute_trial(
             run_id,
             # Which of the ~70 params the search chose (the rest are the study's settings).
             {"profile": spec.profile or "none", "attempt": attempt,
-             SEARCHED_TAG: ",".join(sorted(spec.search.space)) or "none"},
+             SEARCHED_TAG: ",".join(sorted(map(logged_param_name, spec.search.space))) or "none"},
         )  # fmt: skip
         settings0 = settings or spec.trial_settings(config, spec.search.seeds[0])
         data_root = settings0.data.root
@@ -280,7 +281,9 @@ def execute_trial(
         if early.enabled:
             rungs = RungPlan(
                 steps=early.rung_steps(settings0.training.steps),
-                fid_samples=early.fid_samples if early.proxy == "fid" else None,
+                # Checked against this trial's fid_dims (the space may sample it) now, at
+                # its start, not at its first rung.
+                fid_samples=early.proxy_fid_samples(settings0.evaluation.fid_dims),
                 fid_sampling_steps=early.sampling_steps,
             )
         for seed in spec.search.seeds:

@@ -23,6 +23,8 @@ from binarydm.metric_contract import COST, proxy_metric
 #: The proxies a rung can rank by: the held-out denoising loss, or a small FID.
 Proxy = Literal["test_loss", "fid"]
 _KEY = "search.early_stopping"
+#: The rung FID's samples when ``fid_samples`` is null (and fid_dims is below it).
+DEFAULT_FID_SAMPLES = 256
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -45,9 +47,10 @@ class EarlyStoppingSpec:
         "model (fid_samples DDIM samples of sampling_steps steps, the trial's Inception)",
         default="test_loss",
     )
-    fid_samples: int = _doc(
-        "samples of a rung's small FID (proxy fid); more than evaluation.fid_dims",
-        default=256,
+    fid_samples: int | None = _doc(
+        "samples of a rung's small FID (proxy fid), more than evaluation.fid_dims; null = "
+        "max(256, fid_dims + 1)",
+        default=None,
     )
     sampling_steps: int = _doc("DDIM steps of a rung's small FID (proxy fid)", default=10)
     rungs: tuple[float, ...] | None = _doc(
@@ -70,10 +73,10 @@ class EarlyStoppingSpec:
             eta,
             "an integer >= 2",
         )
-        for key, value in (
-            ("fid_samples", self.fid_samples),
-            ("sampling_steps", self.sampling_steps),
-        ):
+        sizes = [("sampling_steps", self.sampling_steps)]
+        if self.fid_samples is not None:
+            sizes.append(("fid_samples", self.fid_samples))
+        for key, value in sizes:
             require(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{_KEY}.{key}",
@@ -128,16 +131,30 @@ class EarlyStoppingSpec:
         """The rung metric the scheduler ranks by (``proxy/test_loss``, ``proxy/fid``)."""
         return proxy_metric(self.proxy)
 
+    def proxy_fid_samples(self, fid_dims: int) -> int | None:
+        """The rung FID's sample count at ``fid_dims`` (None: the proxy is not ``fid``).
+
+        A small FID needs more samples than feature dimensions (a full-rank covariance):
+        ``fid_samples`` set to fewer is an error; unset, it is the larger of
+        ``DEFAULT_FID_SAMPLES`` and ``fid_dims + 1``.
+        """
+        if not (self.enabled and self.proxy == "fid"):
+            return None
+        if self.fid_samples is None:
+            return max(DEFAULT_FID_SAMPLES, fid_dims + 1)
+        require(
+            self.fid_samples > fid_dims,
+            f"{_KEY}.fid_samples",
+            self.fid_samples,
+            f"more samples than evaluation.fid_dims={fid_dims} (else the covariance is "
+            f"singular), or null for max({DEFAULT_FID_SAMPLES}, fid_dims + 1)",
+        )
+        return self.fid_samples
+
     def check_fid_dims(self, fid_dims: int) -> None:
-        """A small FID needs more samples than feature dimensions (a full-rank covariance)."""
-        if self.enabled and self.proxy == "fid":
-            require(
-                self.fid_samples > fid_dims,
-                f"{_KEY}.fid_samples",
-                self.fid_samples,
-                f"more samples than evaluation.fid_dims={fid_dims} (else the covariance is "
-                "singular)",
-            )
+        """``proxy_fid_samples`` at the study's fixed ``fid_dims`` (a searched one is
+        checked when each trial starts)."""
+        self.proxy_fid_samples(fid_dims)
 
     def check_objectives(self, metrics: list[str]) -> None:
         """Early stopping needs an objective: the proxy stands in for the quality ones."""

@@ -237,8 +237,9 @@ def rung_proxy(
     if fid is not None:
         samples, steps = fid
         small = settings.replace(
-            **{"evaluation.fid_samples": samples, "evaluation.sampling_steps": steps}
-        )
+            **{"evaluation.fid_samples": samples, "evaluation.sampling_steps": steps,
+               "evaluation.precision_recall_k": 0}  # the FID alone: P/R is not a proxy
+        )  # fmt: skip
         _freeze(deployed, True)
         drawn = ddim_sample(
             deployed,

@@ -41,6 +41,16 @@ def test_worker_output_shows_only_progress_bars_and_only_when_asked():
         assert _worker_progress.is_set()
     assert not _worker_progress.is_set()
 
+    from binarydm.search._console import shown_batch
+
+    assert shown_batch(batch, progress=True) == {**batch, "lines": [bar]}
+    assert shown_batch(batch, progress=False) is None
+    died = {"pid": "raylet", "lines": ["A worker died or was killed while executing a task"]}
+    assert shown_batch(died, progress=False) == died  # Ray's errors still print
+    assert shown_batch({"pid": "raylet", "lines": [STARTUP_NOTICE]}, progress=True) is None
+    pending = {"pid": "autoscaler", "lines": ["Warning: resource request cannot be scheduled"]}
+    assert shown_batch(pending, progress=True) is None
+
 
 def test_library_notices_are_dropped_and_other_records_kept():
     import logging
@@ -94,6 +104,11 @@ def test_progress_cell_counts_steps_with_an_eta_then_says_evaluating():
         track_progress(seeds, {"step": step}, now=now)
     # The second seed's rate: 40 steps in 10 s, 40 left.
     assert progress_cell(seeds) == "seed 2/2 60/100 ETA 0:10"
+    # One seed: a step going back is a retry from a checkpoint, not another seed.
+    retried = {"state": "RUNNING", "steps": 100, "seeds": 1}
+    for step, now in ((40, 0.0), (60, 10.0), (50, 20.0), (70, 30.0)):
+        track_progress(retried, {"step": step}, now=now)
+    assert progress_cell(retried) == "70/100 ETA 0:15"
 
 
 def test_results_location_opens_the_runs_table(tmp_path):
@@ -317,13 +332,16 @@ def test_a_profile_replacing_a_file_setting_is_said_by_validate_and_dry_run(tmp_
     result = CliRunner().invoke(app, ["validate", str(study)])
     assert result.exit_code == 0, result.output
     assert note in result.output and "'npz' -> 'mnist'" in result.output
-    assert "data, teacher and tracking store reachable" in result.output
+    assert "checked: the file, the data" in result.output
     dry = CliRunner().invoke(app, [str(study), "--dry-run"], catch_exceptions=False)
     assert dry.exit_code == 0 and note in dry.output
 
 
 def test_validate_runs_the_preflight_and_creates_no_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    ok = CliRunner().invoke(app, ["validate", LRM_STUDY])
+    assert ok.exit_code == 0 and ok.output.splitlines()[-1].startswith("ok: study 'lrm_rank'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no mlflow.db, no optuna.db
     result = CliRunner().invoke(app, ["validate", LRM_STUDY, "--set", "data.root=/nope"])
     assert result.exit_code == 2
     assert "data.root='/nope' is invalid: no such folder" in result.output

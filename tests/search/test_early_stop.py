@@ -61,6 +61,25 @@ def test_maximised_costs_are_negated_and_non_finite_proxies_are_not_recorded():
     assert scheduler.on_trial_result(None, Trial("d"), {"loss": 1.0}) == "CONTINUE"
 
 
+def test_rung_fid_samples_default_to_more_than_the_feature_dims():
+    fid = EarlyStoppingSpec(enabled=True, proxy="fid")
+    assert fid.proxy_fid_samples(64) == 256 and fid.proxy_fid_samples(2048) == 2049
+    assert EarlyStoppingSpec(enabled=True).proxy_fid_samples(64) is None  # test_loss proxy
+    with pytest.raises(ConfigError, match="fid_samples=300 is invalid: allowed more samples"):
+        EarlyStoppingSpec(enabled=True, proxy="fid", fid_samples=300).proxy_fid_samples(2048)
+    # A shipped study's gpu profile (2048-d) loads with the default as well as quick does.
+    for profile in ("quick", "gpu"):
+        spec = load_study(
+            "search_spaces/joint.yaml",
+            profile=profile,
+            overrides={"search.early_stopping": {"enabled": True, "proxy": "fid"}},
+        )
+        assert (
+            spec.search.early_stopping.proxy_fid_samples(spec.settings.evaluation.fid_dims)
+            > spec.settings.evaluation.fid_dims
+        )
+
+
 def test_a_fid_proxy_scheduler_ranks_by_proxy_fid():
     """Under ``proxy: fid`` the scheduler ranks rungs by ``proxy/fid`` (the test loss is
     reported beside it and ignored): b's lower test loss does not save it."""
@@ -132,7 +151,7 @@ def test_early_stopping_is_off_by_default_and_round_trips():
     on = {"enabled": True, "rungs": [0.2, 0.5], "reduction_factor": 4}
     spec = load_study("search_spaces/lrm_rank.yaml", overrides={"search.early_stopping": on})
     assert spec.to_dict()["search"]["early_stopping"] == {
-        "enabled": True, "stop": True, "proxy": "test_loss", "fid_samples": 256,
+        "enabled": True, "stop": True, "proxy": "test_loss", "fid_samples": None,
         "sampling_steps": 10, "rungs": [0.2, 0.5],
         "min_fraction": 0.1, "reduction_factor": 4,
     }  # fmt: skip
