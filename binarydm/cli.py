@@ -306,6 +306,8 @@ def trial(
     from rich.table import Table
 
     spec = _load(file, profile, sets, **{"tracking.uri": tracking_uri})
+    for note in spec.profile_notes():
+        typer.echo(note, err=True)
     metrics = _guarded(lambda: _single_trial(spec, address))
     table = Table(title=f"trial of {spec.name} ({spec.profile or 'no'} profile)")
     table.add_column("metric")
