@@ -160,10 +160,14 @@ def run(
 
     spec = _load(file, profile, sets, **{"tracking.uri": tracking_uri, "search.trials": trials})
     console = Console()
-    for note in spec.profile_notes():
-        console.print(note, highlight=False, soft_wrap=True)
+
+    def say_notes() -> None:  # after the checks: a bad input's error stays one line
+        for note in spec.profile_notes():
+            console.print(note, highlight=False, soft_wrap=True)
+
     if dry_run:
         _guarded(lambda: _preflight(spec, address))
+        say_notes()
         _print_dry_run(spec, console)
         return
     _warn_remote_paths(spec, address, console)
@@ -171,6 +175,7 @@ def run(
     from binarydm.search._console import interrupted_message, location_lines
 
     def started(location: dict) -> None:
+        say_notes()
         for line in location_lines(location):
             console.print(line, highlight=False, soft_wrap=True)
 
@@ -306,8 +311,6 @@ def trial(
     from rich.table import Table
 
     spec = _load(file, profile, sets, **{"tracking.uri": tracking_uri})
-    for note in spec.profile_notes():
-        typer.echo(note, err=True)
     metrics = _guarded(lambda: _single_trial(spec, address))
     table = Table(title=f"trial of {spec.name} ({spec.profile or 'no'} profile)")
     table.add_column("metric")

@@ -418,6 +418,8 @@ def run_single_trial(
         spec, search=dataclasses.replace(spec.search, seeds=spec.search.seeds[:1])
     )
     connect_ray(address)
+    for note in spec.profile_notes():  # once it starts: a bad input's error stays one line
+        say(note)
     tracker = StudyTracker.for_study(spec)
     run = tracker.client.create_run(
         tracker.experiment_id,
