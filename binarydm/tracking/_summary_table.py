@@ -27,8 +27,17 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.17g}"  # exact in the CSV; the HTML page rounds for reading
     return str(value)
+
+
+def _shown(value: str) -> str:
+    """A table cell as the HTML page shows it: numbers to 6 significant digits."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if value.isdigit() else f"{number:.6g}"
 
 
 def summary_rows(
@@ -78,7 +87,8 @@ def to_html(
     for row in rows:
         cells = []
         for column in columns:
-            value = html.escape(row.get(column, ""))
+            raw = row.get(column, "")
+            value = html.escape(raw if column in ("trial", "run_id") else _shown(raw))
             if column == "run_id" and value:
                 link = f"/#/experiments/{html.escape(experiment_id)}/runs/{value}"
                 value = f'<a href="{link}" target="_top">{value[:12]}</a>'

@@ -43,4 +43,7 @@ def test_html_links_each_run_in_the_ui_window_and_marks_the_front():
     page = to_html(columns, rows, "7", "study lrm_rank: 2 trials")
     link = f'<a href="/#/experiments/7/runs/{"a" * 32}" target="_top">{"a" * 12}</a>'
     assert link in page and page.count('<tr class="pareto">') == 1
-    assert "<th>training.lr</th>" in page and "<td>1e-04</td>" in page
+    assert "<th>training.lr</th>" in page and "<td>0.0001</td>" in page  # rounded to read
+    exact = summary_rows([{**RECORDS[0], "metrics": {"fid": 18.289072569590054}}], ["fid"], [])
+    assert exact[1][0]["fid"] == "18.289072569590054"  # the CSV keeps every digit
+    assert "<td>18.2891</td>" in to_html(*exact, "7", "t")

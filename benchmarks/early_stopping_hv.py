@@ -1,0 +1,333 @@
+"""Hypervolume against wall-clock time with and without MO-ASHA early stopping.
+
+    python benchmarks/early_stopping_hv.py run --workdir /tmp/bdm-es --seeds 0 1 2
+    python benchmarks/early_stopping_hv.py report --workdir /tmp/bdm-es \
+        --markdown es.md --plot es.png
+
+``run`` runs ``benchmarks/studies/early_stopping.yaml`` through the real ``bdm-search``
+once per sampler seed and arm, one study after the other in ``--workdir`` (its own
+SQLite MLflow and Optuna stores): arm ``on`` stops trials dominated at a rung (MO-ASHA),
+arm ``off`` scores and logs the same rungs and stops none (``stop: false``), so both
+arms start the same number of trials from the same sampler and the off arm's rungs give
+the proxy's rank correlation with the final FID. A study already finished in the
+workdir is not run again. ``report`` reads every study back from MLflow: the hypervolume
+of the trials finished by each moment (one reference point for all studies, from all
+their finished points), the time each arm takes to reach its final hypervolume, and the
+Spearman and Kendall correlation of each rung's ``proxy/test_loss`` with the final FID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "benchmarks" / "studies" / "early_stopping.yaml"
+ARMS = {
+    "on": "{enabled: true, stop: true, rungs: [0.1, 0.3], reduction_factor: 3}",
+    "off": "{enabled: true, stop: false, rungs: [0.1, 0.3], reduction_factor: 3}",
+}
+RUNS_FILE = "runs.json"
+
+
+def study_name(arm: str, seed: int) -> str:
+    return f"es_{arm}_s{seed}"
+
+
+def run_studies(workdir: Path, seeds: list[int], trials: int, extra: list[str]) -> None:
+    """Run every (seed, arm) study not yet recorded as finished in ``runs.json``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ledger_path = workdir / RUNS_FILE
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    bdm_search = str(Path(sys.executable).with_name("bdm-search"))
+    for seed in seeds:
+        for arm, early in ARMS.items():
+            name = study_name(arm, seed)
+            if ledger.get(name, {}).get("exit_code") == 0:
+                print(f"{name}: finished already, not run again", flush=True)
+                continue
+            command = [
+                bdm_search, str(STUDY), "--trials", str(trials),
+                "--set", f"name={name}",
+                "--set", f"search.sampler_seed={seed}",
+                "--set", f"search.early_stopping={early}",
+                *extra,
+            ]  # fmt: skip
+            print(f"{name}: {' '.join(command[1:])}", flush=True)
+            started, load_before = time.time(), os.getloadavg()
+            with open(workdir / f"{name}.log", "w") as log:
+                code = subprocess.call(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+            ledger[name] = {
+                # Wall-clock comparisons need an otherwise idle machine: the 1/5/15-min load
+                # averages before and after say whether it was.
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+                "arm": arm,
+                "sampler_seed": seed,
+                "trials": trials,
+                "command": command[1:],
+                "started_unix": started,
+                "wall_s": time.time() - started,
+                "exit_code": code,
+            }
+            ledger_path.write_text(json.dumps(ledger, indent=2))
+            print(f"{name}: exit {code} after {ledger[name]['wall_s']:.0f} s", flush=True)
+
+
+OBJECTIVES = [("fid", "minimize"), ("ops_g", "minimize"), ("size_mib", "minimize")]
+PROXY = "proxy/test_loss"
+
+
+def load_arm_studies(workdir: Path) -> dict[str, dict]:
+    """Every study of the ledger with its trials, read back from the workdir's MLflow."""
+    from mlflow import MlflowClient
+
+    from binarydm.tracking import load_study_results
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    ledger = json.loads((workdir / RUNS_FILE).read_text())
+    studies = {}
+    for name, entry in sorted(ledger.items()):
+        if entry["exit_code"] != 0:
+            continue
+        records = load_study_results(name, name, uri)
+        for record in records:
+            history = client.get_metric_history(record["run_id"], PROXY)
+            record["rungs"] = {int(m.step): float(m.value) for m in history}
+        studies[name] = {**entry, "records": records}
+    return studies
+
+
+def _points(records) -> tuple[list[list[float]], list[dict]]:
+    metrics = [m for m, _ in OBJECTIVES]
+    rows, kept = [], []
+    for record in records:
+        values = [record["metrics"].get(m) for m in metrics]
+        if record["status"] == "FINISHED" and all(
+            v is not None and math.isfinite(v) for v in values
+        ):
+            rows.append([float(v) for v in values])
+            kept.append(record)
+    return rows, kept
+
+
+def analyse(studies: dict[str, dict]) -> dict:
+    """Hypervolume histories against one reference point, times, rank correlations."""
+    from scipy.stats import kendalltau, spearmanr
+
+    from binarydm.search import default_reference_point, hypervolume_history
+
+    directions = [d for _, d in OBJECTIVES]
+    every = [row for study in studies.values() for row in _points(study["records"])[0]]
+    reference = [float(v) for v in default_reference_point(every, directions)]
+    out: dict = {"reference_point": dict(zip([m for m, _ in OBJECTIVES], reference, strict=True)),
+                 "studies": {}, "arms": {}, "correlations": {}}  # fmt: skip
+    for name, study in studies.items():
+        records = study["records"]
+        rows, finished = _points(records)
+        start = min(r["start_time"] for r in records)
+        ends = [(r["end_time"] - start) / 1000 for r in finished]
+        history = hypervolume_history(rows, ends, reference, directions)
+        last_end = max((r["end_time"] for r in records if r["end_time"]), default=start)
+        states = [r["tags"].get("state", r["status"]) for r in records]
+        out["studies"][name] = {
+            "arm": study["arm"],
+            "sampler_seed": study["sampler_seed"],
+            "command_wall_s": study["wall_s"],
+            "trials_wall_s": (last_end - start) / 1000,
+            "trials": len(records),
+            "finished": len(finished),
+            "pruned": states.count("PRUNED"),
+            "failed": states.count("FAILED"),
+            "final_hypervolume": history[-1][1] if history else 0.0,
+            "history": history,
+        }
+    for arm in ARMS:
+        rows = [v for v in out["studies"].values() if v["arm"] == arm]
+        if not rows:
+            continue
+        volumes = [r["final_hypervolume"] for r in rows]
+        walls = [r["trials_wall_s"] for r in rows]
+        out["arms"][arm] = {
+            "studies": len(rows),
+            "hypervolume_mean": statistics.mean(volumes),
+            "hypervolume_sd": statistics.stdev(volumes) if len(volumes) > 1 else float("nan"),
+            "trials_wall_s_mean": statistics.mean(walls),
+            "trials_wall_s_sd": statistics.stdev(walls) if len(walls) > 1 else float("nan"),
+        }
+    off = out["arms"].get("off")
+    if off is not None:
+        # The time each study takes to come within the off arm's seed spread of the off
+        # arm's mean final hypervolume (the goal's "same final hypervolume").
+        target = off["hypervolume_mean"] - (
+            0.0 if math.isnan(off["hypervolume_sd"]) else off["hypervolume_sd"]
+        )
+        out["target_hypervolume"] = target
+        for study in out["studies"].values():
+            reached = [t for t, v in study["history"] if v >= target]
+            study["time_to_target_s"] = reached[0] if reached else None
+    # Per sampler seed, the two arms side by side: the off arm's volume when the on arm
+    # had finished, and the time the off arm took to reach the on arm's final volume.
+    out["pairs"] = {}
+    for seed in sorted({s["sampler_seed"] for s in out["studies"].values()}):
+        on = out["studies"].get(study_name("on", seed))
+        off = out["studies"].get(study_name("off", seed))
+        if on is None or off is None:
+            continue
+        out["pairs"][seed] = {
+            "on_s": on["trials_wall_s"],
+            "off_s": off["trials_wall_s"],
+            "time_ratio": on["trials_wall_s"] / off["trials_wall_s"],
+            "on_hv": on["final_hypervolume"],
+            "off_hv": off["final_hypervolume"],
+            "hv_ratio": on["final_hypervolume"] / off["final_hypervolume"],
+            "off_hv_when_on_ended": volume_at(off["history"], on["trials_wall_s"]),
+            "off_s_to_on_hv": time_to(off["history"], on["final_hypervolume"]),
+        }
+    # Rank correlation of each rung's proxy with the final FID over the trials that have
+    # both: the off arm's trials all do; in the on arm only the survivors.
+    for arm in ARMS:
+        pooled: dict[int, list[tuple[float, float]]] = {}
+        for study in (s for s in studies.values() if s["arm"] == arm):
+            for record in _points(study["records"])[1]:
+                for step, value in record["rungs"].items():
+                    pooled.setdefault(step, []).append((value, record["metrics"]["fid"]))
+                final = record["metrics"].get("test_loss")
+                if final is not None:
+                    pooled.setdefault(-1, []).append((final, record["metrics"]["fid"]))
+        table = {}
+        for step, pairs in sorted(pooled.items()):
+            if len(pairs) < 3:
+                continue
+            xs, ys = zip(*pairs, strict=True)
+            table["final test_loss" if step == -1 else f"rung step {step}"] = {
+                "n": len(pairs),
+                "spearman": float(spearmanr(xs, ys).statistic),
+                "kendall": float(kendalltau(xs, ys).statistic),
+            }
+        out["correlations"][arm] = table
+    return out
+
+
+def volume_at(history: list[tuple[float, float]], moment: float) -> float:
+    """The hypervolume a history had reached by ``moment`` (seconds)."""
+    return max((v for t, v in history if t <= moment), default=0.0)
+
+
+def time_to(history: list[tuple[float, float]], volume: float) -> float | None:
+    """When a history first reached ``volume`` (None: never)."""
+    return next((t for t, v in history if v >= volume), None)
+
+
+def _fmt(value, digits=1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    ref = ", ".join(f"{k} {v:.4g}" for k, v in result["reference_point"].items())
+    lines = [
+        f"Reference point (all studies' finished points, 1.1 x worst): {ref}.",
+        "",
+        "| study | arm | sampler seed | trials | finished | pruned | failed | final HV "
+        "| trials' wall s | to target HV s | command wall s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in result["studies"].items():
+        lines.append(
+            f"| {name} | {s['arm']} | {s['sampler_seed']} | {s['trials']} | {s['finished']} "
+            f"| {s['pruned']} | {s['failed']} | {s['final_hypervolume']:.4g} "
+            f"| {_fmt(s['trials_wall_s'])} | {_fmt(s.get('time_to_target_s'))} "
+            f"| {_fmt(s['command_wall_s'])} |"
+        )
+    lines += ["", "| arm | studies | final HV mean ± sd | trials' wall s mean ± sd |",
+              "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for arm, a in result["arms"].items():
+        lines.append(
+            f"| {arm} | {a['studies']} "
+            f"| {a['hypervolume_mean']:.4g} ± {_fmt(a['hypervolume_sd'], 4)} "
+            f"| {_fmt(a['trials_wall_s_mean'])} ± {_fmt(a['trials_wall_s_sd'])} |"
+        )
+    lines += ["", "| sampler seed | on: trials' wall s | off: trials' wall s | on / off time "
+              "| on HV | off HV | on / off HV | off HV when on ended | off s to on's HV |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for seed, q in result.get("pairs", {}).items():
+        lines.append(
+            f"| {seed} | {_fmt(q['on_s'])} | {_fmt(q['off_s'])} | {q['time_ratio']:.2f} "
+            f"| {q['on_hv']:.4g} | {q['off_hv']:.4g} | {q['hv_ratio']:.3f} "
+            f"| {q['off_hv_when_on_ended']:.4g} | {_fmt(q['off_s_to_on_hv'])} |"
+        )
+    if "target_hypervolume" in result:
+        lines += ["", f"Target HV (off mean - off sd): {result['target_hypervolume']:.4g}."]
+    lines += [
+        "",
+        "| arm | proxy | trials | Spearman | Kendall |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for arm, table in result["correlations"].items():
+        for proxy, c in table.items():
+            lines.append(
+                f"| {arm} | {proxy} | {c['n']} | {c['spearman']:.3f} | {c['kendall']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: Path, *, markdown_path=None, plot=None, json_path=None) -> dict:
+    result = analyse(load_arm_studies(workdir))
+    text = markdown(result)
+    print(text)
+    if markdown_path:
+        Path(markdown_path).write_text(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if plot:
+        from binarydm.tracking import hypervolume_figure
+
+        colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+        histories, styles = {}, {}
+        for s in result["studies"].values():
+            arm = "MO-ASHA" if s["arm"] == "on" else "no stopping"
+            label = f"{arm}, sampler seed {s['sampler_seed']}"
+            histories[label] = s["history"]
+            styles[label] = {"color": colours[s["sampler_seed"] % len(colours)],
+                             "linestyle": "-" if s["arm"] == "on" else "--"}  # fmt: skip
+        figure = hypervolume_figure(
+            histories, title="early_stopping.yaml, quick profile, 24 trials", styles=styles
+        )
+        figure.savefig(plot)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the studies")
+    run.add_argument("--workdir", type=Path, required=True)
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--trials", type=int, default=24)
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     help="an extra --set KEY=VALUE for every study")  # fmt: skip
+    report = sub.add_parser("report", help="hypervolume against time, rank correlations")
+    report.add_argument("--workdir", type=Path, required=True)
+    report.add_argument("--markdown", type=Path)
+    report.add_argument("--plot", type=Path)
+    report.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        extra = [a for value in args.overrides for a in ("--set", value)]
+        run_studies(args.workdir, args.seeds, args.trials, extra)
+    else:
+        write_report(args.workdir, markdown_path=args.markdown, plot=args.plot, json_path=args.json)
+
+
+if __name__ == "__main__":
+    main()
