@@ -412,6 +412,7 @@ def run_single_trial(
     from binarydm.search._trainable import StudyContext, execute_trial
     from binarydm.tracking import StudyTracker
 
+    quiet_library_notices()  # as a non-verbose study: Ray's token note, MLflow's table set-up
     spec = spec.resolve_paths()
     # Only the fixed settings run: the search space is not sampled.
     spec = dataclasses.replace(
