@@ -91,7 +91,7 @@ def summarize(
         tracker.log_pareto_plots(plot_points(records), objectives, fp=fp)
         log_hypervolume_history(tracker, history)
     if records:
-        searched = sorted({p for r in records for p in _searched(r)})
+        searched = sorted({p for r in records for p in r["searched"]})
         log_summary_table(tracker, records, metrics, searched, reference)
     if log_checkpoints:
         for record in records:
@@ -108,12 +108,6 @@ def summarize(
         "objectives": objectives,
         "reference": reference,
     }
-
-
-def _searched(record: dict[str, Any]) -> list[str]:
-    """The record's searched params (its ``searched`` tag), those it logged."""
-    tag = record["tags"].get("searched", "")
-    return [p for p in tag.split(",") if p and p != "none" and p in record["params"]]
 
 
 def _history(records, complete, ref, objectives) -> dict[str, Any]:

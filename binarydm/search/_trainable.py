@@ -50,10 +50,6 @@ class StudyContext:
         return {**self.faults.get("*", {}), **self.faults.get(str(number), {})}
 
 
-#: The tag naming a trial's searched params (dimensions), comma-separated.
-SEARCHED_TAG = "searched"
-
-
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each averaged metric over seeds, plus ``<metric>_std`` when there are several."""
     out: dict[str, Any] = {}
@@ -247,7 +243,7 @@ def execute_trial(
     """
     from binarydm.models import weights_sha256
     from binarydm.search._callbacks import MlflowCurveCallback, curve_buffer
-    from binarydm.tracking import reproducibility_params
+    from binarydm.tracking import TAG_SEARCHED, reproducibility_params
     from binarydm.train import RungPlan, dataset_sha256, ensure_teacher, final_metrics, fit_qat
 
     spec = context.spec
@@ -257,7 +253,7 @@ def execute_trial(
             run_id,
             # Which of the ~70 params the search chose (the rest are the study's settings).
             {"profile": spec.profile or "none", "attempt": attempt,
-             SEARCHED_TAG: ",".join(sorted(map(logged_param_name, spec.search.space))) or "none"},
+             TAG_SEARCHED: ",".join(sorted(map(logged_param_name, spec.search.space))) or "none"},
         )  # fmt: skip
         settings0 = settings or spec.trial_settings(config, spec.search.seeds[0])
         data_root = settings0.data.root

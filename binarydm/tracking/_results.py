@@ -34,6 +34,7 @@ from binarydm.tracking._runs import (
     TAG_REFERENCE_KEY,
     TAG_REUSED_FROM,
     TAG_ROLE,
+    TAG_SEARCHED,
     TAG_STUDY,
     TAG_TRIAL_ID,
 )
@@ -117,6 +118,8 @@ def _trial_record(run: Run) -> dict[str, Any]:
         "params": dict(run.data.params),
         "metrics": dict(run.data.metrics),
         "tags": dict(tags),
+        # The searched params the run logged (its ``searched`` tag), in tag order.
+        "searched": [p for p in tags.get(TAG_SEARCHED, "").split(",") if p in run.data.params],
         "start_time": run.info.start_time,
         "end_time": run.info.end_time,
     }
@@ -184,7 +187,7 @@ def plot_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "trial_id": record["trial_id"],
             "pareto": bool(record["pareto"]),
             "params": record["params"],
-            "searched": [p for p in record["tags"].get("searched", "").split(",") if p],
+            "searched": record.get("searched", []),
         }
         for record in records
     ]

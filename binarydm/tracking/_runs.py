@@ -49,6 +49,8 @@ TAG_ROLE = "bdm.role"
 TAG_TRIAL_ID = "trial_id"
 TAG_ATTEMPT = "attempt"
 TAG_PARETO = "pareto"
+#: A trial run's searched params (as logged), comma-separated; "none" for an empty space.
+TAG_SEARCHED = "searched"
 TAG_ERROR = "error"
 TAG_ERROR_ATTEMPT = "error_attempt"
 TAG_REFERENCE_KEY = "reference_key"

@@ -14,9 +14,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from binarydm.metric_contract import FID_RATIO_TO_FP as FID_RATIO
+
 CSV_NAME = "trials.csv"
 HTML_NAME = "trials.html"
-FID_RATIO = "fid_ratio_to_fp"
 
 
 def _state(record: Mapping[str, Any]) -> str:
