@@ -44,21 +44,24 @@ def test_scheduler_stops_the_dominated_newcomer_and_keeps_the_first():
     assert scheduler.recorded[0] == {"a": [1.0, 1.0], "b": [2.0, 1.0], "c": [0.5, 1.0]}
 
 
+class _Trial:
+    """What the scheduler reads of a Tune trial: its id."""
+
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
+
+
 def test_maximised_costs_are_negated_and_non_finite_proxies_are_not_recorded():
     scheduler = MOASHAScheduler([("ops_saving", "maximize")], reduction_factor=2)
 
-    class Trial:
-        def __init__(self, trial_id):
-            self.trial_id = trial_id
-
     first = {"rung": 0, "proxy/test_loss": 1.0, "ops_saving": 10.0}
     worse = {"rung": 0, "proxy/test_loss": 1.0, "ops_saving": 5.0}
-    assert scheduler.on_trial_result(None, Trial("a"), first) == "CONTINUE"
-    assert scheduler.on_trial_result(None, Trial("b"), worse) == "STOP"
+    assert scheduler.on_trial_result(None, _Trial("a"), first) == "CONTINUE"
+    assert scheduler.on_trial_result(None, _Trial("b"), worse) == "STOP"
     nan = {"rung": 0, "proxy/test_loss": float("nan"), "ops_saving": 1.0}
-    assert scheduler.on_trial_result(None, Trial("c"), nan) == "CONTINUE"
+    assert scheduler.on_trial_result(None, _Trial("c"), nan) == "CONTINUE"
     assert scheduler.recorded[0] == {"a": [1.0, -10.0], "b": [1.0, -5.0]}
-    assert scheduler.on_trial_result(None, Trial("d"), {"loss": 1.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, _Trial("d"), {"loss": 1.0}) == "CONTINUE"
 
 
 def test_rung_fid_samples_default_to_more_than_the_feature_dims():
@@ -93,14 +96,10 @@ def test_a_fid_proxy_scheduler_ranks_by_proxy_fid():
     scheduler = early_stopping_scheduler(spec)
     assert scheduler.proxy == "proxy/fid"
 
-    class Trial:
-        def __init__(self, trial_id):
-            self.trial_id = trial_id
-
     a = {"rung": 0, "proxy/fid": 10.0, "proxy/test_loss": 0.5}
     b = {"rung": 0, "proxy/fid": 20.0, "proxy/test_loss": 0.1}
-    assert scheduler.on_trial_result(None, Trial("a"), a) == "CONTINUE"
-    assert scheduler.on_trial_result(None, Trial("b"), b) == "STOP"
+    assert scheduler.on_trial_result(None, _Trial("a"), a) == "CONTINUE"
+    assert scheduler.on_trial_result(None, _Trial("b"), b) == "STOP"
 
 
 def test_was_pruned_reads_the_last_result():
