@@ -11,7 +11,8 @@
 #       --item teacher=../shared/teachers/ddpm-cifar10-jpeg \
 #       --item data/cifar10_jpeg_bytes.npz=../shared/data/cifar10_jpeg_bytes.npz
 # Device calls (carry the one part; the last also carries .bdmpayload/manifest.json):
-#   bash benchmarks/cifar10_w1_session.sh part 00          # ... one call per part
+#   bash benchmarks/cifar10_w1_session.sh part 00          # ... one call per part (one
+#                                                          # tool batch: no gaps)
 #   bash benchmarks/cifar10_w1_session.sh unpack           # join, check, install, smoke run (SMOKE=0: none)
 #   bash benchmarks/cifar10_w1_session.sh start STUDY NAME [--set KEY=VALUE ...]
 #   bash benchmarks/cifar10_w1_session.sh poll SECONDS     # repeat until it reports "done"
@@ -69,6 +70,12 @@ optuna.__version__)" | tee -a "$OUT/gpu.txt"
         --set evaluation.test_loss_images=64 2>&1 | tail -40 | tee "$OUT/smoke.log"
     ;;
 start)
+    # The study runs from a snapshot of the code: every device call re-copies the working
+    # tree, and a study importing a module lazily while the next call's copy is being
+    # made failed with "No module named binarydm.train._batches" (2026-12-01).
+    rm -rf /tmp/code && mkdir -p /tmp/code
+    cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
+    cd /tmp/code
     setup
     study="$1"
     name="$2"
