@@ -26,10 +26,15 @@ LRM_STUDY = str(REPO / "search_spaces" / "lrm_rank.yaml")
 BDM_SEARCH = str(Path(sys.executable).with_name("bdm-search"))
 
 
-def tiny(steps: int = 20, every: int = 10, log_every: int | None = None) -> list[str]:
+def tiny(
+    steps: int = 20, every: int = 10, log_every: int | None = None, inline: bool = False
+) -> list[str]:
     """``--set`` arguments of a seconds-long trial; the teacher keys match the session's
     cached tiny teacher (tests/conftest.tiny_settings), so no study pretrains one. The
-    faults hit trials: these studies score no FP reference (tests/search covers it)."""
+    faults hit trials: these studies score no FP reference (tests/search covers it).
+    ``inline``: the trial's loop runs in its Tune actor (``workers.inline``), for tests
+    whose subject is not Ray Train's fit: on the 2-core CI machine a fit's own start-up
+    is 50-75 s of a 10-step trial, an inline trial's whole run about 25 s."""
     values = {
         "search.fp_reference": "false",
         "teacher.steps": 40, "teacher.batch_size": 32,
@@ -39,6 +44,8 @@ def tiny(steps: int = 20, every: int = 10, log_every: int | None = None) -> list
         "evaluation.sampling_steps": 4, "evaluation.test_loss_images": 64,
         "evaluation.sample_batch_size": 100,
     }  # fmt: skip
+    if inline:
+        values["workers.inline"] = "true"
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 

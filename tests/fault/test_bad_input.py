@@ -75,7 +75,8 @@ def test_silent_ray_address_is_one_line_within_bounded_time(workspace, tmp_path)
 
 def test_storage_password_never_reaches_mlflow(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["trial", LRM_STUDY, *tiny(steps=10, every=5), "--set", f"storage.optuna={SECRET_URL}"]
+    args = ["trial", LRM_STUDY, *tiny(steps=10, every=5, inline=True),
+            "--set", f"storage.optuna={SECRET_URL}"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert SECRET not in result.output

@@ -150,7 +150,9 @@ def test_two_drivers_of_one_study_at_once_leave_consistent_storage(
     tiny_teacher, ray_cluster, tmp_path
 ):
     address = ray_cluster.get_runtime_context().gcs_address
-    args = [LRM_STUDY, *tiny(steps=10, every=5), "--trials", "1", "--address", address]
+    # The subject is the shared storage, not Ray Train: inline trials.
+    args = [LRM_STUDY, *tiny(steps=10, every=5, inline=True), "--trials", "1",
+            "--address", address]  # fmt: skip
     drivers = [StudyProcess(tmp_path, args, own_ray=False).start() for _ in range(2)]
     codes = [driver.wait(600) for driver in drivers]
     outputs = [driver.output() for driver in drivers]

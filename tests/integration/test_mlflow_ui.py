@@ -37,6 +37,8 @@ def ui_study(mlflow_server_factory, run_study, study_env, tmp_path_factory):
     run_study(
         [
             "--trials", str(TRIALS), "--tracking-uri", server.url,
+            # The UI is the subject, not Ray Train's fit (tests/search): inline trials.
+            "--set", "workers.inline=true",
             "--set", f"storage.optuna=sqlite:///{root / 'optuna.db'}",
             "--set", f"storage.ray_results={root / 'ray_results'}",
         ],

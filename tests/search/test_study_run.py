@@ -293,7 +293,9 @@ def test_a_failed_reference_evaluation_leaves_the_study_finished(
 
     monkeypatch.setattr(reference, "launch_evaluation", launch_without_the_teacher)
     monkeypatch.chdir(tmp_path)
-    args = [LRM_STUDY, *TINY, "--set", f"teacher.pretrained={teacher}", "--trials", "1"]
+    # The reference run is the subject: the trial runs inline (no Ray Train fit to wait for).
+    args = [LRM_STUDY, *TINY, "--set", f"teacher.pretrained={teacher}", "--trials", "1",
+            "--set", "workers.inline=true"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     _, (parent,), (child,) = _runs(tmp_path)
