@@ -42,6 +42,7 @@ ARMS = {
 }
 DEFAULT_ARMS = ["on", "off"]
 LABELS = {"on": "MO-ASHA, rungs 10%/30%", "on_r30": "MO-ASHA, rung 30%", "off": "no stopping"}
+LINESTYLES = {"on": "-", "on_r30": ":", "off": "--"}
 RUNS_FILE = "runs.json"
 
 
@@ -185,27 +186,16 @@ def analyse(studies: dict[str, dict]) -> dict:
         for study in out["studies"].values():
             reached = [t for t, v in study["history"] if v >= target]
             study["time_to_target_s"] = reached[0] if reached else None
-    # Per sampler seed, the two arms side by side: the off arm's volume when the on arm
-    # had finished, and the time the off arm took to reach the on arm's final volume.
+    # Each stopping arm beside the off arm of the same sampler seed: the off arm's volume
+    # when the stopping arm had finished, and the time the off arm took to reach its volume.
     out["pairs"] = {}
-    stopping = [arm for arm in ARMS if arm != "off"]
-    for arm, seed in ((a, s) for a in stopping for s in sorted(sampler_seeds(out))):
-        on = out["studies"].get(study_name(arm, seed))
-        off = out["studies"].get(study_name("off", seed))
-        if on is None or off is None:
-            continue
-        out["pairs"][f"{arm} s{seed}"] = {
-            "arm": arm,
-            "sampler_seed": seed,
-            "on_s": on["trials_wall_s"],
-            "off_s": off["trials_wall_s"],
-            "time_ratio": on["trials_wall_s"] / off["trials_wall_s"],
-            "on_hv": on["final_hypervolume"],
-            "off_hv": off["final_hypervolume"],
-            "hv_ratio": on["final_hypervolume"] / off["final_hypervolume"],
-            "off_hv_when_on_ended": volume_at(off["history"], on["trials_wall_s"]),
-            "off_s_to_on_hv": time_to(off["history"], on["final_hypervolume"]),
-        }
+    seeds = sorted({s["sampler_seed"] for s in out["studies"].values()})
+    for arm in (a for a in ARMS if a != "off"):
+        for seed in seeds:
+            on = out["studies"].get(study_name(arm, seed))
+            off = out["studies"].get(study_name("off", seed))
+            if on is not None and off is not None:
+                out["pairs"][f"{arm} s{seed}"] = _pair(arm, seed, on, off)
     # Rank correlation of each rung's proxy with the final FID over the trials that have
     # both: the off arm's trials all do; in the on arm only the survivors.
     for arm in ARMS:
@@ -231,9 +221,20 @@ def analyse(studies: dict[str, dict]) -> dict:
     return out
 
 
-def sampler_seeds(result: dict) -> set[int]:
-    """The sampler seeds of a result's studies."""
-    return {s["sampler_seed"] for s in result["studies"].values()}
+def _pair(arm: str, seed: int, on: dict, off: dict) -> dict:
+    """A stopping arm's study against the off arm's study of the same sampler seed."""
+    return {
+        "arm": arm,
+        "sampler_seed": seed,
+        "on_s": on["trials_wall_s"],
+        "off_s": off["trials_wall_s"],
+        "time_ratio": on["trials_wall_s"] / off["trials_wall_s"],
+        "on_hv": on["final_hypervolume"],
+        "off_hv": off["final_hypervolume"],
+        "hv_ratio": on["final_hypervolume"] / off["final_hypervolume"],
+        "off_hv_when_on_ended": volume_at(off["history"], on["trials_wall_s"]),
+        "off_s_to_on_hv": time_to(off["history"], on["final_hypervolume"]),
+    }
 
 
 def volume_at(history: list[tuple[float, float]], moment: float) -> float:
@@ -318,9 +319,8 @@ def write_report(workdir: Path, *, markdown_path=None, plot=None, json_path=None
         for s in result["studies"].values():
             label = f"{LABELS[s['arm']]}, sampler seed {s['sampler_seed']}"
             histories[label] = s["history"]
-            lines = {"on": "-", "on_r30": ":", "off": "--"}
             styles[label] = {"color": colours[s["sampler_seed"] % len(colours)],
-                             "linestyle": lines[s["arm"]]}  # fmt: skip
+                             "linestyle": LINESTYLES[s["arm"]]}  # fmt: skip
         figure = hypervolume_figure(
             histories, title="early_stopping.yaml, quick profile, 24 trials", styles=styles
         )
