@@ -15,6 +15,8 @@
 #                                                          # tool batch: no gaps)
 #   bash benchmarks/cifar10_w1_session.sh unpack           # join, check, install, smoke run (SMOKE=0: none)
 #   bash benchmarks/cifar10_w1_session.sh start STUDY NAME [--set KEY=VALUE ...]
+#                                                          # (again for a second study
+#                                                          # at once: each its own Ray)
 #   bash benchmarks/cifar10_w1_session.sh poll SECONDS     # repeat until it reports "done"
 # A machine idle for over 30 s goes back and takes /tmp with it: no pauses between calls
 # (issue the next poll straight after the last returns; start nothing else in between:
@@ -61,7 +63,7 @@ optuna.__version__)" | tee -a "$OUT/gpu.txt"
     # SMOKE=0 skips it where the held machine's time is short (the study's first poll
     # shows a broken path as soon).
     [ "${SMOKE:-1}" = 0 ] && exit 0
-    cd /tmp/run
+    mkdir -p /tmp/smoke && cd /tmp/smoke
     timeout 400 bdm-search "$OLDPWD/benchmarks/studies/cifar10_w1a4.yaml" \
         --set teacher.pretrained=/tmp/bdm/teacher --set name=smoke --set 'search.seeds=[0]' \
         --set training.steps=20 --set training.checkpoint_every=10 --set training.log_every=10 \
@@ -73,44 +75,60 @@ start)
     # The study runs from a snapshot of the code: every device call re-copies the working
     # tree, and a study importing a module lazily while the next call's copy is being
     # made failed with "No module named binarydm.train._batches" (2026-12-01).
-    rm -rf /tmp/code && mkdir -p /tmp/code
-    cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
+    if [ ! -d /tmp/code/binarydm ]; then
+        mkdir -p /tmp/code
+        cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
+    fi
     cd /tmp/code
     setup
     study="$1"
     name="$2"
     shift 2
-    cd /tmp/run
+    # Several studies may run at once (one per seed set: a study runs its seeds one after
+    # the other inside each trial), each in its own folder (stores, log) and with its own
+    # local Ray cluster: a separate RAY_TMPDIR keeps ray.init from joining the other's,
+    # which would end with the first driver to finish.
+    dir="/tmp/run/$name"
+    mkdir -p "$dir" "/tmp/ray-$name"
+    cd "$dir"
     # Its own session: it outlives this call and is polled by the next ones.
-    setsid nohup bdm-search "$OLDPWD/$study" --set teacher.pretrained=/tmp/bdm/teacher \
-        --set "name=$name" "$@" >"/tmp/run/$name.log" 2>&1 </dev/null &
-    echo $! >/tmp/run/study.pid
-    echo "$name" >/tmp/run/study.name
+    RAY_TMPDIR="/tmp/ray-$name" setsid nohup bdm-search "/tmp/code/$study" \
+        --set teacher.pretrained=/tmp/bdm/teacher --set "name=$name" "$@" \
+        >"$dir/$name.log" 2>&1 </dev/null &
+    echo $! >"$dir/study.pid"
     sleep 20
-    tail -5 "/tmp/run/$name.log"
+    tail -5 "$dir/$name.log"
     ;;
 poll)
     limit="${1:-500}"
-    name="$(cat /tmp/run/study.name)"
-    pid="$(cat /tmp/run/study.pid)"
+    running() {
+        for pidfile in /tmp/run/*/study.pid; do
+            kill -0 "$(cat "$pidfile")" 2>/dev/null && return 0
+        done
+        return 1
+    }
     waited=0
-    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$limit" ]; do
+    while running && [ "$waited" -lt "$limit" ]; do
         sleep 10
         waited=$((waited + 10))
     done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
-    grep -E "trial|Pareto|error|Error" "/tmp/run/$name.log" | tail -15 || true
-    tail -25 "/tmp/run/$name.log"
-    if kill -0 "$pid" 2>/dev/null; then
+    for dir in /tmp/run/*/; do
+        name="$(basename "$dir")"
+        echo "== $name"
+        grep -E "trial|Pareto|error|Error" "$dir/$name.log" | tail -8 || true
+        tail -12 "$dir/$name.log"
+        # Stores and small artifacts only (sample grids, plots, configs); packed models
+        # stay: they are rebuilt from the checkpoints' runs when needed. They come back
+        # with every poll, so the finished trials survive a machine lost mid-study.
+        (cd "$dir" && tar --exclude='*.bdm' -czf "$OUT/$name-stores.tgz" mlflow.db \
+            optuna.db "$name.log" mlartifacts 2>/dev/null) || true
+    done
+    ls -la "$OUT"
+    if running; then
         echo "running after ${waited}s"
     else
         echo "done"
-        cd /tmp/run
-        # Stores and small artifacts only (sample grids, plots, configs); packed models
-        # stay: they are rebuilt from the checkpoints' runs when needed.
-        tar --exclude='*.bdm' -czf "$OUT/$name-stores.tgz" mlflow.db optuna.db \
-            "$name.log" mlartifacts
-        ls -la "$OUT"
     fi
     ;;
 *)
