@@ -6,7 +6,9 @@
 #
 # Here, once:
 #   ../shared/tools/device-bundle
-#   python benchmarks/device_payload.py pack --out .bdmpayload --part-mib 60 \
+#   # (a part plus the tracked tree must stay under the 64 MiB a call carries: 56 MiB
+#   # parts with the 4.7 MB tree of 2026-12-02; 61 MiB was refused)
+#   python benchmarks/device_payload.py pack --out .bdmpayload --part-mib 56 \
 #       --item .devbundle=.devbundle --item fid.pth=$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth \
 #       --item teacher=../shared/teachers/ddpm-cifar10-jpeg \
 #       --item data/cifar10_jpeg_bytes.npz=../shared/data/cifar10_jpeg_bytes.npz
