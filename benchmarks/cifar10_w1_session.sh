@@ -38,6 +38,15 @@ setup() {
     source /tmp/bdm-setup.sh
 }
 
+shopt -s nullglob
+# Whether any study started by `start` is still running.
+running() {
+    for pidfile in /tmp/run/*/study.pid; do
+        kill -0 "$(cat "$pidfile")" 2>/dev/null && return 0
+    done
+    return 1
+}
+
 case "$stage" in
 part)
     cp ".bdmpayload/part-$1" /tmp/bdmparts/
@@ -77,8 +86,10 @@ start)
     # The study runs from a snapshot of the code: every device call re-copies the working
     # tree, and a study importing a module lazily while the next call's copy is being
     # made failed with "No module named binarydm.train._batches" (2026-12-01).
-    if [ ! -d /tmp/code/binarydm ]; then
-        mkdir -p /tmp/code
+    # Studies started while another runs share its snapshot (the same code for both); with
+    # none running, the snapshot is taken afresh, so a later study runs the current tree.
+    if ! running; then
+        rm -rf /tmp/code && mkdir -p /tmp/code
         cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
     fi
     cd /tmp/code
@@ -103,12 +114,6 @@ start)
     ;;
 poll)
     limit="${1:-500}"
-    running() {
-        for pidfile in /tmp/run/*/study.pid; do
-            kill -0 "$(cat "$pidfile")" 2>/dev/null && return 0
-        done
-        return 1
-    }
     waited=0
     while running && [ "$waited" -lt "$limit" ]; do
         sleep 10
