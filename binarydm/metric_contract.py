@@ -114,6 +114,11 @@ CURVE_METRICS = (*TRAINING_LOSSES, "lr", "train_images_per_s")
 #: What a trial reports at an early-stopping rung (``search.early_stopping``): the
 #: proxy's value (logged to the run at the rung's step), the rung's index and its step.
 PROXY_METRICS = ("proxy/test_loss", "proxy/fid")
+#: What a rung's proxy cost, in seconds, logged beside it at the rung's step: the
+#: held-out loss (with the deployed copy it scores), and the small FID's sampling and
+#: Inception (only under ``proxy: fid``). The price of a rung, to weigh against how well
+#: the proxy ranks trials.
+PROXY_TIMINGS = (timing("proxy_test_loss_s"), timing("proxy_fid_s"))
 
 
 def proxy_metric(proxy: str) -> str:
@@ -132,7 +137,7 @@ STUDY_METRICS = ("hypervolume", "trials_total", "trials_finished")
 #: several seeds logs each seed's curves as ``seed<k>.<curve>``.
 TRIAL_METRICS = frozenset(
     (*AVERAGED, *(f"{name}_std" for name in AVERAGED), *LAUNCH_STAMPS, *CURVE_METRICS,
-     FID_RATIO_TO_FP, *PROXY_METRICS)
+     FID_RATIO_TO_FP, *PROXY_METRICS, *PROXY_TIMINGS)
 )  # fmt: skip
 
 

@@ -23,7 +23,10 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
-from binarydm.metric_contract import CURVE_METRICS, PROXY_METRICS, RUNG_STEP
+from binarydm.metric_contract import CURVE_METRICS, PROXY_METRICS, PROXY_TIMINGS, RUNG_STEP
+
+#: What a rung logs to the trial's run at the rung's step: its proxies and their seconds.
+RUNG_LOGGED = (*PROXY_METRICS, *PROXY_TIMINGS)
 
 
 class MlflowCurveCallback(UserCallback):
@@ -49,9 +52,9 @@ class MlflowCurveCallback(UserCallback):
             for k in CURVE_METRICS
             if isinstance(report.get(k), int | float) and math.isfinite(report[k])
         }
-        # An early-stopping rung's proxy (first seed only, so no seed prefix).
+        # An early-stopping rung's proxy and its cost (first seed only, so no seed prefix).
         values.update(
-            {k: float(report[k]) for k in PROXY_METRICS if isinstance(report.get(k), int | float)}
+            {k: float(report[k]) for k in RUNG_LOGGED if isinstance(report.get(k), int | float)}
         )
         if values:
             self._buffered().log_metrics(self.run_id, values, step=int(report["step"]))
@@ -114,7 +117,7 @@ class PrunedRunRecorder(Callback):
         values = rung_values(result, cost_objectives(self.metrics))
         step = int(values.pop(RUNG_STEP))
         rung = int(values.pop("rung"))
-        proxies = {k: v for k, v in values.items() if k in PROXY_METRICS}
+        proxies = {k: v for k, v in values.items() if k in RUNG_LOGGED}
         self.tracker.log_metrics(run_id, proxies, step=step)
         self.tracker.set_tags(
             run_id, {"state": PRUNED_STATE, "pruned": "true", "rung": rung, RUNG_STEP: step}

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarydm.metric_contract import COST, PROXY_METRICS, timing
+from binarydm.metric_contract import COST, PROXY_METRICS, PROXY_TIMINGS, timing
 from binarydm.train._diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
 from binarydm.train._progress import progress_bar
 from binarydm.train.settings import TrialSettings
 
 PROXY_TEST_LOSS, PROXY_FID = PROXY_METRICS
+PROXY_TEST_LOSS_S, PROXY_FID_S = PROXY_TIMINGS
 
 
 def _split_images(settings: TrialSettings, split: str, count: int, data_root, cache_dir):
@@ -220,11 +221,14 @@ def rung_proxy(
     look better the later its stages switch on. The copy leaves training's own schedule
     state, quantizers and EMA untouched. Same test images, noise and timesteps as the
     final ``test_loss`` (seed 1234), so a rung's value and the final one are comparable.
+    Each proxy's seconds come with it (``PROXY_TIMINGS``): the copy and held-out loss,
+    and the small FID's sampling and Inception.
     """
     from binarydm.metrics.efficiency import efficiency_report
     from binarydm.schedule import apply_schedule
 
     data = settings.data
+    started = time.perf_counter()
     deployed = copy.deepcopy(model).eval()
     config = getattr(deployed, "binarydm_config", None)
     if config is not None:
@@ -234,7 +238,10 @@ def rung_proxy(
     images = _test_images(settings, data_root, cache_dir, settings.evaluation.test_loss_images)
     scheduler = noise_scheduler(settings.training.num_train_timesteps)
     scores = {PROXY_TEST_LOSS: held_out_loss(deployed, images, scheduler, seed=1234)}
+    # held_out_loss returns a Python float: on a GPU its work is done by now.
+    scores[PROXY_TEST_LOSS_S] = time.perf_counter() - started
     if fid is not None:
+        started = time.perf_counter()
         samples, steps = fid
         small = settings.replace(
             **{"evaluation.fid_samples": samples, "evaluation.sampling_steps": steps,
@@ -254,6 +261,7 @@ def rung_proxy(
             to_uint8(drawn), small, data_root=data_root, cache_dir=cache_dir, device=device
         )
         scores[PROXY_FID] = scored["fid"]
+        scores[PROXY_FID_S] = time.perf_counter() - started
     example = (
         torch.zeros(1, data.channels, data.resolution, data.resolution, device=device),
         torch.zeros(1, dtype=torch.long, device=device),
