@@ -71,7 +71,11 @@ def test_rung_costs_and_the_fid_proxys_correlation_per_rung(report):
     fid_cost = costs["timing/proxy_fid_s, rung step 15"]
     assert fid_cost == {"n": 4, "mean_s": 11.5, "sd_s": pytest.approx(1.290994)}
     assert costs["timing/proxy_test_loss_s, rung step 45"]["mean_s"] == 2.5
-    assert costs["final sampling + FID"]["mean_s"] == 20.0 and costs["train_s"]["n"] == 4
+    assert costs["final sampling + FID"]["mean_s"] == 20.0
+    assert costs["train_s (training loop, rungs included)"]["n"] == 4
+    # Trial i spends 2 * (1 + i) + 2 * (10 + i) of its 100 s of training in rungs.
+    share = costs["rungs' proxies / train_s (fraction)"]
+    assert share["mean_s"] == pytest.approx((22 + 26 + 30 + 34) / 4 / 100)
     columns = report._proxy_columns(records)
     assert columns["proxy/fid, rung step 45"] == ("proxy/fid", 45)
     assert columns["final test_loss"] == ("test_loss", None)
