@@ -62,13 +62,14 @@ def timing(name: str) -> str:
 #: Where a trial's wall time went, in seconds (see docs/architecture.md for the path):
 #: trainable entered -> run started (``run_start_s``), trial prepared (``prepare_s``),
 #: Ray Train's fit (``fit_s`` = ``ray_start_s`` + ``setup_s`` + train + eval +
-#: ``ray_stop_s``), the set-up's parts, checkpoint writes, sampling and FID.
+#: ``ray_stop_s``), the set-up's parts, checkpoint writes, sampling (of which compiling
+#: its step) and FID (of which the samples' Inception pass).
 TIMINGS = tuple(
     timing(name)
     for name in (
         "run_start_s", "prepare_s", "fit_s", "ray_start_s", "ray_stop_s",
         "setup_s", "setup_device_s", "setup_data_s", "setup_build_s", "setup_lrm_s",
-        "checkpoint_s", "sample_s", "fid_s",
+        "checkpoint_s", "sample_s", "sample_compile_s", "fid_s", "fid_features_s",
     )
 )  # fmt: skip
 #: Unix times of a trial's launch (not averaged over seeds: they are moments, not spans).
