@@ -59,6 +59,7 @@ class Denoiser:
         self.autocast_dtype = autocast_dtype
         self.compile_s = 0.0
         self._compiled = None
+        self._eager_first = False
         self._first_compiled_call = True
         if compile == "none":
             return
@@ -80,10 +81,10 @@ class Denoiser:
             raise ValueError(f"a batch of {count} images exceeds batch_size={self.batch_size}")
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            if self._compiled is None or self._eager_first:
-                self._eager_first = False
-                return self.model(x, t.to(self.device).expand(count)).sample
-            return self._compiled_call(x, t, count)
+            if self._compiled is not None and not self._eager_first:
+                return self._compiled_call(x, t, count)
+            self._eager_first = False
+            return self.model(x, t.to(self.device).expand(count)).sample
 
     def _compiled_call(self, x: torch.Tensor, t: torch.Tensor, count: int) -> torch.Tensor:
         if count < self.batch_size:

@@ -75,9 +75,9 @@ def ddim_sample(
     """``num_images`` deterministic DDIM (eta = 0) samples in [-1, 1], NCHW float32 on the CPU.
 
     ``compile`` is how the denoising step runs (``binarydm.train._denoiser``): eagerly
-    (``none``) or compiled at the batch ``min(batch_size, num_images)``, in channels-last
-    where ``channels_last`` says (None: on CUDA). ``on_step`` is
-    called after each denoising step of each batch (a progress bar's
+    (``none``) or compiled at the batch ``min(batch_size, num_images)``, its input and
+    frozen convolution weights in channels-last if ``channels_last`` (None: on CUDA).
+    ``on_step`` is called after each denoising step of each batch (a progress bar's
     ``ceil(num_images / batch_size) * steps`` units); ``timings`` receives ``compile_s``,
     the first compiled step's seconds (0 when eager)."""
     device = next(model.parameters()).device
