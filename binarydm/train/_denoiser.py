@@ -11,11 +11,12 @@ steps are fixed by then), and its extra rows are dropped.
 A compiled step must read the frozen quantized weights (``QuantMixin.freeze_weights``,
 done by the evaluation before sampling), not binarize the latent ones at every step:
 the step refuses an active quantized layer that is not frozen. Dynamo lifts the
-frozen weights, tensor attributes of the layers, as static graph inputs, so the
-activation fake quantization is all that stays in the graph, fused with its
-neighbours. On CUDA the compiled step takes its input and the frozen convolution
-weights in channels-last, the layout inductor picks for the convolutions
-(``torch._inductor.config.layout_optimization``), so they are not converted at every step.
+frozen weights, tensor attributes of the layers, as static graph inputs (CUDA graphs
+read them in place), so the activation fake quantization is what stays in the graph
+for inductor to fuse. On CUDA the compiled step takes its input and the frozen
+convolution weights in channels-last, the layout inductor's layout optimisation picks
+for convolutions, so they need no conversion at every step (the gain is not measured
+yet: ``benchmarks/gpu_sampling.py``'s ``-nchw`` variant is the comparison).
 """
 
 from __future__ import annotations
