@@ -490,7 +490,7 @@ class StudyTracker:
     ) -> None:
         """``pareto.png`` and ``pareto.html`` on the parent run (see ``plots.pareto_plots``);
         ``fp``: the FP reference's metrics, drawn as its own point."""
-        from binarydm.tracking._plots import log_pareto_plots  # matplotlib/plotly only when used
+        from binarydm.tracking._plots import log_pareto_plots  # matplotlib only when used
 
         log_pareto_plots(self, self.parent_run_id(), points, objectives, fp=fp)
 
