@@ -29,10 +29,17 @@ from binarydm.tracking._pareto_layout import (
 )
 
 MAX_HOVER_PARAMS = 24
-WIDTH, HEIGHT = 460, 380
-#: Room for the tick labels and axis titles around the plotting area (left, right, top, bottom).
-MARGIN = (78, 16, 14, 48)
+WIDTH, HEIGHT = 460, 390
+#: Room for the caption, tick labels and axis titles around the plotting area
+#: (left, right, top, bottom).
+MARGIN = (78, 16, 24, 48)
 TICKS = 5
+#: A panel whose trials fill less than this share of an axis, because the FP point is far
+#: away, gets a second panel zoomed on the trials.
+SQUEEZED = 0.25
+#: Where a trial's number goes beside its point, tried in turn until it overlaps no other
+#: label: (dx, dy, text-anchor).
+LABEL_SPOTS = ((7, -6, "start"), (-7, -6, "end"), (7, 14, "start"), (-7, 14, "end"))
 
 
 def hover_text(point: Mapping[str, Any], metrics: Sequence[str]) -> str:
@@ -124,24 +131,61 @@ def _star(cx: float, cy: float, radius: float = 9.0) -> str:
     return " ".join(corners)
 
 
-def _panel(points, x, y, directions, metrics, fp, join: bool) -> str:
+def _label_spots(labels: Sequence[tuple[float, float, str]], first: Sequence[bool]) -> list[str]:
+    """The ``<text>`` attributes of each (x, y, text) label beside its point, or "" where
+    every spot overlaps a point or a label placed before (the point keeps its tooltip).
+    Labels marked ``first`` (the front) are placed before the others, so they are never the
+    ones left out."""
+    taken = [(cx - 5, cy - 5, cx + 5, cy + 5) for cx, cy, _ in labels]  # the points
+    spots = [""] * len(labels)
+    for index in sorted(range(len(labels)), key=lambda i: not first[i]):
+        cx, cy, text = labels[index]
+        width = 6.2 * len(text) + 2
+        for dx, dy, anchor in LABEL_SPOTS:
+            x0 = cx + dx if anchor == "start" else cx + dx - width
+            box = (x0, cy + dy - 10, x0 + width, cy + dy + 1)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in taken):  # fmt: skip
+                taken.append(box)
+                spots[index] = f'x="{cx + dx}" y="{cy + dy}" text-anchor="{anchor}"'
+                break
+    return spots
+
+
+def squeezed(points, fp, x: str, y: str) -> bool:
+    """Whether the FP point, far from every trial, squeezes the trials into a corner."""
+    if not points or not fp_in_panel(fp, x, y):
+        return False
+    for key in (x, y):
+        values = [p[key] for p in points]
+        full = max(*values, fp[key]) - min(*values, fp[key])
+        if full > 0 and max(values) - min(values) < SQUEEZED * full:
+            return True
+    return False
+
+
+def _panel(points, x, y, directions, metrics, fp, join: bool, caption: str = "") -> str:
     shown_fp = fp_in_panel(fp, x, y)
     extra = [fp] if shown_fp else []
     axes = _Axes([p[x] for p in [*points, *extra]], [p[y] for p in [*points, *extra]])
     parts = _frame(axes, axis_label(x, directions), axis_label(y, directions))
+    if caption:
+        parts.append(f'<text class="caption" x="{MARGIN[0]}" y="15">{html.escape(caption)}</text>')
     members = front(points, x, y)
     if join and len(members) > 1:
         line = " ".join(f"{px},{py}" for px, py in (axes.px(p[x], p[y]) for p in members))
         parts.append(f'<polyline points="{line}" fill="none" stroke="{PARETO_COLOR}"/>')
     drawn = [(p, False) for p in points if not p.get("pareto")] + [(p, True) for p in members]
-    for point, pareto in drawn:
-        cx, cy = axes.px(point[x], point[y])
+    centres = [axes.px(p[x], p[y]) for p, _ in drawn]
+    labels = [(cx, cy, str(p["trial_id"])) for (p, _), (cx, cy) in zip(drawn, centres, strict=True)]
+    spots = _label_spots(labels, [pareto for _, pareto in drawn])
+    for (point, pareto), (cx, cy), spot in zip(drawn, centres, spots, strict=True):
         color, radius = (PARETO_COLOR, 6) if pareto else (DOMINATED_COLOR, 4.5)
         tip = html.escape(hover_text(point, metrics))
+        label = f'<text class="label" {spot}>{point["trial_id"]}</text>' if spot else ""
         parts.append(
             f'<g class="point"><title>{tip}</title><circle cx="{cx}" cy="{cy}" r="{radius}" '
-            f'fill="{color}" stroke="black" stroke-width="0.6"/><text class="label" '
-            f'x="{cx + 7}" y="{cy - 6}">{point["trial_id"]}</text></g>'
+            f'fill="{color}" stroke="black" stroke-width="0.6"/>{label}</g>'
         )
     if shown_fp:
         cx, cy = axes.px(fp[x], fp[y])
@@ -159,7 +203,7 @@ def _panel(points, x, y, directions, metrics, fp, join: bool) -> str:
 STYLE = (
     "body{font-family:sans-serif;font-size:13px;margin:12px}"
     "svg{font-size:11px;margin:0 8px 8px 0}.grid{stroke:#e6e6e6}.title{font-size:12px}"
-    ".label{font-size:10px}.point{cursor:help}"
+    ".label{font-size:10px}.caption{font-size:11px;fill:#555}.point{cursor:help}"
     ".point:hover circle,.point:hover polygon{stroke-width:2}"
     ".legend span{margin-right:16px}.legend i{display:inline-block;width:10px;height:10px;"
     "border:1px solid black;border-radius:50%;margin-right:4px;vertical-align:-1px}"
@@ -177,8 +221,13 @@ def pareto_page(
     members = sum(bool(p.get("pareto")) for p in points)
     title = f"Pareto front: {members} of {len(points)} trials"
     join = joins_front(panels)
-    _, cols = grid(len(panels))
-    svgs = [_panel(points, x, y, directions, metrics, fp, join) for x, y in panels]
+    svgs = []
+    for x, y in panels:
+        svgs.append(_panel(points, x, y, directions, metrics, fp, join))
+        if squeezed(points, fp, x, y):
+            zoom = "zoomed on the trials (the FP teacher is off this scale)"
+            svgs.append(_panel(points, x, y, directions, metrics, None, join, caption=zoom))
+    _, cols = grid(len(svgs))
     legend = [("dominated", DOMINATED_COLOR), ("Pareto", PARETO_COLOR)]
     if any(fp_in_panel(fp, x, y) for x, y in panels):
         legend.append((FP_LABEL, FP_COLOR))
@@ -190,7 +239,8 @@ def pareto_page(
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h3>{html.escape(title)}</h3><p class='legend'>{keys}</p>"
         f"<div style='display:grid;grid-template-columns:repeat({cols},{WIDTH + 8}px)'>"
-        f"{''.join(svgs)}</div><p>Numbers are trial numbers; hover a point for its "
-        "objectives and params (searched ones first). trials.csv has every value.</p>"
+        f"{''.join(svgs)}</div><p>Numbers are trial numbers (where they would overlap, "
+        "only the point); hover a point for its objectives and params (searched ones "
+        "first). trials.csv has every value.</p>"
         "</body></html>"
     )

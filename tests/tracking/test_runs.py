@@ -303,7 +303,9 @@ class _PanelReader(HTMLParser):
         attrs = dict(attrs)
         panel = self.panels[-1] if self.panels else None
         if tag == "svg":
-            self.panels.append({"points": [], "stars": [], "line": None, "titles": []})
+            self.panels.append(
+                {"points": [], "stars": [], "line": None, "titles": [], "caption": ""}
+            )
         elif tag == "g" and "point" in attrs.get("class", ""):
             self._point = {"fp": "fp" in attrs["class"], "title": "", "label": ""}
             panel["stars" if self._point["fp"] else "points"].append(self._point)
@@ -327,6 +329,8 @@ class _PanelReader(HTMLParser):
             self._point[self._field] += data
         elif self._field == "title" and self.panels:  # an axis title
             self.panels[-1]["titles"].append(data)
+        elif self._field == "caption":
+            self.panels[-1]["caption"] += data
 
 
 def _panels(page: str) -> list[dict]:
@@ -394,6 +398,35 @@ def test_pareto_page_stays_small_for_a_large_study():
     _, page = pareto_plots(points, [*OBJECTIVES, ("size_mib", "minimize")])
     assert sum(len(p["points"]) for p in _panels(page)) == 600
     assert len(page.encode()) < 1_000_000  # 0.51 MB measured; plotly.js alone was 4.6 MB
+
+
+def test_pareto_page_zooms_on_trials_the_fp_point_squeezes_and_labels_never_overlap():
+    # The walk-through's study: trials within 0.4 of FID 10.6, the FP teacher at 1.1; trials
+    # 3..8 landed on one spot.
+    values = [(10.46, 0.2281), (10.41, 0.2246), (10.82, 0.2299), *[(10.6, 0.2279)] * 6]
+    points = [
+        {"trial_id": n, "fid": fid, "test_loss": loss, "pareto": n == 1}
+        for n, (fid, loss) in enumerate(values)
+    ]
+    objectives = [("fid", "minimize"), ("test_loss", "minimize")]
+    fp = {"fid": 1.144, "test_loss": 0.0474}
+    full, zoomed = _panels(pareto_plots(points, objectives, fp)[1])
+    assert [len(full["stars"]), len(zoomed["stars"])] == [1, 0]
+    assert zoomed["caption"] == "zoomed on the trials (the FP teacher is off this scale)"
+
+    def spread(panel):
+        xs = [p["at"][0] for p in panel["points"]]
+        return max(xs) - min(xs)
+
+    assert spread(zoomed) > 4 * spread(full)  # the trials spread out when zoomed
+    # Four spots beside a point: of six on one spot two keep only their tooltips; the front's
+    # label is always shown.
+    labels = [p["label"] for p in zoomed["points"]]
+    assert "1" in labels and labels.count("") == 2 and len(set(labels)) == len(labels) - 1
+    assert [p["title"].split("\n")[0] for p in zoomed["points"]].count("trial 8") == 1
+    # The FP teacher among the trials: no zoomed panel.
+    near = [{**p, "fid": p["fid"] - 9, "test_loss": p["test_loss"] - 0.18} for p in points]
+    assert len(_panels(pareto_plots(near, objectives, fp)[1])) == 1
 
 
 def test_pareto_ticks_are_round_numbers():
