@@ -70,6 +70,16 @@ TRUNCATION_MARK = "...[truncated]"
 OBJECTIVES_ARTIFACT = "objectives.json"
 #: MLflow 3's UI opens an experiment of this kind in its runs table (ML view), not GenAI's.
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+#: MLflow 3.17's UI takes its view from this URL query, else the browser's last choice, else
+#: GenAI's (runs labelled "Evaluations"): every address the platform prints or links has it.
+ML_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def ui_page(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page (after the server's address) of an experiment's runs table or
+    of one run, in the ML view."""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"#/experiments/{experiment_id}{run}?{ML_VIEW_QUERY}"
 
 
 class ParamConflictError(ValueError):
