@@ -169,19 +169,28 @@ def test_a_run_is_found_by_id_unique_prefix_or_study_trial_number(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("e")
     tags = {"study": "s", "bdm.role": "trial"}
-    runs = [client.create_run(experiment, tags={**tags, "trial_id": str(n)}) for n in range(17)]
-    ids = [r.info.run_id for r in runs]
+    ids: list[str] = []
+
+    def shared_letter():
+        return next((c for c in "abcdef" if sum(i.startswith(c) for i in ids) > 1), None)
+
+    while len(ids) < 17 or shared_letter() is None:  # two ids that start with one letter
+        tags["trial_id"] = str(len(ids))
+        ids.append(client.create_run(experiment, tags=tags).info.run_id)
     assert find_run(client, ids[3]).info.run_id == ids[3]
     assert find_run(client, ids[3][:12]).info.run_id == ids[3]
     assert find_run(client, "s:5").info.run_id == ids[5]
-    # 17 ids over 16 hex digits: two share a first character.
-    first = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+    first = shared_letter()
     with pytest.raises(LookupError, match="ambiguous") as ambiguous:
         find_run(client, first)
     assert all(i in str(ambiguous.value) for i in ids if i.startswith(first))
     for missing in ("zzzz", "s:99", "t:0"):
         with pytest.raises(LookupError):
             find_run(client, missing)
+    # A short number is a trial's, never the prefix of the run it happens to start.
+    for number in ("5", "12"):
+        with pytest.raises(LookupError, match=f"looks like a trial number: pass STUDY:{number}"):
+            find_run(client, number)
 
 
 @pytest.mark.parametrize(

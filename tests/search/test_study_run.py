@@ -144,6 +144,15 @@ def test_pareto_and_sample_commands_work_from_mlflow_alone(finished_study, tmp_p
     result = CliRunner().invoke(app, [*args, "--num", "4", "--steps", "3"])
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without --steps: the trial's own sampler (TINY_STUDY scores with 4 DDIM steps).
+    result = CliRunner().invoke(app, [*args, "--num", "2"])
+    assert result.exit_code == 0, result.output
+    assert children[0].data.params["sampling_steps"] == "4"
+    trial, run = children[0].data.tags["trial_id"], children[0].info.run_id
+    assert (
+        f"wrote 2 samples (4 DDIM steps) of trial {trial} of study lrm_rank (run {run[:12]},"
+        in (result.output)
+    )
 
 
 def test_rerun_without_resume_is_refused(finished_study, monkeypatch):
