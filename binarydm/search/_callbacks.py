@@ -147,21 +147,44 @@ class StudyProgress(Callback):
     def _row(self, trial) -> dict[str, Any]:
         return self.rows.setdefault(trial.trial_id, {"state": "PENDING", "metrics": {}})
 
-    def _table(self):
+    def _table(self, width: int | None = None):
+        """The table as wide as the terminal (``width``, else the console's): searched
+        params that do not fit are left out, last first, and counted in its caption.
+        (Rich squeezed all 14 of joint.yaml's into 2-character columns on 110.)"""
+        from rich import get_console
+
+        console = get_console()
+        width = width or console.width
+        unbounded = console.options.update_width(1_000_000)  # the table's natural width
+        for shown in range(len(self.dimensions), -1, -1):
+            table = self._table_of(self.dimensions[:shown])
+            if shown == 0 or console.measure(table, options=unbounded).maximum <= width:
+                break
+        hidden = len(self.dimensions) - shown
+        if hidden:
+            table.caption = (
+                f"{hidden} of {len(self.dimensions)} searched params left out to fit "
+                f"{width} columns (every one is in MLflow and the parent's trials.csv)"
+            )
+        return table
+
+    def _table_of(self, dimensions: list[str]):
         from rich.table import Table
 
         table = Table(title="BinaryDM study", expand=False)
-        table.add_column("trial")
-        table.add_column("state")
-        table.add_column("progress")
-        for dim in self.dimensions:
+        table.add_column("trial", no_wrap=True)
+        table.add_column("state", no_wrap=True)
+        # As wide as it will get ("1500/2000 ETA 12:34"): the fit does not change each step.
+        longest = len(f"{self.steps}/{self.steps} ETA 00:00") if self.steps else 0
+        table.add_column("progress", no_wrap=True, min_width=max(longest, len("evaluating")))
+        for dim in dimensions:
             table.add_column(dim.split(".", 1)[-1], overflow="fold")
         for metric in ["step", "loss", *self.metrics]:
-            table.add_column(metric, justify="right")
+            table.add_column(metric, justify="right", no_wrap=True)
         for row in self.rows.values():
             config = row.get("config", {})
             cells = [str(row.get("number", "?")), row["state"], progress_cell(row)]
-            cells += [_fmt(config.get(dim)) for dim in self.dimensions]
+            cells += [_fmt(config.get(dim)) for dim in dimensions]
             cells += [_fmt(row["metrics"].get(m)) for m in ["step", "loss", *self.metrics]]
             table.add_row(*cells)
         return table

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import re
+from pathlib import Path
 
 import pytest
 from bdm_support import LRM_STUDY
@@ -109,6 +112,38 @@ def test_progress_cell_counts_steps_with_an_eta_then_says_evaluating():
     for step, now in ((40, 0.0), (60, 10.0), (50, 20.0), (70, 30.0)):
         track_progress(retried, {"step": step}, now=now)
     assert progress_cell(retried) == "70/100 ETA 0:15"
+
+
+def test_live_table_fits_the_terminal_leaving_out_searched_params_that_do_not_fit():
+    from rich.console import Console
+
+    from binarydm.search._callbacks import StudyProgress
+
+    spec = load_study(Path(LRM_STUDY).with_name("joint.yaml"), profile="quick")
+    dimensions = list(spec.search.space)
+    progress = StudyProgress(dimensions, spec.search.metrics, enabled=False, steps=150)
+    config = {dim: 0.000123 for dim in dimensions}
+    progress.rows["t0"] = {"state": "RUNNING", "metrics": {"step": 60, "loss": 0.1278},
+                           "config": config, "number": 0, "steps": 150, "step": 60,
+                           "first_seen": (10, 0.0), "last_seen": (60, 50.0)}  # fmt: skip
+
+    def rendered(width):
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(progress._table(width))
+        return console.export_text().splitlines()
+
+    narrow = rendered(110)
+    assert len(dimensions) == 14 and max(map(len, narrow)) <= 110
+    (row,) = [line for line in narrow if line.startswith("│ 0 ")]
+    assert "RUNNING" in row and "60/150 ETA 1:30" in row and "0.1278" in row  # not squeezed
+    caption = " ".join(" ".join(narrow).split())
+    hidden = int(re.search(r"(\d+) of 14 searched params left out to fit 110 columns", caption)[1])
+    assert 0 < hidden < 14
+    header = " ".join(narrow[:4])
+    # The last ones go first (headers drop the section: method.progressive.stage_steps).
+    assert "weight.kind" in header and "progressive.stage_steps" not in header
+    wide = rendered(1000)
+    assert "left out" not in " ".join(wide) and "progressive.stage_steps" in " ".join(wide)
 
 
 def test_results_location_opens_the_runs_table(tmp_path):
