@@ -140,6 +140,7 @@ class StudyProgress(Callback):
         self.enabled = enabled
         self.steps = steps  # training.steps unless the trial's config samples it
         self.seeds = seeds
+        self.headers = short_headers(dimensions)
         self.rows: dict[str, dict[str, Any]] = {}
         self._live = None
         self._last = 0.0
@@ -178,7 +179,7 @@ class StudyProgress(Callback):
         longest = len(f"{self.steps}/{self.steps} ETA 00:00") if self.steps else 0
         table.add_column("progress", no_wrap=True, min_width=max(longest, len("evaluating")))
         for dim in dimensions:
-            table.add_column(dim.split(".", 1)[-1], overflow="fold")
+            table.add_column(self.headers[dim], overflow="fold")
         for metric in ["step", "loss", *self.metrics]:
             table.add_column(metric, justify="right", no_wrap=True)
         for row in self.rows.values():
@@ -231,6 +232,12 @@ class StudyProgress(Callback):
             self._live.update(self._table())
             self._live.stop()
             self._live = None
+
+
+def short_headers(dimensions: list[str]) -> dict[str, str]:
+    """Each searched key's column header: the key without its section, one part a line
+    (``method.lrm.rank_divisor`` -> ``lrm`` over ``rank_divisor``), so more columns fit."""
+    return {dim: "\n".join(dim.split(".")[1:] or [dim]) for dim in dimensions}
 
 
 def track_progress(row: dict[str, Any], result: dict[str, Any], now: float) -> None:
