@@ -231,6 +231,10 @@ class StudyProgress(Callback):
         if self._live is not None:
             self._live.update(self._table())
             self._live.stop()
+            if not self._live.console.is_terminal:
+                # Rich ends a redirected Live's last render without a newline: the next
+                # line (the Pareto table, the Ctrl-C message) would continue its caption.
+                self._live.console.line()
             self._live = None
 
 
