@@ -24,7 +24,6 @@ from binarydm.tracking._pareto_layout import (
     finite,
     fp_in_panel,
     front,
-    grid,
     joins_front,
 )
 
@@ -202,7 +201,8 @@ def _panel(points, x, y, directions, metrics, fp, join: bool, caption: str = "")
 
 STYLE = (
     "body{font-family:sans-serif;font-size:13px;margin:12px}"
-    "svg{font-size:11px;margin:0 8px 8px 0}.grid{stroke:#e6e6e6}.title{font-size:12px}"
+    f"svg{{font-size:11px;margin:0 8px 8px 0;width:{WIDTH}px;max-width:100%;height:auto}}"
+    ".grid{stroke:#e6e6e6}.title{font-size:12px}"
     ".label{font-size:10px}.caption{font-size:11px;fill:#555}.point{cursor:help}"
     ".point:hover circle,.point:hover polygon{stroke-width:2}"
     ".legend span{margin-right:16px}.legend i{display:inline-block;width:10px;height:10px;"
@@ -227,7 +227,6 @@ def pareto_page(
         if squeezed(points, fp, x, y):
             zoom = "zoomed on the trials (the FP teacher is off this scale)"
             svgs.append(_panel(points, x, y, directions, metrics, None, join, caption=zoom))
-    _, cols = grid(len(svgs))
     legend = [("dominated", DOMINATED_COLOR), ("Pareto", PARETO_COLOR)]
     if any(fp_in_panel(fp, x, y) for x, y in panels):
         legend.append((FP_LABEL, FP_COLOR))
@@ -238,7 +237,9 @@ def pareto_page(
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h3>{html.escape(title)}</h3><p class='legend'>{keys}</p>"
-        f"<div style='display:grid;grid-template-columns:repeat({cols},{WIDTH + 8}px)'>"
+        # Side by side while they fit, else one under the other, shrunk to a narrow frame
+        # (the MLflow UI's artifact view beside its assistant panel is about 600 px wide).
+        "<div style='display:flex;flex-wrap:wrap'>"
         f"{''.join(svgs)}</div><p>Numbers are trial numbers (where they would overlap, "
         "only the point); hover a point for its objectives and params (searched ones "
         "first). trials.csv has every value.</p>"
