@@ -13,6 +13,7 @@
 #     (inline, the default: each trial's loop runs in its Tune trial actor; train: each
 #     trial is a Ray Train fit, as in sessions 2 and 3; TRIALS 8, STEPS 150 by default,
 #     on a 4-GPU host: study inline 16 300)
+#   sampling (carry .devbundle; after a study call for the FID part): bash benchmarks/gpu_session.sh sampling
 #
 # A machine idle for over 30 s goes back; then the next call must carry .devbundle too.
 # .devbundle comes from ../shared/tools/device-bundle, .bdmdata and .bdmfid from
@@ -87,6 +88,13 @@ study)
         --set "training.steps=$steps" --set "training.checkpoint_every=$steps" \
         2>&1 | tee -a "$OUT/$name.log" || true
     ;;
+sampling)
+    # Issue 18's sampling: eager vs compiled denoising steps (W1A4 and FP) and the FID pass
+    # (needs the weights assembled by a study call first; skipped, and said so, without).
+    nvidia-smi -L | tee "$OUT/gpus.txt"
+    timeout 290 python3 benchmarks/gpu_sampling.py --json "$OUT/sampling.json" \
+        2>&1 | tee "$OUT/sampling.log" || true
+    ;;
 startup)
     # After a study on this machine (its teacher is cached): a trial's start-up stages in
     # 1 process, then in 8 started together (a first wave of 8 trials on 2 GPUs).
@@ -98,7 +106,7 @@ startup)
     done
     ;;
 *)
-    echo "usage: $0 step|scaling|data|fidpart|study|startup" >&2
+    echo "usage: $0 step|scaling|data|fidpart|study|sampling|startup" >&2
     exit 2
     ;;
 esac

@@ -17,6 +17,7 @@ with exit code 2; nothing is written before the input is valid.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -64,6 +65,9 @@ StoreOption = Annotated[
 ]
 
 
+#: DDIM steps of ``bdm-search sample`` for a run that logged no ``sampling_steps``.
+DEFAULT_SAMPLE_STEPS = 100
+
 #: The options that are shorthands for study keys.
 _OPTION_OF = {"search.trials": "--trials", "tracking.uri": "--tracking-uri"}
 
@@ -110,9 +114,13 @@ def _store_uri(tracking_uri: str | None, *, create: bool = False) -> str:
     """The MLflow store a command reads: ``--tracking-uri``, else ./mlflow.db; checked.
 
     A command that only reads (``create=False``) refuses a SQLite store that does not
-    exist: opening it would create an empty database.
+    exist: opening it would create an empty database. MLflow's "Downloading artifacts"
+    bar, printed for each of the few small files these commands read, is turned off
+    (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true`` keeps it).
     """
     from binarydm.spec import sqlite_file
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
     _check_tracking_uri(uri)
@@ -385,7 +393,15 @@ def sample(
     ],
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("samples.png"),
     num: Annotated[int, typer.Option(help="number of images")] = 64,
-    steps: Annotated[int, typer.Option(help="DDIM steps")] = 100,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="DDIM steps (default: the run's sampling_steps, as its FID was scored; "
+            f"{DEFAULT_SAMPLE_STEPS} for a run without one)",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     tracking_uri: StoreOption = None,
 ) -> None:
@@ -407,9 +423,21 @@ def sample(
     with tempfile.TemporaryDirectory() as tmp:
         packed = _packed_model(client, run, Path(tmp))
         model = load_packed(packed).eval()
+    # The trial's own sampler by default: the images its FID and samples.png were made from.
+    steps = steps or int(run.data.params.get("sampling_steps", DEFAULT_SAMPLE_STEPS))
     images = to_uint8(ddim_sample(model, num, steps=steps, seed=seed))
     save_grid(images, out)
-    typer.echo(f"wrote {num} samples ({steps} DDIM steps) from {packed.name} to {out}")
+    tags = run.data.tags
+    which = (
+        f"trial {tags['trial_id']} of study {tags['study']}"
+        if "trial_id" in tags and "study" in tags
+        else f"run {run.info.run_name}"
+    )
+    # Which model it was, in words: a prefix or STUDY:N names it only by a lookup.
+    typer.echo(
+        f"wrote {num} samples ({steps} DDIM steps) of {which} (run {run.info.run_id[:12]}, "
+        f"{packed.name}) to {out}"
+    )
 
 
 def _packed_model(client, run, tmp: Path) -> Path:

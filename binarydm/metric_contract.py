@@ -62,13 +62,14 @@ def timing(name: str) -> str:
 #: Where a trial's wall time went, in seconds (see docs/architecture.md for the path):
 #: trainable entered -> run started (``run_start_s``), trial prepared (``prepare_s``),
 #: Ray Train's fit (``fit_s`` = ``ray_start_s`` + ``setup_s`` + train + eval +
-#: ``ray_stop_s``), the set-up's parts, checkpoint writes, sampling and FID.
+#: ``ray_stop_s``), the set-up's parts, checkpoint writes, sampling (of which compiling
+#: its step) and FID (of which the samples' Inception pass).
 TIMINGS = tuple(
     timing(name)
     for name in (
         "run_start_s", "prepare_s", "fit_s", "ray_start_s", "ray_stop_s",
         "setup_s", "setup_device_s", "setup_data_s", "setup_build_s", "setup_lrm_s",
-        "checkpoint_s", "sample_s", "fid_s",
+        "checkpoint_s", "sample_s", "sample_compile_s", "fid_s", "fid_features_s",
     )
 )  # fmt: skip
 #: Unix times of a trial's launch (not averaged over seeds: they are moments, not spans).
@@ -114,6 +115,11 @@ CURVE_METRICS = (*TRAINING_LOSSES, "lr", "train_images_per_s")
 #: What a trial reports at an early-stopping rung (``search.early_stopping``): the
 #: proxy's value (logged to the run at the rung's step), the rung's index and its step.
 PROXY_METRICS = ("proxy/test_loss", "proxy/fid")
+#: What a rung's proxy cost, in seconds, logged beside it at the rung's step: the
+#: held-out loss (with the deployed copy it scores), and the small FID's sampling and
+#: Inception (only under ``proxy: fid``). The price of a rung, to weigh against how well
+#: the proxy ranks trials.
+PROXY_TIMINGS = (timing("proxy_test_loss_s"), timing("proxy_fid_s"))
 
 
 def proxy_metric(proxy: str) -> str:
@@ -132,7 +138,7 @@ STUDY_METRICS = ("hypervolume", "trials_total", "trials_finished")
 #: several seeds logs each seed's curves as ``seed<k>.<curve>``.
 TRIAL_METRICS = frozenset(
     (*AVERAGED, *(f"{name}_std" for name in AVERAGED), *LAUNCH_STAMPS, *CURVE_METRICS,
-     FID_RATIO_TO_FP, *PROXY_METRICS)
+     FID_RATIO_TO_FP, *PROXY_METRICS, *PROXY_TIMINGS)
 )  # fmt: skip
 
 

@@ -49,6 +49,25 @@ def small_unet(sample_size: int = 16, channels: int = 3, seed: int = 0):
     )
 
 
+def micro_unet(sample_size: int = 8, channels: int = 1, seed: int = 0):
+    """A 2-level diffusers UNet without attention (about 42k parameters binarized): the
+    least a compile test can build, since inductor's CPU build costs minutes a graph."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
 def tiny_settings(**overrides):
     """A trial that runs in seconds on a CPU: tiny UNet, MNIST 16 px, 64-d FID."""
     from binarydm.train.settings import TrialSettings

@@ -57,8 +57,17 @@ class QuantMixin:
         return self.weight_quantizer(self.weight)
 
     @torch.no_grad()
-    def freeze_weights(self) -> None:
-        self._frozen_weight = self.weight_quantizer(self.weight).detach()
+    def freeze_weights(self, memory_format: torch.memory_format = torch.preserve_format) -> None:
+        """Cache the quantized weight, in ``memory_format`` (channels-last for a compiled
+        NHWC sampling step: the cache is then read in the layout its convolution uses)."""
+        self._frozen_weight = (
+            self.weight_quantizer(self.weight).detach().to(memory_format=memory_format)
+        )
+
+    @property
+    def frozen(self) -> bool:
+        """Whether forward reads the cached quantized weight (``freeze_weights``)."""
+        return self._frozen_weight is not None
 
     def unfreeze_weights(self) -> None:
         self._frozen_weight = None

@@ -135,6 +135,11 @@ class LSQQuantizer(nn.Module):
     def enabled(self) -> bool:
         return self.bits < 32
 
+    @property
+    def needs_init(self) -> bool:
+        """Whether the next forward sets the step from its input (read on the host: no sync)."""
+        return self.enabled and not self._initialized
+
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         x = x.detach().float()

@@ -23,7 +23,10 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
-from binarydm.metric_contract import CURVE_METRICS, PROXY_METRICS, RUNG_STEP
+from binarydm.metric_contract import CURVE_METRICS, PROXY_METRICS, PROXY_TIMINGS, RUNG_STEP
+
+#: What a rung logs to the trial's run at the rung's step: its proxies and their seconds.
+RUNG_LOGGED = (*PROXY_METRICS, *PROXY_TIMINGS)
 
 
 class MlflowCurveCallback(UserCallback):
@@ -49,9 +52,9 @@ class MlflowCurveCallback(UserCallback):
             for k in CURVE_METRICS
             if isinstance(report.get(k), int | float) and math.isfinite(report[k])
         }
-        # An early-stopping rung's proxy (first seed only, so no seed prefix).
+        # An early-stopping rung's proxy and its cost (first seed only, so no seed prefix).
         values.update(
-            {k: float(report[k]) for k in PROXY_METRICS if isinstance(report.get(k), int | float)}
+            {k: float(report[k]) for k in RUNG_LOGGED if isinstance(report.get(k), int | float)}
         )
         if values:
             self._buffered().log_metrics(self.run_id, values, step=int(report["step"]))
@@ -114,7 +117,7 @@ class PrunedRunRecorder(Callback):
         values = rung_values(result, cost_objectives(self.metrics))
         step = int(values.pop(RUNG_STEP))
         rung = int(values.pop("rung"))
-        proxies = {k: v for k, v in values.items() if k in PROXY_METRICS}
+        proxies = {k: v for k, v in values.items() if k in RUNG_LOGGED}
         self.tracker.log_metrics(run_id, proxies, step=step)
         self.tracker.set_tags(
             run_id, {"state": PRUNED_STATE, "pruned": "true", "rung": rung, RUNG_STEP: step}
@@ -140,6 +143,7 @@ class StudyProgress(Callback):
         self.enabled = enabled
         self.steps = steps  # training.steps unless the trial's config samples it
         self.seeds = seeds
+        self.headers = short_headers(dimensions)
         self.rows: dict[str, dict[str, Any]] = {}
         self._live = None
         self._last = 0.0
@@ -147,21 +151,44 @@ class StudyProgress(Callback):
     def _row(self, trial) -> dict[str, Any]:
         return self.rows.setdefault(trial.trial_id, {"state": "PENDING", "metrics": {}})
 
-    def _table(self):
+    def _table(self, width: int | None = None):
+        """The table as wide as the terminal (``width``, else the console's): searched
+        params that do not fit are left out, last first, and counted in its caption.
+        (Rich squeezed all 14 of joint.yaml's into 2-character columns on 110.)"""
+        from rich import get_console
+
+        console = get_console()
+        width = width or console.width
+        unbounded = console.options.update_width(1_000_000)  # the table's natural width
+        for shown in range(len(self.dimensions), -1, -1):
+            table = self._table_of(self.dimensions[:shown])
+            if shown == 0 or console.measure(table, options=unbounded).maximum <= width:
+                break
+        hidden = len(self.dimensions) - shown
+        if hidden:
+            table.caption = (
+                f"{hidden} of {len(self.dimensions)} searched params left out to fit "
+                f"{width} columns (every one is in MLflow and the parent's trials.csv)"
+            )
+        return table
+
+    def _table_of(self, dimensions: list[str]):
         from rich.table import Table
 
         table = Table(title="BinaryDM study", expand=False)
-        table.add_column("trial")
-        table.add_column("state")
-        table.add_column("progress")
-        for dim in self.dimensions:
-            table.add_column(dim.split(".", 1)[-1], overflow="fold")
+        table.add_column("trial", no_wrap=True)
+        table.add_column("state", no_wrap=True)
+        # As wide as it will get ("1500/2000 ETA 12:34"): the fit does not change each step.
+        longest = len(f"{self.steps}/{self.steps} ETA 00:00") if self.steps else 0
+        table.add_column("progress", no_wrap=True, min_width=max(longest, len("evaluating")))
+        for dim in dimensions:
+            table.add_column(self.headers[dim], overflow="fold")
         for metric in ["step", "loss", *self.metrics]:
-            table.add_column(metric, justify="right")
+            table.add_column(metric, justify="right", no_wrap=True)
         for row in self.rows.values():
             config = row.get("config", {})
             cells = [str(row.get("number", "?")), row["state"], progress_cell(row)]
-            cells += [_fmt(config.get(dim)) for dim in self.dimensions]
+            cells += [_fmt(config.get(dim)) for dim in dimensions]
             cells += [_fmt(row["metrics"].get(m)) for m in ["step", "loss", *self.metrics]]
             table.add_row(*cells)
         return table
@@ -207,7 +234,17 @@ class StudyProgress(Callback):
         if self._live is not None:
             self._live.update(self._table())
             self._live.stop()
+            if not self._live.console.is_terminal:
+                # Rich ends a redirected Live's last render without a newline: the next
+                # line (the Pareto table, the Ctrl-C message) would continue its caption.
+                self._live.console.line()
             self._live = None
+
+
+def short_headers(dimensions: list[str]) -> dict[str, str]:
+    """Each searched key's column header: the key without its section, one part a line
+    (``method.lrm.rank_divisor`` -> ``lrm`` over ``rank_divisor``), so more columns fit."""
+    return {dim: "\n".join(dim.split(".")[1:] or [dim]) for dim in dimensions}
 
 
 def track_progress(row: dict[str, Any], result: dict[str, Any], now: float) -> None:

@@ -216,9 +216,11 @@ def results_location(
 ) -> dict[str, Any]:
     """Where a study's results are: its MLflow store, the command and address of the MLflow
     UI's runs table, the Ray dashboard (when one runs), Ray's and Optuna's storage."""
+    from binarydm.tracking._runs import ui_page
+
     uri = spec.tracking.uri
     # MLflow 3's UI shows an experiment's runs table only in its ML view, chosen in the URL.
-    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    page = ui_page(experiment_id)
     if uri.startswith(("http://", "https://")):
         command, address = None, f"{uri.rstrip('/')}/{page}"
     else:

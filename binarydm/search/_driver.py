@@ -315,12 +315,15 @@ def run_study(
     tracker.set_tags(parent, {TUNE_STARTED_TAG: f"{time.time():.3f}"})
     with tune_output(verbose):
         results = tuner.fit()
-        # Tune ends fit() on a first Ctrl-C, its unfinished trials saved for a restore.
-        # Judged on this driver's own trials (the result grid): a second driver of the
-        # study shares the experiment folder, and its running trials are not ours.
-        interrupted = results.num_terminated + results.num_errors < len(results)
-        unfinished = _unfinished_trial_numbers(experiment_path) if interrupted else set()
-    if interrupted:
+        # Tune ends fit() on a first Ctrl-C with its unfinished trials saved for a restore,
+        # then stops them: by then the result grid says TERMINATED for every trial, so the
+        # saved snapshot tells. Judged on this driver's own trials (the grid's): a second
+        # driver of the study shares the experiment folder, and its trials are not ours.
+        from binarydm.search._searcher import TRIAL_NUMBER_KEY
+
+        own = {int(r.config[TRIAL_NUMBER_KEY]) for r in results if TRIAL_NUMBER_KEY in r.config}
+        unfinished = _own_unfinished_trial_numbers(experiment_path, own)
+    if unfinished:
         tracker.finish_study("KILLED")  # a resume sets it RUNNING again
         raise StudyInterrupted(unfinished)
     finish_reference(tracker, reference)
@@ -336,8 +339,29 @@ def run_study(
     return summary
 
 
+def _own_unfinished_trial_numbers(experiment_path: Path, own: set[int]) -> set[int]:
+    """Which of ``own`` (this driver's Optuna trial numbers) its last snapshot left
+    unfinished: read from the newest experiment state holding any of them, not the
+    folder's newest (a second driver of the study writes its own)."""
+    states = sorted(
+        experiment_path.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime
+    )
+    for state in reversed(states):
+        statuses = _trial_statuses(state)
+        if own & set(statuses):
+            return {number for number in own if statuses.get(number) == "unfinished"}
+    return set()
+
+
 def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:
     """Optuna trial numbers of the saved Tune trials that a restore will run (again)."""
+    statuses = _trial_statuses(experiment_path)
+    return {number for number, status in statuses.items() if status == "unfinished"}
+
+
+def _trial_statuses(path: Path) -> dict[int, str]:
+    """``{Optuna trial number: "done" | "unfinished"}`` of the Tune trials saved in ``path``
+    (an experiment folder, read at its newest state, or one ``experiment_state-*.json``)."""
     from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
@@ -350,13 +374,13 @@ def _unfinished_trial_numbers(experiment_path: Path) -> set[int]:
     level = analysis_log.level
     analysis_log.setLevel(logging.ERROR)
     try:
-        analysis = ExperimentAnalysis(str(experiment_path))
+        analysis = ExperimentAnalysis(str(path))
     finally:
         analysis_log.setLevel(level)
     return {
-        int(trial.config[TRIAL_NUMBER_KEY])
+        int(trial.config[TRIAL_NUMBER_KEY]): "done" if trial.status in done else "unfinished"
         for trial in analysis.trials
-        if trial.status not in done and TRIAL_NUMBER_KEY in trial.config
+        if TRIAL_NUMBER_KEY in trial.config
     }
 
 

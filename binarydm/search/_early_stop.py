@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from binarydm.metric_contract import PROXY_METRICS, RUNG, RUNG_STEP
+from binarydm.metric_contract import PROXY_METRICS, PROXY_TIMINGS, RUNG, RUNG_STEP
 
 #: The Optuna user attr / MLflow tag values of a stopped trial.
 PRUNED_STATE = "PRUNED"
@@ -97,8 +97,9 @@ def was_pruned(result: dict[str, Any] | None) -> bool:
 
 
 def rung_values(result: dict[str, Any], costs: list[str]) -> dict[str, float]:
-    """The rung's proxy, costs, index and step from a rung result (what is recorded)."""
-    keys = [*PROXY_METRICS, *costs, RUNG, RUNG_STEP]
+    """The rung's proxy (and its seconds), costs, index and step from a rung result (what
+    is recorded)."""
+    keys = [*PROXY_METRICS, *PROXY_TIMINGS, *costs, RUNG, RUNG_STEP]
     return {k: float(result[k]) for k in keys if isinstance(result.get(k), int | float)}
 
 

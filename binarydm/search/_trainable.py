@@ -14,6 +14,7 @@ is never retried.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -123,7 +124,10 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
         return
     run_id, attempt = tracker.start_attempt(number)
     set_trial_user_attrs(spec, number, {MLFLOW_RUN_ATTR: run_id})
-    tracker.log_metrics(run_id, launch_metrics(entered))
+    # Measured now, logged once the attempt ends: the MLflow UI lists a run's metrics in the
+    # order they were first logged (its run page, the compare view's default axis), so the
+    # launch stamps go after the training curve and the objectives.
+    launch = launch_metrics(entered)
     # The trial's settings, built once: every seed's are these with its seed.
     settings = spec.trial_settings(config, spec.search.seeds[0])
     try:
@@ -133,13 +137,17 @@ def run_trial(config: dict[str, Any], context: StudyContext) -> None:
             faults=FaultPlan.from_mapping(context.faults_of(number)), settings=settings,
         )  # fmt: skip
     except DivergedTrialError as exc:
+        tracker.log_metrics(run_id, launch)
         # Deterministic: a retry would diverge again. Reported, not raised, so Tune does not
         # retry it and the searcher records the reason.
         ray.tune.report({"error": str(exc), "trial_id": number, "final": True})
         return
     except Exception as exc:
         record_attempt_error(spec, number, attempt, exc)
+        with contextlib.suppress(Exception):  # the attempt's own error is the one to raise
+            tracker.log_metrics(run_id, launch)
         raise
+    tracker.log_metrics(run_id, launch)
     ray.tune.report({**metrics, "trial_id": number, "final": True})
 
 

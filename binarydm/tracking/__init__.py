@@ -1,6 +1,6 @@
 """MLflow tracking of studies: a parent run per study, a child run per trial, read back alone.
 
-Imports MLflow (and matplotlib/plotly for the plots, loaded on first use), never
+Imports MLflow (and matplotlib for the plots, loaded on first use), never
 Ray or Optuna, so the search layer and ``bdm-search pareto`` share it.
 """
 
@@ -58,7 +58,7 @@ __all__ = [
     "read_archive",
 ]
 
-# matplotlib and plotly take seconds to import; only the study's end needs the plots.
+# matplotlib takes seconds to import; only the study's end needs the plots.
 _LAZY = by_module(
     {
         "_plots": ("pareto_plots", "log_pareto_plots"),

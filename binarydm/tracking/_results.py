@@ -50,11 +50,16 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
     return found.experiment_id
 
 
+#: A prefix of digits alone shorter than this is taken for a trial number and refused.
+MIN_DIGIT_PREFIX = 6
+
+
 def find_run(client: MlflowClient, reference: str) -> Run:
     """A run of the store by its id, a unique prefix of it (the Pareto table prints 12
     characters), or ``STUDY:N``, the trial of Optuna number N in study STUDY.
 
-    Raises LookupError naming the candidates when a prefix is ambiguous or matches none.
+    Raises LookupError naming the candidates when a prefix is ambiguous or matches none,
+    and for a short number (``5``: meant ``STUDY:5``, not the run whose id starts with 5).
     """
     study, sep, number = reference.rpartition(":")
     if sep and study and number.isdigit():
@@ -68,6 +73,13 @@ def find_run(client: MlflowClient, reference: str) -> Run:
                 f"study {study!r} has no trial {int(number)} at {client.tracking_uri}"
             )
         return oldest_run(found)
+    if reference.isdigit() and len(reference) < MIN_DIGIT_PREFIX:
+        # "5" matched run 52ea... and sampled the wrong model: a short number is a trial.
+        raise LookupError(
+            f"{reference!r} looks like a trial number: pass STUDY:{reference} (the trial of "
+            f"that Optuna number, e.g. lrm_rank:{reference}), or at least {MIN_DIGIT_PREFIX} "
+            "characters of a run id (the Pareto table prints 12)"
+        )
     if len(reference) == 32:
         try:
             return client.get_run(reference)

@@ -70,6 +70,16 @@ TRUNCATION_MARK = "...[truncated]"
 OBJECTIVES_ARTIFACT = "objectives.json"
 #: MLflow 3's UI opens an experiment of this kind in its runs table (ML view), not GenAI's.
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+#: MLflow 3.17's UI takes its view from this URL query, else the browser's last choice, else
+#: GenAI's (runs labelled "Evaluations"): every address the platform prints or links has it.
+ML_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def ui_page(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page (after the server's address) of an experiment's runs table or
+    of one run, in the ML view."""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"#/experiments/{experiment_id}{run}?{ML_VIEW_QUERY}"
 
 
 class ParamConflictError(ValueError):
@@ -490,7 +500,7 @@ class StudyTracker:
     ) -> None:
         """``pareto.png`` and ``pareto.html`` on the parent run (see ``plots.pareto_plots``);
         ``fp``: the FP reference's metrics, drawn as its own point."""
-        from binarydm.tracking._plots import log_pareto_plots  # matplotlib/plotly only when used
+        from binarydm.tracking._plots import log_pareto_plots  # matplotlib only when used
 
         log_pareto_plots(self, self.parent_run_id(), points, objectives, fp=fp)
 

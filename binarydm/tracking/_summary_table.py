@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from binarydm.metric_contract import FID_RATIO_TO_FP as FID_RATIO
+from binarydm.tracking._runs import ui_page
 
 CSV_NAME = "trials.csv"
 HTML_NAME = "trials.html"
@@ -81,8 +82,8 @@ def to_csv(columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> str:
 def to_html(
     columns: Sequence[str], rows: Sequence[Mapping[str, str]], experiment_id: str, title: str
 ) -> str:
-    """A standalone page; run ids link ``/#/experiments/<id>/runs/<run>`` in the UI's own
-    window (the artifact view shows the page in a frame)."""
+    """A standalone page; run ids link their run's page in the UI's own window (the
+    artifact view shows the page in a frame), in the UI's ML view (``ui_page``)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -91,7 +92,7 @@ def to_html(
             raw = row.get(column, "")
             value = html.escape(raw if column in ("trial", "run_id") else _shown(raw))
             if column == "run_id" and value:
-                link = f"/#/experiments/{html.escape(experiment_id)}/runs/{value}"
+                link = "/" + html.escape(ui_page(experiment_id, raw))
                 value = f'<a href="{link}" target="_top">{value[:12]}</a>'
             cells.append(f"<td>{value}</td>")
         style = ' class="pareto"' if row.get("pareto") == "true" else ""

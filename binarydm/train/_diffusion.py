@@ -13,6 +13,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from binarydm.train._denoiser import Denoiser, SampleCompile
+
 
 def noise_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear")
@@ -65,31 +67,44 @@ def ddim_sample(
     batch_size: int = 250,
     num_train_timesteps: int = 1000,
     autocast_dtype: torch.dtype | None = None,
+    compile: SampleCompile = "none",
+    channels_last: bool | None = None,
     on_step: Callable[[], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """``num_images`` deterministic DDIM (eta = 0) samples in [-1, 1], NCHW float32 on the CPU.
 
+    ``compile`` is how the denoising step runs (``binarydm.train._denoiser``): eagerly
+    (``none``) or compiled at the batch ``min(batch_size, num_images)``, its input and
+    frozen convolution weights in channels-last if ``channels_last`` (None: on CUDA).
     ``on_step`` is called after each denoising step of each batch (a progress bar's
-    ``ceil(num_images / batch_size) * steps`` units)."""
+    ``ceil(num_images / batch_size) * steps`` units); ``timings`` receives ``compile_s``,
+    the first compiled step's seconds (0 when eager)."""
     device = next(model.parameters()).device
     config = model.config
     shape = (config.in_channels, config.sample_size, config.sample_size)
     sampler = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear")
     sampler.set_timesteps(steps)
+    denoiser = Denoiser(
+        model,
+        min(batch_size, num_images),
+        compile=compile,
+        autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
+    )
     generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         x = torch.randn((count, *shape), generator=generator).to(device)
         for t in sampler.timesteps:
-            with torch.autocast(
-                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-            ):
-                eps = model(x, t.to(device).expand(count)).sample
+            eps = denoiser(x, t)
             x = sampler.step(eps.float(), t, x).prev_sample
             if on_step is not None:
                 on_step()
         out.append(x.clamp(-1, 1).cpu())
+    if timings is not None:
+        timings["compile_s"] = denoiser.compile_s
     return torch.cat(out)
 
 

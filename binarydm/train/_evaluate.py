@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarydm.metric_contract import COST, PROXY_METRICS, timing
+from binarydm.metric_contract import COST, PROXY_METRICS, PROXY_TIMINGS, timing
 from binarydm.train._diffusion import ddim_sample, held_out_loss, noise_scheduler, to_uint8
 from binarydm.train._progress import progress_bar
 from binarydm.train.settings import TrialSettings
 
 PROXY_TEST_LOSS, PROXY_FID = PROXY_METRICS
+PROXY_TEST_LOSS_S, PROXY_FID_S = PROXY_TIMINGS
 
 
 def _split_images(settings: TrialSettings, split: str, count: int, data_root, cache_dir):
@@ -80,7 +81,9 @@ def score_fid(
     samples_uint8, settings: TrialSettings, *, data_root, cache_dir, device
 ) -> dict[str, float]:
     """FID of generated uint8 NHWC samples against cached statistics of the reference split,
-    and improved precision/recall (Kynkaanniemi et al. 2019) from the same features."""
+    improved precision/recall (Kynkaanniemi et al. 2019) from the same features, and the
+    seconds of the samples' Inception pass (``timing/fid_features_s``; the reference's,
+    until cached, and the statistics make up the rest of the FID's time)."""
     from binarydm.data import cache_dir as resolve_cache_dir
     from binarydm.metrics.fid import (
         FIDScorer,
@@ -92,7 +95,8 @@ def score_fid(
 
     evaluation, data = settings.evaluation, settings.data
     count = evaluation.fid_samples
-    scorer = FIDScorer(evaluation.fid_dims, device=device, batch_size=100)
+    batch = evaluation.fid_batch(torch.device(device).type)
+    scorer = FIDScorer(evaluation.fid_dims, device=device, batch_size=batch)
 
     def reference_images():
         images = _split_images(settings, evaluation.reference_split, count, data_root, cache_dir)
@@ -111,8 +115,13 @@ def score_fid(
         count=count,
         scorer=scorer,
     )
+    t_features = time.perf_counter()
     features = scorer.features(samples_uint8)  # one pass serves the FID and P/R
-    scores = {"fid": frechet_distance(*feature_statistics(features), *reference)}
+    features_s = time.perf_counter() - t_features
+    scores = {
+        "fid": frechet_distance(*feature_statistics(features), *reference),
+        timing("fid_features_s"): features_s,
+    }
     k = evaluation.precision_recall_k
     if k:
         precision, recall = improved_precision_recall(
@@ -157,6 +166,7 @@ def evaluate(
         f"sampling {evaluation.fid_samples} images", batches * evaluation.sampling_steps,
         unit="step",
     )  # fmt: skip
+    sampling: dict[str, float] = {}
     samples = ddim_sample(
         model,
         evaluation.fid_samples,
@@ -165,7 +175,9 @@ def evaluate(
         batch_size=evaluation.sample_batch_size,
         autocast_dtype=autocast,
         num_train_timesteps=settings.training.num_train_timesteps,
+        compile=evaluation.sample_compile,
         on_step=lambda: bar.update(1),
+        timings=sampling,
     )
     bar.close()
     sample_s = time.perf_counter() - t_sample
@@ -184,10 +196,12 @@ def evaluate(
         "test_loss": test_loss,
         **{k: report[k] for k in ("ops_g", "bops_g", "flops_g", "size_mib", "weight_bits")},
         **{k: report[k] for k in ("ops_saving", "size_saving")},
-        # Where evaluation time goes: sampling, FID (Inception features of the samples and,
-        # until cached, of the reference), the rest (test loss, OPs report, export).
+        # Where evaluation time goes: sampling (of which compiling its step), FID (Inception
+        # features of the samples and, until cached, of the reference), the rest (test
+        # loss, OPs report, export).
         "eval_s": time.perf_counter() - t0,
         timing("sample_s"): sample_s,
+        timing("sample_compile_s"): sampling["compile_s"],
         timing("fid_s"): fid_s,
         "sample_images_per_s": evaluation.fid_samples / sample_s,
         "fid_dims": evaluation.fid_dims,
@@ -220,11 +234,14 @@ def rung_proxy(
     look better the later its stages switch on. The copy leaves training's own schedule
     state, quantizers and EMA untouched. Same test images, noise and timesteps as the
     final ``test_loss`` (seed 1234), so a rung's value and the final one are comparable.
+    Each proxy's seconds come with it (``PROXY_TIMINGS``): the copy and held-out loss,
+    and the small FID's sampling and Inception.
     """
     from binarydm.metrics.efficiency import efficiency_report
     from binarydm.schedule import apply_schedule
 
     data = settings.data
+    started = time.perf_counter()
     deployed = copy.deepcopy(model).eval()
     config = getattr(deployed, "binarydm_config", None)
     if config is not None:
@@ -234,7 +251,10 @@ def rung_proxy(
     images = _test_images(settings, data_root, cache_dir, settings.evaluation.test_loss_images)
     scheduler = noise_scheduler(settings.training.num_train_timesteps)
     scores = {PROXY_TEST_LOSS: held_out_loss(deployed, images, scheduler, seed=1234)}
+    # held_out_loss returns a Python float: on a GPU its work is done by now.
+    scores[PROXY_TEST_LOSS_S] = time.perf_counter() - started
     if fid is not None:
+        started = time.perf_counter()
         samples, steps = fid
         small = settings.replace(
             **{"evaluation.fid_samples": samples, "evaluation.sampling_steps": steps,
@@ -249,11 +269,13 @@ def rung_proxy(
             batch_size=settings.evaluation.sample_batch_size,
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
             num_train_timesteps=settings.training.num_train_timesteps,
+            compile=settings.evaluation.sample_compile,
         )
         scored = score_fid(
             to_uint8(drawn), small, data_root=data_root, cache_dir=cache_dir, device=device
         )
         scores[PROXY_FID] = scored["fid"]
+        scores[PROXY_FID_S] = time.perf_counter() - started
     example = (
         torch.zeros(1, data.channels, data.resolution, data.resolution, device=device),
         torch.zeros(1, dtype=torch.long, device=device),

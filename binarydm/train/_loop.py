@@ -262,6 +262,14 @@ def _compile(run: _Run) -> None:
     """Compile the forward after the first step, whose eager forward initialised the
     quantizers: compiling that pass would trace the initialisation, then recompile the
     whole UNet when the flags flip. Evaluation and checkpoints use the eager modules."""
+    # AOTAutograd's cache refuses graphs holding a custom autograd.Function (LSQ's fake
+    # quant, the sign STE) unless this is set, so every trial process re-traced and
+    # re-partitioned the student's forward and backward: with it a fresh process loads
+    # them (CPU, micro student: 28.8-47.6 s instead of 47.9-74.5 s, the same loss and
+    # gradient sums). Safe for ours: their forward and backward are traced into the graph
+    # the key hashes (a changed backward missed), and what they keep on ctx are constants
+    # of that graph (benchmarks/results/gpu_perf.md, the CPU section of issue 18).
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
     options = run.recipe.compile_options
     run.parts.forward_model = torch.compile(run.ddp_model, **options)
     if run.parts.lrm is not None:

@@ -16,6 +16,10 @@ from binarydm.quant.config import BinaryDMConfig
 
 DataSource = Literal["mnist", "cifar10", "npz", "image-folder"]
 FID_DIMS = (64, 192, 768, 2048)
+#: How sampling runs its denoising step (``binarydm.train._denoiser``).
+SampleCompile = Literal["none", "default", "reduce-overhead"]
+#: Images per Inception forward of the FID when ``evaluation.fid_batch_size`` is unset.
+FID_BATCH_CPU, FID_BATCH_CUDA = 100, 500
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,20 @@ class EvalSettings:
     # Improved precision/recall (Kynkaanniemi et al. 2019) from the FID features: the k of
     # its k-NN manifolds (the paper's 3); 0 = not computed.
     precision_recall_k: int = 3
+    # The sampling step: "none" runs the model eagerly; "default" compiles it with
+    # torch.compile (inductor) at the batch sample_batch_size, the last batch padded;
+    # "reduce-overhead" also replays it as a CUDA graph (the eager step of this UNet is
+    # host-bound on a GPU). Compiling takes minutes on a CPU: for GPU studies.
+    sample_compile: SampleCompile = "none"
+    # Images per Inception forward of the FID (the last batch padded to it, so features
+    # do not depend on it); None = FID_BATCH_CPU on a CPU, FID_BATCH_CUDA on a GPU.
+    fid_batch_size: int | None = None
+
+    def fid_batch(self, device_type: str) -> int:
+        """The FID's Inception batch on a device of ``device_type`` ("cpu", "cuda")."""
+        if self.fid_batch_size is not None:
+            return self.fid_batch_size
+        return FID_BATCH_CUDA if device_type == "cuda" else FID_BATCH_CPU
 
     def __post_init__(self) -> None:
         require(
@@ -189,6 +207,12 @@ class EvalSettings:
             "evaluation.test_loss_images",
             self.test_loss_images,
             "an integer >= 1",
+        )
+        require(
+            self.fid_batch_size is None or self.fid_batch_size >= 1,
+            "evaluation.fid_batch_size",
+            self.fid_batch_size,
+            "an integer >= 1, or null for the device's default",
         )
 
 

@@ -1,5 +1,5 @@
-"""Faults of the study's driver: ``bdm-search`` SIGKILLed mid-study then resumed, and two
-drivers of the same study started at once on one storage.
+"""Faults of the study's driver: ``bdm-search`` stopped by Ctrl-C, SIGKILLed mid-study then
+resumed, and two drivers of the same study started at once on one storage.
 
 Drivers run as real ``bdm-search`` subprocesses. A killed one starts its own local Ray
 in its own process group, so killing the group is a whole-machine crash of the study;
@@ -9,6 +9,8 @@ listens on 127.0.0.1 only and with token authentication on.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -49,12 +51,15 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
 
-def test_study_cluster_listens_on_loopback_with_token_auth_and_dies_with_its_group(
+def test_study_cluster_listens_on_loopback_with_token_auth_and_stops_on_ctrl_c(
     tiny_teacher, tmp_path
 ):
-    pid_file = tmp_path / "worker.pid"
+    pid_file, hold = tmp_path / "worker.pid", tmp_path / "hold"
+    hold.touch()
     args = [LRM_STUDY, *tiny(steps=10, every=5), "--trials", "1"]
-    study = StudyProcess(tmp_path, args, faults_env({"0": {"pid_file": str(pid_file)}})).start()
+    # The trial holds after step 5 (until Ctrl-C ends it): surely unfinished at the Ctrl-C.
+    faults = {"pid_file": str(pid_file), "hold_at_step": 5, "hold_file": str(hold)}
+    study = StudyProcess(tmp_path, args, faults_env({"0": faults})).start()
     try:
         # Rank 0 writes its PID once its process group (and TCPStore) is up: all is running.
         wait_for(lambda: _alive(study) and pid_file.exists(), 600, "the trial's first worker")
@@ -69,9 +74,21 @@ def test_study_cluster_listens_on_loopback_with_token_auth_and_dies_with_its_gro
         (gcs,) = [pid for pid in ray_pids if "gcs_server" in _cmdline(pid)]
         assert _environ(gcs).get("RAY_AUTH_MODE") == "token"
         assert "--node-ip-address=127.0.0.1" in _cmdline(gcs)
+        # Ctrl-C, as a terminal sends it: SIGINT to the whole foreground group. Tune's
+        # result grid says TERMINATED for the stopped trial; the study is still interrupted.
+        os.killpg(study.process.pid, signal.SIGINT)
+        code = study.wait(300)
     finally:
+        hold.unlink(missing_ok=True)
         survivors = study.kill_group()
     assert survivors == [], f"processes of the killed study survived: {survivors}"
+    output = study.output()
+    assert code == 130, output
+    assert "interrupted: finished trials are saved" in output and "--resume" in output
+    assert "Pareto front" not in output  # not summarised as a finished study
+    _, parents, trials = study_runs(sqlite_uri(tmp_path, "mlflow.db"))
+    assert [p.info.status for p in parents] == ["KILLED"]  # a resume sets it RUNNING again
+    assert list(tmp_path.glob("*.lock")) == []  # nothing left beside the stores
 
 
 def _alive(process: StudyProcess) -> bool:

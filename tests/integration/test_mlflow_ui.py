@@ -3,10 +3,13 @@
 ``mlflow server`` (SQLite backend) records a 2-trial study run by ``bdm-search``; Chromium
 renders the experiment's runs table and a trial's run page, and the tests read the rendered
 DOM (``--dump-dom``): the study's parent run is listed with its trials folded under it, and
-a trial's page shows its metrics and the ``pareto`` tag. Screenshots of both pages are kept
-in the test's tmp dir, the trial's also at /tmp/bdm_mlflow_ui.png for a person to look at.
+a trial's page shows its metrics (objectives before timings) and the ``pareto`` tag; the
+parent's ``pareto.html`` is drawn inside the artifact view's frame (read from a screenshot:
+the frame's document is not in the dump). Screenshots are kept in the test's tmp dir, the
+trial's also at /tmp/bdm_mlflow_ui.png for a person to look at.
 
-MLflow 3's ``#/experiments/<id>`` opens the GenAI overview; the runs table is ``.../runs``.
+MLflow 3's ``#/experiments/<id>`` opens the GenAI overview unless the address asks for the
+ML view (``?workflowType=machine_learning``); the runs table is also at ``.../runs``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from binarydm.tracking._pareto_layout import PARETO_COLOR
+from binarydm.tracking._runs import ML_VIEW_QUERY, ui_page
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -113,18 +119,44 @@ def test_the_printed_address_opens_the_runs_table(chromium, ui_study, tmp_path):
 
 
 def test_trial_page_shows_metrics_and_pareto_tag(chromium, ui_study, tmp_path):
-    # A Pareto member: its page is the one worth a screenshot.
+    # A Pareto member: its page is the one worth a screenshot. Its address as trials.html
+    # links it, in the ML view (a fresh browser opens a bare run address in GenAI's).
     trial = next(r for r in ui_study.trials if r.data.tags["pareto"] == "true")
-    url = f"{ui_study.url}/#/experiments/{ui_study.experiment_id}/runs/{trial.info.run_id}"
+    url = f"{ui_study.url}/{ui_page(ui_study.experiment_id, trial.info.run_id)}"
     dom = _render(chromium, url, tmp_path / "trial", "pareto")
     text = _text(dom)
     screenshot = chromium.screenshot(url, tmp_path / "trial.png")
     shutil.copyfile(screenshot, SCREENSHOT_COPY)
 
     assert trial.info.run_name in text and f"Parent run {ui_study.parent.info.run_name}" in text
+    assert "Evaluations" not in text  # GenAI's name for runs
+    # The metrics table lists them as first logged: what matters first, the launch stamps
+    # and timings (timing/) after the objectives (the compare view's default axis is the
+    # first one too).
+    listed = re.findall(r"\b([a-z][a-z0-9_./]*) -?\d", text[text.index("Metrics (") :])
+    timings = [i for i, name in enumerate(listed) if name.startswith("timing/")]
+    assert timings and listed.index("fid") < timings[0] and listed.index("test_loss") < timings[0]
     for metric in ("fid", "test_loss", "ops_g", "size_mib"):
         shown = re.search(rf"\b{metric} (-?[0-9.e+-]+)", text)
         assert shown, f"metric {metric} is not on the page"
         assert float(shown[1]) == pytest.approx(trial.data.metrics[metric])
     assert "pareto : true" in text and f"trial_id : {trial.data.tags['trial_id']}" in text
     assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+def test_pareto_page_opens_in_the_artifact_view(chromium, ui_study, tmp_path):
+    """The parent's ``pareto.html`` renders inside the UI's sandboxed artifact frame: its
+    Pareto points' red is on the screenshot (plotly's 4.6 MB page left the frame blank)."""
+    import numpy as np
+    from PIL import Image
+
+    page = f"#/experiments/{ui_study.experiment_id}/runs/{ui_study.parent.info.run_id}"
+    url = f"{ui_study.url}/{page}/artifacts/pareto.html?{ML_VIEW_QUERY}"
+    red = np.array([int(PARETO_COLOR[i : i + 2], 16) for i in (1, 3, 5)])
+    for attempt in range(RENDER_ATTEMPTS):
+        shot = chromium.screenshot(url, tmp_path / f"pareto.{attempt}.png")
+        pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        drawn = int((np.abs(pixels - red).max(axis=2) <= 8).sum())
+        if drawn >= 50:
+            break
+    assert drawn >= 50, f"no Pareto point drawn in the artifact view ({drawn} red pixels)"

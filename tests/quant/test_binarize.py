@@ -239,7 +239,18 @@ def test_frozen_weights_give_same_output():
     expected = model(x, t).sample
     for _, layer in quant_layers(model):
         layer.freeze_weights()
+    assert all(layer.frozen for _, layer in quant_layers(model))
     torch.testing.assert_close(model(x, t).sample, expected, rtol=0, atol=0)
+    # The cache in channels-last (a compiled NHWC sampling step's layout): same values.
+    convs = [layer for _, layer in quant_layers(model) if layer.weight.dim() == 4]
+    for layer in convs:
+        layer.freeze_weights(memory_format=torch.channels_last)
+    assert all(
+        layer.quantized_weight().is_contiguous(memory_format=torch.channels_last) for layer in convs
+    )
+    torch.testing.assert_close(model(x, t).sample, expected)
+    convs[0].unfreeze_weights()
+    assert not convs[0].frozen
 
 
 def test_config_json_round_trip_and_errors():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import re
+from pathlib import Path
 
 import pytest
 from bdm_support import LRM_STUDY
@@ -111,6 +114,38 @@ def test_progress_cell_counts_steps_with_an_eta_then_says_evaluating():
     assert progress_cell(retried) == "70/100 ETA 0:15"
 
 
+def test_live_table_fits_the_terminal_leaving_out_searched_params_that_do_not_fit():
+    from rich.console import Console
+
+    from binarydm.search._callbacks import StudyProgress
+
+    spec = load_study(Path(LRM_STUDY).with_name("joint.yaml"), profile="quick")
+    dimensions = list(spec.search.space)
+    progress = StudyProgress(dimensions, spec.search.metrics, enabled=False, steps=150)
+    config = {dim: 0.000123 for dim in dimensions}
+    progress.rows["t0"] = {"state": "RUNNING", "metrics": {"step": 60, "loss": 0.1278},
+                           "config": config, "number": 0, "steps": 150, "step": 60,
+                           "first_seen": (10, 0.0), "last_seen": (60, 50.0)}  # fmt: skip
+
+    def rendered(width):
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(progress._table(width))
+        return console.export_text().splitlines()
+
+    narrow = rendered(110)
+    assert len(dimensions) == 14 and max(map(len, narrow)) <= 110
+    (row,) = [line for line in narrow if line.startswith("│ 0 ")]
+    assert "RUNNING" in row and "60/150 ETA 1:30" in row and "0.1278" in row  # not squeezed
+    caption = " ".join(" ".join(narrow).split())
+    hidden = int(re.search(r"(\d+) of 14 searched params left out to fit 110 columns", caption)[1])
+    assert 0 < hidden < 14
+    header = " ".join(narrow[:4])
+    # Headers drop the section, one part a line (weight over kind); the last ones go first.
+    assert "┃ weight " in narrow[2] and "┃ kind " in narrow[3] and "stage_steps" not in header
+    wide = rendered(1000)
+    assert "left out" not in " ".join(wide) and "stage_steps" in " ".join(wide)
+
+
 def test_results_location_opens_the_runs_table(tmp_path):
     spec = load_study(LRM_STUDY, profile="quick").resolve_paths(tmp_path)
     where = results_location(spec, "7", "http://127.0.0.1:8265")
@@ -169,19 +204,28 @@ def test_a_run_is_found_by_id_unique_prefix_or_study_trial_number(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("e")
     tags = {"study": "s", "bdm.role": "trial"}
-    runs = [client.create_run(experiment, tags={**tags, "trial_id": str(n)}) for n in range(17)]
-    ids = [r.info.run_id for r in runs]
+    ids: list[str] = []
+
+    def shared_letter():
+        return next((c for c in "abcdef" if sum(i.startswith(c) for i in ids) > 1), None)
+
+    while len(ids) < 17 or shared_letter() is None:  # two ids that start with one letter
+        tags["trial_id"] = str(len(ids))
+        ids.append(client.create_run(experiment, tags=tags).info.run_id)
     assert find_run(client, ids[3]).info.run_id == ids[3]
     assert find_run(client, ids[3][:12]).info.run_id == ids[3]
     assert find_run(client, "s:5").info.run_id == ids[5]
-    # 17 ids over 16 hex digits: two share a first character.
-    first = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+    first = shared_letter()
     with pytest.raises(LookupError, match="ambiguous") as ambiguous:
         find_run(client, first)
     assert all(i in str(ambiguous.value) for i in ids if i.startswith(first))
     for missing in ("zzzz", "s:99", "t:0"):
         with pytest.raises(LookupError):
             find_run(client, missing)
+    # A short number is a trial's, never the prefix of the run it happens to start.
+    for number in ("5", "12"):
+        with pytest.raises(LookupError, match=f"looks like a trial number: pass STUDY:{number}"):
+            find_run(client, number)
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,11 @@ def test_a_study_with_early_stopping_prunes_the_dominated_trials(
         assert "fid" not in run.data.metrics
         (point,) = client.get_metric_history(run.info.run_id, "proxy/test_loss")
         assert point.step == 5 and point.value == pytest.approx(proxy)
+        # What the rung cost is kept with it, in MLflow and Optuna alike.
+        (cost,) = client.get_metric_history(run.info.run_id, "timing/proxy_test_loss_s")
+        assert cost.step == 5 and cost.value > 0
+        assert trials[number].user_attrs["timing/proxy_test_loss_s"] == pytest.approx(cost.value)
+    assert children[0].data.metrics["timing/proxy_test_loss_s"] > 0
     assert parent.data.metrics["trials_finished"] == 1
     # Hypervolume against time on the parent run: the one finished trial, never the pruned.
     import json

@@ -46,6 +46,8 @@ EVALUATION_CHANGES = {
     "grid_images": 16,
     "use_ema": False,
     "precision_recall_k": 5,
+    "sample_compile": "default",
+    "fid_batch_size": 50,
 }
 
 

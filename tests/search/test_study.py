@@ -221,6 +221,21 @@ def test_compile_mode_needs_compile() -> None:
         TrialSettings.from_dict({"training": {"compile": True, "compile_backend": "tvm"}})
 
 
+def test_sample_compile_and_fid_batch_are_validated() -> None:
+    evaluation = TrialSettings().evaluation
+    assert evaluation.sample_compile == "none"  # eager sampling unless a study asks
+    assert (evaluation.fid_batch("cpu"), evaluation.fid_batch("cuda")) == (100, 500)
+    chosen = TrialSettings.from_dict(
+        {"evaluation": {"sample_compile": "reduce-overhead", "fid_batch_size": 64}}
+    ).evaluation
+    assert chosen.sample_compile == "reduce-overhead"
+    assert (chosen.fid_batch("cpu"), chosen.fid_batch("cuda")) == (64, 64)
+    with pytest.raises(ConfigError, match=r"sample_compile='fast' is invalid"):
+        TrialSettings.from_dict({"evaluation": {"sample_compile": "fast"}})
+    with pytest.raises(ConfigError, match=r"fid_batch_size=0 is invalid: allowed an integer >= 1"):
+        TrialSettings.from_dict({"evaluation": {"fid_batch_size": 0}})
+
+
 def test_set_overrides_win_over_the_profile() -> None:
     path = REPO / "search_spaces" / "lrm_rank.yaml"
     spec = load_study(

@@ -43,9 +43,13 @@ def test_parent_and_child_runs_with_contract_metrics(finished_study):
         for metric in ("fid", "ops_g", "bops_g", "flops_g", "size_mib", "test_loss",
                        "ops_saving", "size_saving", "train_s", "eval_s", "timing/setup_s",
                        "timing/sample_s", "timing/fid_s", "timing/fit_s", "timing/prepare_s",
-                       "timing/ray_start_s", "timing/ray_stop_s"):  # fmt: skip
+                       "timing/ray_start_s", "timing/ray_stop_s", "timing/sample_compile_s",
+                       "timing/fid_features_s"):  # fmt: skip
             assert metric in child.data.metrics, metric
         m = child.data.metrics
+        # The quick profile samples eagerly; the samples' Inception pass is part of the FID's.
+        assert m["timing/sample_compile_s"] == 0
+        assert 0 < m["timing/fid_features_s"] <= m["timing/fid_s"]
         # Every name the run carries is the contract's; the timing ones sort after the rest.
         assert all(metric_contract.is_trial_metric(k) for k in m), sorted(m)
         assert {k for k in m if k.endswith(("_s", "_unix"))} - set(metric_contract.THROUGHPUT) == {
@@ -144,6 +148,15 @@ def test_pareto_and_sample_commands_work_from_mlflow_alone(finished_study, tmp_p
     result = CliRunner().invoke(app, [*args, "--num", "4", "--steps", "3"])
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without --steps: the trial's own sampler (TINY_STUDY scores with 4 DDIM steps).
+    result = CliRunner().invoke(app, [*args, "--num", "2"])
+    assert result.exit_code == 0, result.output
+    assert children[0].data.params["sampling_steps"] == "4"
+    trial, run = children[0].data.tags["trial_id"], children[0].info.run_id
+    assert (
+        f"wrote 2 samples (4 DDIM steps) of trial {trial} of study lrm_rank (run {run[:12]},"
+        in (result.output)
+    )
 
 
 def test_rerun_without_resume_is_refused(finished_study, monkeypatch):

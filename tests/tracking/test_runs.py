@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import warnings
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from binarydm.tracking import (
     plot_points,
     reproducibility_params,
 )
+from binarydm.tracking._pareto_page import nice_ticks
 from binarydm.tracking._repro import GIT_COMMIT_ENV
 
 EXPERIMENT = "binarydm-test"
@@ -287,7 +289,57 @@ def test_load_study_results_round_trip(tracker, store):
         load_study_results("nope", "lrm_rank", tracking_uri=store)
 
 
-def test_pareto_plots_png_and_offline_html(tracker, tmp_path):
+class _PanelReader(HTMLParser):
+    """The SVG panels of ``pareto.html`` as a browser reads them: per panel, its points
+    (label, tooltip, centre), its star, its front line and its axis titles."""
+
+    def __init__(self):
+        super().__init__()
+        self.panels: list[dict] = []
+        self._point: dict | None = None
+        self._field: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        panel = self.panels[-1] if self.panels else None
+        if tag == "svg":
+            self.panels.append(
+                {"points": [], "stars": [], "line": None, "titles": [], "caption": ""}
+            )
+        elif tag == "g" and "point" in attrs.get("class", ""):
+            self._point = {"fp": "fp" in attrs["class"], "title": "", "label": ""}
+            panel["stars" if self._point["fp"] else "points"].append(self._point)
+        elif tag == "circle" and self._point is not None:
+            self._point["at"] = (float(attrs["cx"]), float(attrs["cy"]))
+        elif tag == "polyline":
+            panel["line"] = [tuple(map(float, xy.split(","))) for xy in attrs["points"].split()]
+        elif tag == "title" and self._point is not None:
+            self._field = "title"
+        elif tag == "text":
+            self._field = "label" if self._point is not None else attrs.get("class")
+
+    def handle_endtag(self, tag):
+        if tag == "g":
+            self._point = None
+        if tag in ("title", "text"):
+            self._field = None
+
+    def handle_data(self, data):
+        if self._field in ("title", "label") and self._point is not None:
+            self._point[self._field] += data
+        elif self._field == "title" and self.panels:  # an axis title
+            self.panels[-1]["titles"].append(data)
+        elif self._field == "caption":
+            self.panels[-1]["caption"] += data
+
+
+def _panels(page: str) -> list[dict]:
+    reader = _PanelReader()
+    reader.feed(page)
+    return reader.panels
+
+
+def test_pareto_plots_png_and_small_offline_html(tracker, tmp_path):
     points = [
         {"trial_id": 0, "fid": 20.0, "ops_g": 1.0, "size_mib": 0.5, "pareto": True},
         {"trial_id": 1, "fid": 10.0, "ops_g": 3.0, "size_mib": 1.5, "pareto": True},
@@ -302,38 +354,97 @@ def test_pareto_plots_png_and_offline_html(tracker, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = Path(tracker.client.download_artifacts(parent, "pareto.html", str(tmp_path)))
     html = page.read_text()
-    # Offline: plotly.js is inlined (megabytes), no <script src=...> to fetch.
-    assert "plotly" in html and "<script src" not in html and len(html) > 1_000_000
-    assert "trial 0" in html and "trial 1" in html and "trial 3" in html
-    assert "trial 2" not in html and "lrm.rank_divisor = 8" in html
-    # The searched param leads the hover, in bold (plotly escapes "<" in its JSON), before
-    # the fixed ones; every point carries its trial number as a label.
-    hover = html[html.index("\\u003cb\\u003etrial 0") :]
-    assert hover.index("\\u003cb\\u003elrm.rank_divisor = 8") < hover.index("weight.bases = 1")
-    assert '"mode":"lines+markers+text"' in html and '"text":["1","0"]' in html
+    # Offline in the UI's sandboxed blob: frame: nothing to fetch, no script; a few KB
+    # (plotly.js inlined made it 4.6 MB).
+    assert "<script" not in html and "src=" not in html and "href=" not in html
+    assert len(html.encode()) < 8_000
+    (panel,) = _panels(html)
+    by_label = {p["label"]: p for p in panel["points"]}
+    assert sorted(by_label) == ["0", "1", "3"]  # each point labelled; the failed one left out
+    assert by_label["0"]["title"].startswith("trial 0 (Pareto)\nfid = 20\nops_g = 1\n")
+    assert by_label["3"]["title"] == "trial 3\nfid = 25\nops_g = 3.5"
+    # The searched param leads the tooltip, before the fixed ones.
+    assert by_label["0"]["title"].endswith(
+        "searched:\n  lrm.rank_divisor = 8\nfixed:\n  weight.bases = 1"
+    )
+    # Drawn where the values are: fid grows to the right, ops_g upwards (smaller y).
+    (x1, y1), (x0, y0), (x3, y3) = (by_label[k]["at"] for k in "103")
+    assert x1 < x0 < x3 and y0 > y1 > y3
+    assert panel["line"] == [(x1, y1), (x0, y0)]  # two objectives: the front joined
+    assert panel["titles"] == ["fid (lower is better)", "ops_g (lower is better)"]
 
     figure, html_3d = pareto_plots(points, [*OBJECTIVES, ("size_mib", "minimize")])
     assert len([ax for ax in figure.axes if ax.get_visible()]) == 3  # one panel per pair
-    assert "size_mib (lower is better)" in html_3d
+    panels = _panels(html_3d)
+    assert [p["titles"][1] for p in panels] == [
+        "ops_g (lower is better)", "size_mib (lower is better)", "size_mib (lower is better)"
+    ]  # fmt: skip
+    assert all(p["line"] is None and len(p["points"]) == 3 for p in panels)
     one_figure, one_html = pareto_plots(points, OBJECTIVES[:1])  # fid against trial number
-    assert one_figure.axes[0].get_xlabel() == "trial_id" and "trial 3" in one_html
+    assert one_figure.axes[0].get_xlabel() == "trial_id"
+    assert _panels(one_html)[0]["titles"][0] == "trial_id"
     empty_figure, empty_html = pareto_plots([], OBJECTIVES)
-    assert empty_figure.axes and "plotly" in empty_html
+    assert empty_figure.axes and "no trial has every objective" in empty_html
 
 
-def test_pareto_plots_without_plotly_log_the_png_and_warn(tracker, tmp_path, monkeypatch):
-    # A GPU image without plotly finished a whole study, then failed on the HTML plot.
+def test_pareto_page_stays_small_for_a_large_study():
+    # 200 trials with 24 params each, three objectives: what a GPU study logs.
+    params = {f"group.key_{k}": f"value-{k}" for k in range(24)}
+    points = [
+        {"trial_id": n, "fid": 10.0 + n % 17, "ops_g": 1.0 + n % 5, "size_mib": 0.5 + n % 3,
+         "pareto": n % 20 == 0, "params": params, "searched": ["group.key_0"]}
+        for n in range(200)
+    ]  # fmt: skip
+    _, page = pareto_plots(points, [*OBJECTIVES, ("size_mib", "minimize")])
+    assert sum(len(p["points"]) for p in _panels(page)) == 600
+    assert len(page.encode()) < 1_000_000  # 0.51 MB measured; plotly.js alone was 4.6 MB
+
+
+def test_pareto_page_zooms_on_trials_the_fp_point_squeezes_and_labels_never_overlap():
+    # The walk-through's study: trials within 0.4 of FID 10.6, the FP teacher at 1.1; trials
+    # 3..8 landed on one spot.
+    values = [(10.46, 0.2281), (10.41, 0.2246), (10.82, 0.2299), *[(10.6, 0.2279)] * 6]
+    points = [
+        {"trial_id": n, "fid": fid, "test_loss": loss, "pareto": n == 1}
+        for n, (fid, loss) in enumerate(values)
+    ]
+    objectives = [("fid", "minimize"), ("test_loss", "minimize")]
+    fp = {"fid": 1.144, "test_loss": 0.0474}
+    full, zoomed = _panels(pareto_plots(points, objectives, fp)[1])
+    assert [len(full["stars"]), len(zoomed["stars"])] == [1, 0]
+    assert zoomed["caption"] == "zoomed on the trials (the FP teacher is off this scale)"
+
+    def spread(panel):
+        xs = [p["at"][0] for p in panel["points"]]
+        return max(xs) - min(xs)
+
+    assert spread(zoomed) > 4 * spread(full)  # the trials spread out when zoomed
+    # Four spots beside a point: of six on one spot two keep only their tooltips; the front's
+    # label is always shown.
+    labels = [p["label"] for p in zoomed["points"]]
+    assert "1" in labels and labels.count("") == 2 and len(set(labels)) == len(labels) - 1
+    assert [p["title"].split("\n")[0] for p in zoomed["points"]].count("trial 8") == 1
+    # The FP teacher among the trials: no zoomed panel.
+    near = [{**p, "fid": p["fid"] - 9, "test_loss": p["test_loss"] - 0.18} for p in points]
+    assert len(_panels(pareto_plots(near, objectives, fp)[1])) == 1
+
+
+def test_pareto_ticks_are_round_numbers():
+    assert nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert nice_ticks(73.2, 312.9) == pytest.approx([100.0, 150.0, 200.0, 250.0, 300.0])
+    assert nice_ticks(0.0512, 0.0893) == pytest.approx([0.06, 0.07, 0.08])
+
+
+def test_pareto_plots_need_no_plotly(tracker, tmp_path, monkeypatch):
+    # A GPU image without plotly once finished a whole study, then failed on the HTML plot.
     for name in [m for m in sys.modules if m == "plotly" or m.startswith("plotly.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly -> ImportError
-    points = [{"trial_id": 0, "fid": 20.0, "ops_g": 1.0, "pareto": True}]
-    with pytest.warns(RuntimeWarning, match="pareto.html not logged.*pareto.png was"):
-        tracker.log_pareto_plots(points, OBJECTIVES)
-    parent = tracker.parent_run_id()
-    names = {a.path for a in tracker.client.list_artifacts(parent)}
-    assert "pareto.png" in names and "pareto.html" not in names
-    with pytest.raises(ImportError):
-        pareto_plots(points, OBJECTIVES)  # the strict API still says what is missing
+    tracker.log_pareto_plots(
+        [{"trial_id": 0, "fid": 20.0, "ops_g": 1.0, "pareto": True}], OBJECTIVES
+    )
+    names = {a.path for a in tracker.client.list_artifacts(tracker.parent_run_id())}
+    assert {"pareto.png", "pareto.html"} <= names
 
 
 def test_reproducibility_params(tmp_path, monkeypatch):
@@ -493,11 +604,16 @@ def test_pareto_plots_draw_the_fp_teacher_as_its_own_point(tracker, tmp_path):
     assert [5.0, 9.0] not in np.column_stack(line.get_data()).tolist()
     legend = [t.get_text() for t in two.axes[0].get_legend().get_texts()]
     assert legend == ["dominated", "Pareto", "FP teacher (reference)"]
-    assert page.count('"name":"FP teacher (reference)"') == 1
-    assert "not a trial, not in the front" in page
+    # The page: one star, in the one panel where the FP run has both values; in the legend.
+    assert [len(p["stars"]) for p in _panels(page)] == [1, 0, 0]
+    (star,) = _panels(page)[0]["stars"]
+    assert (
+        star["title"] == "FP teacher (reference)\nnot a trial, not in the front\nfid = 5\nops_g = 9"
+    )
+    assert "FP teacher (reference)</span>" in page
     one, one_page = pareto_plots(points, OBJECTIVES[:1], fp)  # against trial_id: no FP
     assert "FP teacher (reference)" not in [c.get_label() for c in one.axes[0].collections]
-    assert '"name":"FP teacher (reference)"' not in one_page
+    assert "FP teacher (reference)" not in one_page
 
     tracker.log_pareto_plots(points, OBJECTIVES, fp=fp)
     parent = tracker.parent_run_id()

@@ -41,7 +41,9 @@ def test_without_a_reference_there_is_no_ratio_column_nor_fp_row():
 def test_html_links_each_run_in_the_ui_window_and_marks_the_front():
     columns, rows = summary_rows(RECORDS, ["fid"], ["training.lr"], REFERENCE)
     page = to_html(columns, rows, "7", "study lrm_rank: 2 trials")
-    link = f'<a href="/#/experiments/7/runs/{"a" * 32}" target="_top">{"a" * 12}</a>'
+    # The run's page in the UI's ML view: without the query a fresh browser opens GenAI's.
+    run_page = f"/#/experiments/7/runs/{'a' * 32}?workflowType=machine_learning"
+    link = f'<a href="{run_page}" target="_top">{"a" * 12}</a>'
     assert link in page and page.count('<tr class="pareto">') == 1
     assert "<th>training.lr</th>" in page and "<td>0.0001</td>" in page  # rounded to read
     exact = summary_rows([{**RECORDS[0], "metrics": {"fid": 18.289072569590054}}], ["fid"], [])

@@ -16,7 +16,11 @@ def test_small_fid_proxy_equals_the_fid_of_that_many_samples_and_steps():
     model = small_unet(sample_size=16, channels=1).eval()
     scores = rung_proxy(model, settings, fid=(80, 3))
     assert set(scores) == {"proxy/test_loss", "proxy/fid", "ops_g", "bops_g", "flops_g",
-                           "size_mib", "weight_bits", "ops_saving", "size_saving"}  # fmt: skip
+                           "size_mib", "weight_bits", "ops_saving", "size_saving",
+                           "timing/proxy_test_loss_s", "timing/proxy_fid_s"}  # fmt: skip
+    # Each proxy's cost: 80 samples of 3 DDIM steps plus Inception outweigh one held-out
+    # loss pass over the test images (a forward pass each).
+    assert 0 < scores["timing/proxy_test_loss_s"] < scores["timing/proxy_fid_s"]
 
     small = settings.replace(**{"evaluation.fid_samples": 80, "evaluation.sampling_steps": 3})
     with torch.no_grad():
@@ -27,4 +31,6 @@ def test_small_fid_proxy_equals_the_fid_of_that_many_samples_and_steps():
     loss = held_out_loss(model, images, noise_scheduler(1000), seed=1234)
     assert scores["proxy/test_loss"] == pytest.approx(loss, rel=1e-6)
     # Without fid: the test loss alone, no sampling.
-    assert "proxy/fid" not in rung_proxy(model, settings)
+    alone = rung_proxy(model, settings)
+    assert "proxy/fid" not in alone and "timing/proxy_fid_s" not in alone
+    assert alone["timing/proxy_test_loss_s"] > 0
