@@ -130,6 +130,23 @@ poll)
         # with every poll, so the finished trials survive a machine lost mid-study.
         (cd "$dir" && tar --exclude='*.bdm' -czf "$OUT/$name-stores.tgz" mlflow.db \
             optuna.db "$name.log" mlartifacts 2>/dev/null) || true
+        # Each trial's last metrics as text too: the reply's output always comes back,
+        # its files not always ("none could be copied" after the last poll of
+        # 2026-12-02 lost a finished study's final store; its FIDs survived in the log).
+        [ -f "$dir/mlflow.db" ] && python3 - "$dir/mlflow.db" <<'PY' || true
+import sqlite3, sys
+keys = ("fid", "precision", "recall", "test_loss", "size_mib", "weight_bits", "train_s",
+        "timing/sample_s")
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+for run_id, name, status in db.execute("select run_uuid, name, status from runs order by name"):
+    params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)))
+    last = dict(db.execute(
+        "select key, value from metrics m where run_uuid=? and step=(select max(step) from"
+        " metrics where run_uuid=m.run_uuid and key=m.key)", (run_id,)))
+    cells = [f"{k}={last[k]:.5g}" for k in keys if k in last]
+    case = " ".join(f"{k}={params[k]}" for k in ("row", "seed") if k in params)
+    print(f"metrics {name} {run_id[:8]} {status} {case} {' '.join(cells)}")
+PY
     done
     ls -la "$OUT"
     if running; then
