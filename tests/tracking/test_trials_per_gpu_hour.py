@@ -1,0 +1,83 @@
+"""benchmarks/trials_per_gpu_hour.py on committed GPU run archives: trials per GPU-hour and
+each trial's wall-time split, pinned to the archived runs' own times and metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "trials_per_gpu_hour.py"
+RUNS = ROOT / "benchmarks" / "results" / "runs"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("trials_per_gpu_hour", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _archive(name: str) -> dict:
+    return json.loads((RUNS / name / "runs.json").read_text())
+
+
+def test_stage2_study_rate_is_its_trials_over_its_window(tool):
+    archive = _archive("cifar10_stage2_s0a")
+    summary = tool.summarise([archive], gpus=1.0)
+    parent = next(r for r in archive["runs"] if r["run_name"] == "cifar10_stage2_s0a")
+    trials = [r for r in archive["runs"] if r["run_name"].startswith("trial-")]
+    window = (max(r["end_time"] for r in trials) - parent["start_time"]) / 1000
+    assert summary["trials_finished"] == 2
+    assert summary["window_s"] == pytest.approx(window, abs=0.1)
+    assert 549 < window < 552  # the archive's times: study start to the last trial's end
+    assert summary["trials_per_gpu_hour"] == pytest.approx(2 * 3600 / window, abs=0.01)
+    # Two GPUs for the same study: half the rate per GPU.
+    two = tool.summarise([archive], gpus=2.0)
+    assert two["trials_per_gpu_hour"] == pytest.approx(3600 / window, abs=0.01)
+    assert summary["one_wave"] is True
+    assert summary["budget"] == [(1500, 128, 4000, 100, 2048)]
+
+
+def test_a_trials_parts_add_up_to_its_wall_time(tool):
+    summary = tool.summarise([_archive("cifar10_stage2_s0a")], gpus=1.0)
+    by_trial = {t["trial"]: t for t in summary["trials"]}
+    split = by_trial["trial-0001"]["split_s"]  # baseline W1A8, seed 0
+    assert sum(split[k] for k in tool.PARTS) == pytest.approx(split["wall"], abs=0.05)
+    # The evaluation is its sampling, its FID and the rest (test loss, OPs, packing).
+    assert split["sample"] + split["fid"] + split["eval_other"] == pytest.approx(
+        split["eval"], abs=0.05
+    )
+    assert split["train"] == pytest.approx(343.35, abs=0.01)
+    assert split["sample"] == pytest.approx(150.38, abs=0.01)
+    assert 20 < split["actor_start"] < 25  # process start and imports before the trainable
+    shares = summary["share_of_wall"]
+    assert sum(shares[k] for k in tool.PARTS) == pytest.approx(1.0, abs=0.005)
+
+
+def test_an_archive_without_timing_metrics_leaves_those_parts_unknown(tool):
+    # The first session's seed-1 study predates the timing/ metrics.
+    summary = tool.summarise([_archive("cifar10_w1a4_s1")], gpus=1.0)
+    split = summary["trials"][0]["split_s"]
+    assert split["sample"] is None and split["actor_start"] is None
+    assert split["eval"] is not None and split["train"] > 0
+    text = tool.markdown(summary)
+    assert "| - |" in text and "sample " not in text.split("Mean share")[1]
+
+
+def test_concurrent_studies_share_one_window(tool):
+    both = tool.summarise([_archive("cifar10_w1a4_cl_s0"), _archive("cifar10_w1a4_cl_s1")], 1.0)
+    alone = tool.summarise([_archive("cifar10_w1a4_cl_s0")], 1.0)
+    assert both["trials_finished"] == 3 and alone["trials_finished"] == 2
+    # The seed-1 study ran inside the seed-0 study's window on the same card.
+    assert both["window_s"] == pytest.approx(alone["window_s"], abs=1.0)
+    assert both["trials_per_gpu_hour"] == pytest.approx(1.5 * alone["trials_per_gpu_hour"], 0.01)
+
+
+def test_a_folder_that_is_not_an_archive_is_refused(tool, tmp_path):
+    with pytest.raises(SystemExit, match="not a `bdm-search export` archive"):
+        tool.load_archive(tmp_path)
