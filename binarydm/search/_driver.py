@@ -83,15 +83,40 @@ def connect_ray(
         loud_ray_output()
     else:
         quiet_ray_output()
-    context = ray.init(
-        address=address or None,
-        include_dashboard=False if not address else None,
-        log_to_driver=True,  # filtered by quiet_ray_output unless verbose
-        configure_logging=True,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-    )
+    try:
+        context = ray.init(
+            address=address or None,
+            include_dashboard=False if not address else None,
+            log_to_driver=True,  # filtered by quiet_ray_output unless verbose
+            configure_logging=True,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except Exception as exc:  # Ray raises a bare Exception for a node that never came up
+        # Whatever it started before failing (GCS, raylet) goes with it.
+        ray.shutdown()
+        raise StudyError(ray_start_failure(address, exc)) from exc
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and not is_uri(url) else url or None
+
+
+def ray_start_failure(address: str | None, exc: BaseException) -> str:
+    """One line for a Ray cluster that could not be started or joined, with what to check."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if address or os.environ.get("RAY_ADDRESS"):
+        where = address or os.environ["RAY_ADDRESS"]
+        return (
+            f"the Ray cluster at {where} could not be joined ({cause}); check that it runs "
+            "the same Ray version (ray status there) and that RAY_AUTH_MODE=token is set "
+            "where it uses token auth; --verbose shows Ray's own output"
+        )
+    tmpdir = os.environ.get("RAY_TMPDIR", "/tmp")
+    return (
+        f"the local Ray cluster could not start ({cause}); check that RAY_TMPDIR "
+        f"({tmpdir}) is a writable folder with free space and that the machine is not "
+        "overloaded (Ray waits 30 s for its node), then run the command again, or join a "
+        "running cluster with --address; --verbose shows Ray's own output"
+    )
 
 
 def _study_file_text(spec: StudySpec) -> str:

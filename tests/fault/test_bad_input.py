@@ -9,6 +9,7 @@ storage, MLflow server, Ray address.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -71,6 +72,28 @@ def test_silent_ray_address_is_one_line_within_bounded_time(workspace, tmp_path)
     assert elapsed < 40, f"took {elapsed:.1f} s"
     assert list(tmp_path.iterdir()) == []
     print(f"\nTIMING silent --address: refused in {elapsed:.1f} s")
+
+
+def test_local_ray_that_cannot_start_is_one_line(workspace, tmp_path):
+    # A real start failure: RAY_TMPDIR names a file, so Ray cannot make its session folder.
+    # (The one seen on an overloaded machine, "The current node timed out during startup",
+    # comes through the same handler.)
+    not_a_folder = tmp_path / "ray-tmp"
+    not_a_folder.write_text("")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(not_a_folder)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [BDM_SEARCH, LRM_STUDY], cwd=work, env=env, capture_output=True, text=True, timeout=180
+    )
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert "the local Ray cluster could not start (NotADirectoryError" in lines[0]
+    assert f"RAY_TMPDIR ({not_a_folder})" in lines[0] and "--verbose" in lines[0]
+    # Only the Optuna storage, opened (empty) before Ray to fail fast on a bad URL.
+    assert sorted(p.name for p in work.iterdir()) == ["optuna.db"]
 
 
 def test_storage_password_never_reaches_mlflow(tiny_teacher, tmp_path, monkeypatch):
