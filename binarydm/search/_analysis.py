@@ -64,7 +64,10 @@ def summarize(
     log_fid_ratios(tracker, records, reference)
     counts: dict[str, int] = {}
     for record in records:
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
+        # A pruned trial's run ends KILLED in MLflow (it did not finish); its state tag says
+        # why, and the counts (the console's last line, the parent's trials_* metrics) say it.
+        state = "PRUNED" if record["tags"].get("state") == "PRUNED" else record["status"]
+        counts[state] = counts.get(state, 0) + 1
     complete = [
         (r, vals)
         for r in records

@@ -234,6 +234,9 @@ def test_a_study_with_early_stopping_prunes_the_dominated_trials(
         assert trials[number].user_attrs["timing/proxy_test_loss_s"] == pytest.approx(cost.value)
     assert children[0].data.metrics["timing/proxy_test_loss_s"] > 0
     assert parent.data.metrics["trials_finished"] == 1
+    # Counted as pruned, not by their runs' KILLED status, on the parent and the console.
+    assert parent.data.metrics["trials_pruned"] == 2 and "trials_killed" not in parent.data.metrics
+    assert "trials finished: 1, pruned: 2;" in result.output
     # Hypervolume against time on the parent run: the one finished trial, never the pruned.
     import json
 
