@@ -3,21 +3,14 @@ hand-made records (the report itself reads real studies; these pin its arithmeti
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "early_stopping_hv.py"
+from bdm_support import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("early_stopping_hv", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("early_stopping_hv")
 
 
 def test_spearman_difference_is_the_gap_between_two_proxies_over_the_same_trials(report):

@@ -3,23 +3,19 @@ each trial's wall-time split, pinned to the archived runs' own times and metrics
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bdm_support import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "trials_per_gpu_hour.py"
 RUNS = ROOT / "benchmarks" / "results" / "runs"
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("trials_per_gpu_hour", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("trials_per_gpu_hour")
 
 
 def _archive(name: str) -> dict:
