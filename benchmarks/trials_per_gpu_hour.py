@@ -205,10 +205,8 @@ def markdown(summary: dict) -> str:
         f"(first study start to last trial end) = **{summary['trials_per_gpu_hour']:.1f} "
         f"trials per GPU-hour** ({budgets}).",
         "",
-        "| trial | row | wall s | "
-        + " | ".join(PARTS)
-        + " | checkpoint | train img/s | sample img/s |",
-        "| --- | --- | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: | ---: | ---: |",
+        "| trial | row | wall s | " + " | ".join(COLUMNS) + " | train img/s | sample img/s |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " | ---: | ---: |",
     ]
     for t in summary["trials"]:
         s = t["split_s"]

@@ -63,6 +63,10 @@ def test_an_archive_without_timing_metrics_leaves_those_parts_unknown(tool):
     assert split["eval"] is not None and split["train"] > 0
     text = tool.markdown(summary)
     assert "| - |" in text and "sample " not in text.split("Mean share")[1]
+    # Every row of the table has its header's columns (an "eval" cell once had none).
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1
+    assert table[0].split(" | ")[8] == "eval"
 
 
 def test_concurrent_studies_share_one_window(tool):
