@@ -118,6 +118,8 @@ def _store_uri(tracking_uri: str | None, *, create: bool = False) -> str:
     bar, printed for each of the few small files these commands read, is turned off
     (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true`` keeps it).
     """
+    from binarydm.search import StudyError
+    from binarydm.search._preflight import check_mlflow_schema
     from binarydm.spec import sqlite_file
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -130,6 +132,10 @@ def _store_uri(tracking_uri: str | None, *, create: bool = False) -> str:
             f"no MLflow store at {database}: run the study here first, or pass "
             "--tracking-uri sqlite:///PATH/mlflow.db (or the server's http://HOST:PORT)"
         )
+    try:
+        check_mlflow_schema(uri)
+    except StudyError as exc:
+        _fail(str(exc))
     return uri
 
 

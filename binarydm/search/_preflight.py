@@ -66,6 +66,7 @@ def preflight(spec: StudySpec, cache_dir: str, address: str | None) -> list[str]
         checked.append("the Ray cluster")
     if _check_tracking_reachable(spec.tracking.uri):
         checked.append("the MLflow server")
+    check_mlflow_schema(spec.tracking.uri)
     settings = spec.trial_settings({}, spec.search.seeds[0])
     space = list(spec.search.space)
     if not any(k.startswith("data.") for k in space):
@@ -76,6 +77,46 @@ def preflight(spec: StudySpec, cache_dir: str, address: str | None) -> list[str]
         _check_teacher(pretrained)
         checked.append("the teacher")
     return checked
+
+
+def check_mlflow_schema(uri: str) -> None:
+    """Refuse, in one line, a SQLite MLflow store whose schema is newer than this MLflow's.
+
+    MLflow's own error for it ("out-of-date database schema ... run 'mlflow db upgrade'")
+    points the wrong way: the store is ahead of the installed MLflow (a GPU machine's
+    newer MLflow wrote it), and no upgrade here can read it. Nothing is written.
+    """
+    import sqlite3
+
+    database = sqlite_file(uri) if uri else None
+    if database is None or not Path(database).is_file():
+        return
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{Path(database).resolve()}?mode=ro", uri=True)
+        ) as db:
+            rows = db.execute("select version_num from alembic_version").fetchall()
+    except sqlite3.Error:
+        return  # not an MLflow store (yet): MLflow creates or reports it
+    if not rows or rows[0][0] in _mlflow_schema_revisions():
+        return
+    import mlflow
+
+    raise StudyError(
+        f"the MLflow store {database} was written by a newer MLflow (schema revision "
+        f"{rows[0][0]}, unknown to MLflow {mlflow.__version__} here): read it with that "
+        "MLflow's version (pip install 'mlflow==VERSION'), or export it on the machine that "
+        "wrote it (bdm-search export); the store is left as it is"
+    )
+
+
+def _mlflow_schema_revisions() -> set[str]:
+    """Every schema revision the installed MLflow's migrations know."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    script = ScriptDirectory.from_config(_get_alembic_config("sqlite://"))
+    return {revision.revision for revision in script.walk_revisions()}
 
 
 def _check_data(settings, cache_dir: str) -> None:

@@ -125,3 +125,30 @@ def test_study_file_logged_on_the_parent_run_has_passwords_masked(tmp_path):
     assert SECRET not in logged and "postgresql://bdm:***@127.0.0.1:1/optuna" in logged
     assert mask_secrets("mysql+pymysql://u:p%40ss@db:3306/x") == "mysql+pymysql://u:***@db:3306/x"
     assert mask_secrets("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
+
+
+def test_store_of_a_newer_mlflow_is_one_line_and_left_as_it_is(workspace, tmp_path, monkeypatch):
+    # A real store, its schema revision then set to one this MLflow's migrations lack: what a
+    # GPU machine's newer MLflow writes (MLflow's own error says to run `mlflow db upgrade`,
+    # which cannot read it either).
+    import hashlib
+    import sqlite3
+
+    import mlflow
+
+    database = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    mlflow.MlflowClient(uri).create_experiment("lrm_rank")
+    with sqlite3.connect(database) as db:
+        db.execute("update alembic_version set version_num = 'ffffffffffff'")
+    before = hashlib.sha256(database.read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)
+    for args in (["pareto", "lrm_rank", "--tracking-uri", uri], [LRM_STUDY, "--resume"]):
+        result = CliRunner().invoke(app, args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2, result.output
+        assert len(lines) == 1, result.output
+        assert f"the MLflow store {database} was written by a newer MLflow" in lines[0]
+        assert "schema revision ffffffffffff" in lines[0] and mlflow.__version__ in lines[0]
+    assert hashlib.sha256(database.read_bytes()).hexdigest() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]  # no Optuna, Ray files
