@@ -4,8 +4,11 @@
 # full CIFAR-10 copy) travels in parts, then a smoke run, then the study in the background,
 # polled until it ends; its MLflow store, Optuna storage and log come back in $OUT.
 #
-# Here, once:
-#   ../shared/tools/device-bundle
+# Here, once (the bundle at pyproject's pins: by default it takes the registry's newest
+# MLflow and Optuna, and a store written by MLflow 3.18.0 could not be read by the pinned
+# 3.17.2 here, session 6, 2026-12-02):
+#   ../shared/tools/device-bundle 'ray[default,tune,train]==2.60.0' optuna==5.0.0 \
+#       mlflow-skinny==3.17.2 diffusers==0.42.1 pytorch-fid==0.3.0
 #   # (a part plus the tracked tree must stay under the 64 MiB a call carries: 56 MiB
 #   # parts with the 4.7 MB tree of 2026-12-02; 61 MiB was refused)
 #   python benchmarks/device_payload.py pack --out .bdmpayload --part-mib 56 \
