@@ -23,6 +23,13 @@
 #                                                          # (again for a second study
 #                                                          # at once: each its own Ray)
 #   bash benchmarks/cifar10_w1_session.sh poll SECONDS     # repeat until it reports "done"
+# A study longer than one session (stage 3) continues in the next: its last poll's
+# NAME-stores.tgz (MLflow, Optuna, Ray Tune's experiment; no checkpoints, no packed
+# models) is copied to .bdmpayload/NAME-stores.tgz here and carried with the unpack call:
+#   bash benchmarks/cifar10_w1_session.sh restore NAME     # at the same path as before
+#   bash benchmarks/cifar10_w1_session.sh start STUDY NAME --resume [the same --set ...]
+# (a trial cut off at the end of a session trains again from step 0, a new attempt of
+# its run: tests/fault/test_driver_faults.py, ..._without_the_checkpoints).
 # A machine idle for over 30 s goes back and takes /tmp with it: no pauses between calls
 # (issue the next poll straight after the last returns; start nothing else in between:
 # a run was lost at step 650 of 1500 that way).
@@ -115,6 +122,14 @@ start)
     sleep 20
     tail -5 "$dir/$name.log"
     ;;
+restore)
+    # A study's stores from an earlier session, back at the path they were written at
+    # (the MLflow runs' artifact URIs and Tune's experiment name absolute paths).
+    name="$1"
+    mkdir -p "/tmp/run/$name"
+    tar -xzf ".bdmpayload/$name-stores.tgz" -C "/tmp/run/$name"
+    ls -la "/tmp/run/$name"
+    ;;
 poll)
     limit="${1:-500}"
     waited=0
@@ -131,8 +146,11 @@ poll)
         # Stores and small artifacts only (sample grids, plots, configs); packed models
         # stay: they are rebuilt from the checkpoints' runs when needed. They come back
         # with every poll, so the finished trials survive a machine lost mid-study.
-        (cd "$dir" && tar --exclude='*.bdm' -czf "$OUT/$name-stores.tgz" mlflow.db \
-            optuna.db "$name.log" mlartifacts 2>/dev/null) || true
+        # Ray Tune's experiment too (for --resume in a later session), without the
+        # trials' checkpoint folders (about 570 MB each at ddpm-cifar10).
+        (cd "$dir" && tar --exclude='*.bdm' --exclude='ray_results/trials/*/checkpoint_*' \
+            -czf "$OUT/$name-stores.tgz" mlflow.db optuna.db "$name.log" mlartifacts \
+            $([ -d ray_results ] && echo ray_results) 2>/dev/null) || true
         # Each trial's last metrics as text too: the reply's output always comes back,
         # its files not always ("none could be copied" after the last poll of
         # 2026-12-02 lost a finished study's final store; its FIDs survived in the log).
@@ -159,7 +177,7 @@ PY
     fi
     ;;
 *)
-    echo "usage: $0 part NN | unpack | start STUDY NAME [--set ...] | poll SECONDS" >&2
+    echo "usage: $0 part NN | unpack | restore NAME | start STUDY NAME [--set ...] | poll SECONDS" >&2
     exit 2
     ;;
 esac

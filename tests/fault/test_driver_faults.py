@@ -20,6 +20,7 @@ from fault_support import (
     LRM_STUDY,
     StudyProcess,
     assert_curve_once,
+    curve_steps,
     faults_env,
     listening_addresses,
     optuna_trials,
@@ -186,3 +187,51 @@ def test_two_drivers_of_one_study_at_once_leave_consistent_storage(
     assert sorted(runs) == sorted(trials)
     assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values())
     print(f"\nOUTCOME two drivers: exit codes {codes}")
+
+
+@pytest.mark.slow
+def test_study_resumes_from_its_stores_without_the_checkpoints(tiny_teacher, tmp_path):
+    # A GPU session's end (benchmarks/cifar10_w1_session.sh): the machine goes away and only
+    # the stores come back (MLflow, Optuna, Ray Tune's experiment), without the trials'
+    # checkpoint folders (a ddpm-cifar10 one is about 570 MB); the next session unpacks
+    # them at the same path and resumes. (The archive round trip itself is byte for byte.)
+    import shutil
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    args = [LRM_STUDY, *tiny(steps=20, inline=True), "--trials", "3"]
+    plan = {"1": {"hold_at_step": 10, "hold_file": str(hold)}}  # mid-run at the kill
+    first = StudyProcess(tmp_path, args, faults_env(plan)).start()
+    uri = sqlite_uri(tmp_path, "mlflow.db")
+    trials_dir = tmp_path / "ray_results" / "trials"
+    try:
+        wait_for(lambda: _trial_finished(first, uri, 0), 900, "trial 0's MLflow run FINISHED")
+        wait_for(
+            lambda: list(trials_dir.glob("*trial0001*/checkpoint_00000010")),
+            300,
+            "trial 1's step-10 checkpoint",
+        )
+    finally:
+        assert first.kill_group() == []
+    hold.unlink()
+    checkpoints = list(trials_dir.glob("*/checkpoint_*"))  # what the session leaves behind
+    assert any("trial0001" in str(c) for c in checkpoints)
+    for folder in checkpoints:
+        shutil.rmtree(folder)
+
+    second = StudyProcess(tmp_path, [*args, "--resume"]).start()
+    try:
+        assert second.wait(900) == 0, second.output()
+    finally:
+        assert second.kill_group(settle_s=10) == []
+    states = {n: t.state.name for n, t in optuna_trials(tmp_path).items()}
+    assert sum(s == "COMPLETE" for s in states.values()) == 3, states
+    client, parents, runs = study_runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(len(found) == 1 for found in runs.values()), runs  # no run duplicated
+    assert runs[0][0].data.tags["attempt"] == "1"  # finished before: not rerun
+    held = runs[1][0]
+    # No checkpoint came back: trained again from step 0, a new attempt of the same run.
+    assert held.info.status == "FINISHED" and held.data.tags["attempt"] == "2"
+    assert held.data.metrics.get("resumed_from_step", 0) == 0
+    assert curve_steps(client, held.info.run_id, "loss").count(10) == 2  # once per attempt
