@@ -92,6 +92,11 @@ class BinaryDMOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if self._told_before(ot_trial):
+            # A restored study's trial that the previous driver told before it stopped:
+            # Tune reports it complete again; its storage record stands.
+            self._completed_trials.add(trial_id)
+            return
         if not error and was_pruned(result):
             self._tell_pruned(ot_trial, result, metrics)
             self._completed_trials.add(trial_id)
@@ -116,6 +121,14 @@ class BinaryDMOptunaSearch(OptunaSearch):
             # Already told (e.g. by a previous driver before a restore): never tell twice.
             log.warning("Optuna trial %s not told again: %s", ot_trial.number, exc)
         self._completed_trials.add(trial_id)
+
+    def _told_before(self, ot_trial) -> bool:
+        """Whether the storage already holds ``ot_trial`` finished (this process's copy
+        of it is stale after a restore)."""
+        for trial in self._ot_study.get_trials(deepcopy=False):
+            if trial.number == ot_trial.number:
+                return trial.state.is_finished()
+        return False
 
     def _tell_pruned(self, ot_trial, result: dict, metrics: list[str]) -> None:
         from optuna.trial import TrialState

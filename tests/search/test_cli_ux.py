@@ -275,6 +275,38 @@ def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_pa
     assert optuna.load_study(study_name="s", storage=storage).metric_names == list(search.metrics)
 
 
+def test_a_restored_searcher_keeps_what_the_killed_driver_told_and_says_nothing(tmp_path, caplog):
+    # A driver told trial 0 COMPLETE after its last searcher checkpoint, then died; the
+    # resumed driver's Tune reports the trial complete again (from its restored state).
+    import logging
+
+    import optuna
+
+    from binarydm.search import build_sampler, optuna_space
+    from binarydm.search._searcher import BinaryDMOptunaSearch
+
+    search = load_study(LRM_STUDY, profile="quick").search
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    def searcher():
+        return BinaryDMOptunaSearch(
+            space=optuna_space(search), metric=search.metrics, mode=search.tune_modes,
+            sampler=build_sampler(search), storage=storage, study_name="s",
+        )  # fmt: skip
+
+    first = searcher()
+    assert first.suggest("t0") is not None
+    first.save(str(tmp_path / "searcher.pkl"))
+    first.on_trial_complete("t0", {"fid": 12.5, "test_loss": 0.25})
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    with caplog.at_level(logging.DEBUG, logger="binarydm"):
+        restored.on_trial_complete("t0", {"fid": 99.0, "test_loss": 0.9})
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("binarydm")] == []
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert trial.state.name == "COMPLETE" and trial.values == [12.5, 0.25]
+
+
 def test_option_errors_name_the_option_and_data_root_its_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, [LRM_STUDY, "--trials", "0"])
