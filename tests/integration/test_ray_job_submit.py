@@ -26,7 +26,17 @@ pytestmark = pytest.mark.timeout(900)
 JOB_TIMEOUT_S = 600
 #: What must never travel with a job: the upload has to stay small. Patterns are gitignore
 #: style: a bare "data" would also drop binarydm/data, so the data folder is anchored.
-EXCLUDES = [".git", ".venv", "mlruns", "mlartifacts", "*.db", "ray_results", "/data", ".cache"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "mlruns",
+    "mlartifacts",
+    "*.db",
+    "ray_results",
+    "/data",
+    ".cache",
+    "/benchmarks/results",  # committed run archives and reports: results, not code
+]
 UPLOAD_LIMIT_BYTES = 5 * 2**20
 STUDY = "lrm_rank"
 
