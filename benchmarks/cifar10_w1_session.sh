@@ -115,9 +115,10 @@ start)
     mkdir -p "$dir" "/tmp/ray-$name"
     cd "$dir"
     # Its own session: it outlives this call and is polled by the next ones.
+    # Appended: a resumed study's log continues the restored one.
     RAY_TMPDIR="/tmp/ray-$name" setsid nohup bdm-search "/tmp/code/$study" \
         --set teacher.pretrained=/tmp/bdm/teacher --set "name=$name" "$@" \
-        >"$dir/$name.log" 2>&1 </dev/null &
+        >>"$dir/$name.log" 2>&1 </dev/null &
     echo $! >"$dir/study.pid"
     sleep 20
     tail -5 "$dir/$name.log"
@@ -126,6 +127,10 @@ restore)
     # A study's stores from an earlier session, back at the path they were written at
     # (the MLflow runs' artifact URIs and Tune's experiment name absolute paths).
     name="$1"
+    if [ -e "/tmp/run/$name/mlflow.db" ]; then
+        echo "/tmp/run/$name already holds a study's stores: not overwritten" >&2
+        exit 1
+    fi
     mkdir -p "/tmp/run/$name"
     tar -xzf ".bdmpayload/$name-stores.tgz" -C "/tmp/run/$name"
     ls -la "/tmp/run/$name"
@@ -147,10 +152,13 @@ poll)
         # stay: they are rebuilt from the checkpoints' runs when needed. They come back
         # with every poll, so the finished trials survive a machine lost mid-study.
         # Ray Tune's experiment too (for --resume in a later session), without the
-        # trials' checkpoint folders (about 570 MB each at ddpm-cifar10).
+        # trials' checkpoint folders (about 570 MB each at ddpm-cifar10), placed ones or
+        # ones being written (CheckpointStore's hidden .staging-*/.checkpoint_* folders).
+        stores=(mlflow.db optuna.db "$name.log" mlartifacts)
+        [ -d "$dir/ray_results" ] && stores+=(ray_results)
         (cd "$dir" && tar --exclude='*.bdm' --exclude='ray_results/trials/*/checkpoint_*' \
-            -czf "$OUT/$name-stores.tgz" mlflow.db optuna.db "$name.log" mlartifacts \
-            $([ -d ray_results ] && echo ray_results) 2>/dev/null) || true
+            --exclude='ray_results/trials/*/.*' -czf "$OUT/$name-stores.tgz" \
+            "${stores[@]}" 2>/dev/null) || true
         # Each trial's last metrics as text too: the reply's output always comes back,
         # its files not always ("none could be copied" after the last poll of
         # 2026-12-02 lost a finished study's final store; its FIDs survived in the log).

@@ -84,7 +84,9 @@ def check_mlflow_schema(uri: str) -> None:
 
     MLflow's own error for it ("out-of-date database schema ... run 'mlflow db upgrade'")
     points the wrong way: the store is ahead of the installed MLflow (a GPU machine's
-    newer MLflow wrote it), and no upgrade here can read it. Nothing is written.
+    newer MLflow wrote it), and no upgrade here can read it. Nothing is written. Files
+    that are not MLflow stores (an Optuna database has an alembic_version table too) are
+    left to MLflow to report.
     """
     import sqlite3
 
@@ -92,13 +94,16 @@ def check_mlflow_schema(uri: str) -> None:
     if database is None or not Path(database).is_file():
         return
     try:
-        with contextlib.closing(
-            sqlite3.connect(f"file:{Path(database).resolve()}?mode=ro", uri=True)
-        ) as db:
+        read_only = f"{Path(database).resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(read_only, uri=True)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master")}
+            if not {"alembic_version", "experiments", "runs"} <= tables:
+                return
             rows = db.execute("select version_num from alembic_version").fetchall()
     except sqlite3.Error:
-        return  # not an MLflow store (yet): MLflow creates or reports it
-    if not rows or rows[0][0] in _mlflow_schema_revisions():
+        return  # unreadable here: MLflow reports it
+    known = _mlflow_schema_revisions()
+    if not rows or known is None or rows[0][0] in known:
         return
     import mlflow
 
@@ -110,10 +115,14 @@ def check_mlflow_schema(uri: str) -> None:
     )
 
 
-def _mlflow_schema_revisions() -> set[str]:
-    """Every schema revision the installed MLflow's migrations know."""
-    from alembic.script import ScriptDirectory
-    from mlflow.store.db.utils import _get_alembic_config
+def _mlflow_schema_revisions() -> set[str] | None:
+    """Every schema revision the installed MLflow's migrations know (None: not readable
+    here, e.g. an MLflow without alembic; then MLflow's own check stands)."""
+    try:
+        from alembic.script import ScriptDirectory
+        from mlflow.store.db.utils import _get_alembic_config
+    except ImportError:
+        return None
 
     script = ScriptDirectory.from_config(_get_alembic_config("sqlite://"))
     return {revision.revision for revision in script.walk_revisions()}

@@ -9,6 +9,7 @@ storage, MLflow server, Ray address.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 from binarydm.cli import app
 from binarydm.search._console import mask_secrets
 from binarydm.search._driver import _study_file_text
+from binarydm.search._preflight import check_mlflow_schema
 from binarydm.spec import load_study
 
 SECRET = "S3cr3tPassw0rd"
@@ -139,7 +141,7 @@ def test_store_of_a_newer_mlflow_is_one_line_and_left_as_it_is(workspace, tmp_pa
     database = tmp_path / "mlflow.db"
     uri = f"sqlite:///{database}"
     mlflow.MlflowClient(uri).create_experiment("lrm_rank")
-    with sqlite3.connect(database) as db:
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
         db.execute("update alembic_version set version_num = 'ffffffffffff'")
     before = hashlib.sha256(database.read_bytes()).hexdigest()
     monkeypatch.chdir(tmp_path)
@@ -152,3 +154,11 @@ def test_store_of_a_newer_mlflow_is_one_line_and_left_as_it_is(workspace, tmp_pa
         assert "schema revision ffffffffffff" in lines[0] and mlflow.__version__ in lines[0]
     assert hashlib.sha256(database.read_bytes()).hexdigest() == before
     assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]  # no Optuna, Ray files
+    # An Optuna database has an alembic_version table of its own: not taken for a store
+    # of a newer MLflow (MLflow reports what it is).
+    import optuna
+
+    other = tmp_path / "other"
+    other.mkdir()
+    optuna.create_study(storage=f"sqlite:///{other / 'optuna.db'}", study_name="s")
+    check_mlflow_schema(f"sqlite:///{other / 'optuna.db'}")
