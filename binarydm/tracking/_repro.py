@@ -52,14 +52,22 @@ def code_version(code_dir: str | Path | None = None) -> dict[str, str]:
     return {"code.git_commit": commit, "code.git_dirty": dirty}
 
 
+#: Other distributions that install a tracked package: the GPU machines' bundle installs
+#: MLflow as mlflow-skinny, which the runs recorded as "not installed".
+ALSO_DISTRIBUTED_AS = {"mlflow": ("mlflow-skinny",)}
+
+
 def package_versions(packages: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
     """``version.<package>`` from installed metadata (no import: ray/optuna stay unloaded)."""
     versions = {"version.python": platform.python_version()}
     for name in packages:
-        try:
-            versions[f"version.{name}"] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[f"version.{name}"] = "not installed"
+        versions[f"version.{name}"] = "not installed"
+        for distribution in (name, *ALSO_DISTRIBUTED_AS.get(name, ())):
+            try:
+                versions[f"version.{name}"] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return versions
 
 

@@ -461,6 +461,24 @@ def test_reproducibility_params(tmp_path, monkeypatch):
     assert reproducibility_params(code_dir=tmp_path)["code.git_commit"] == "abc123"
 
 
+def test_mlflow_installed_as_mlflow_skinny_has_its_version(monkeypatch):
+    # The GPU bundle installs mlflow-skinny alone; this venv has both distributions, so
+    # the full one is hidden from the metadata lookup.
+    from binarydm.tracking import _repro
+
+    real = importlib.metadata.version
+
+    def without_full_mlflow(name):
+        if name == "mlflow":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(_repro.importlib.metadata, "version", without_full_mlflow)
+    versions = _repro.package_versions(("mlflow", "no-such-package-bdm"))
+    assert versions["version.mlflow"] == real("mlflow-skinny")
+    assert versions["version.no-such-package-bdm"] == "not installed"
+
+
 def test_tracker_pickles_without_its_client_and_builds_offline(tracker):
     parent, trial = tracker.parent_run_id(), tracker.trial_run_id(1)
     shipped = pickle.loads(pickle.dumps(tracker))
