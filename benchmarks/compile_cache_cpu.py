@@ -46,8 +46,9 @@ RUNS = (
 COUNTER_GROUPS = ("aot_autograd", "inductor", "stats")
 
 
-def micro_student():
-    """A 2-level UNet (about 42k parameters), binarized with the default BinaryDM config."""
+def micro_student(config=None):
+    """A 2-level UNet (about 42k parameters), binarized with ``config`` (default: the
+    default BinaryDM config); the same weights for every call."""
     import torch
     from diffusers import UNet2DModel
 
@@ -64,7 +65,7 @@ def micro_student():
         layers_per_block=1,
         norm_num_groups=4,
     )
-    return binarize_(fp, BinaryDMConfig())
+    return binarize_(fp, config or BinaryDMConfig())
 
 
 def double_lsq_step_gradient() -> None:

@@ -27,27 +27,15 @@ from pathlib import Path
 
 
 def micro_student(activation_bits: int):
-    import torch
-    from diffusers import UNet2DModel
+    """compile_cache_cpu's micro UNet as a 1-basis baseline at ``activation_bits``."""
+    from binarydm import BinaryDMConfig
 
-    from binarydm import BinaryDMConfig, binarize_
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compile_cache_cpu import micro_student as micro_unet
 
     config = BinaryDMConfig.baseline()
-    config = dataclasses.replace(
-        config, activation=dataclasses.replace(config.activation, bits=activation_bits)
-    )
-    torch.manual_seed(0)
-    fp = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-    )
-    return binarize_(fp, config)
+    activation = dataclasses.replace(config.activation, bits=activation_bits)
+    return micro_unet(dataclasses.replace(config, activation=activation))
 
 
 def step_losses(backend: str | None, autocast: str, activation_bits: int, steps: int = 12):

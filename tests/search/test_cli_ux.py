@@ -250,7 +250,9 @@ def test_sample_and_pareto_help_describe_their_own_options():
     assert "tracking_uri" not in str(missing.value) and "--tracking-uri" in str(missing.value)
 
 
-def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_path):
+def _lrm_searchers(tmp_path):
+    """The quick lrm_rank study's search, an Optuna SQLite storage in ``tmp_path``, and a
+    factory of BinaryDMOptunaSearch on it (each call: a driver's fresh searcher)."""
     import optuna
 
     from binarydm.search import build_sampler, optuna_space
@@ -264,6 +266,14 @@ def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_pa
             space=optuna_space(search), metric=search.metrics, mode=search.tune_modes,
             sampler=build_sampler(search), storage=storage, study_name="s",
         )  # fmt: skip
+
+    return search, storage, searcher
+
+
+def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_path):
+    import optuna
+
+    search, storage, searcher = _lrm_searchers(tmp_path)
 
     first = searcher()
     study = optuna.load_study(study_name="s", storage=storage)
@@ -282,17 +292,7 @@ def test_a_restored_searcher_keeps_what_the_killed_driver_told_and_says_nothing(
 
     import optuna
 
-    from binarydm.search import build_sampler, optuna_space
-    from binarydm.search._searcher import BinaryDMOptunaSearch
-
-    search = load_study(LRM_STUDY, profile="quick").search
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
-
-    def searcher():
-        return BinaryDMOptunaSearch(
-            space=optuna_space(search), metric=search.metrics, mode=search.tune_modes,
-            sampler=build_sampler(search), storage=storage, study_name="s",
-        )  # fmt: skip
+    _, storage, searcher = _lrm_searchers(tmp_path)
 
     first = searcher()
     assert first.suggest("t0") is not None
