@@ -22,6 +22,8 @@
 #   bash benchmarks/cifar10_w1_session.sh start STUDY NAME [--set KEY=VALUE ...]
 #                                                          # (again for a second study
 #                                                          # at once: each its own Ray)
+#   bash benchmarks/cifar10_w1_session.sh job NAME CMD...  # a benchmark beside it (writes
+#                                                          # /tmp/run/NAME/*.json)
 #   bash benchmarks/cifar10_w1_session.sh poll SECONDS     # repeat until it reports "done"
 # A study longer than one session (stage 3) continues in the next: its last poll's
 # NAME-stores.tgz (MLflow, Optuna, Ray Tune's experiment; no checkpoints, no packed
@@ -123,6 +125,24 @@ start)
     sleep 20
     tail -5 "$dir/$name.log"
     ;;
+job)
+    # Any other command (a benchmark) beside the studies, from the same code snapshot, in
+    # its own session and folder: polled like a study; its JSON files come back too.
+    name="$1"
+    shift
+    if ! running; then
+        rm -rf /tmp/code && mkdir -p /tmp/code
+        cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
+    fi
+    cd /tmp/code
+    setup
+    dir="/tmp/run/$name"
+    mkdir -p "$dir"
+    setsid nohup "$@" >>"$dir/$name.log" 2>&1 </dev/null &
+    echo $! >"$dir/study.pid"
+    sleep 5
+    tail -5 "$dir/$name.log"
+    ;;
 restore)
     # A study's stores from an earlier session, back at the path they were written at
     # (the MLflow runs' artifact URIs and Tune's experiment name absolute paths).
@@ -154,6 +174,8 @@ poll)
         # Ray Tune's experiment too (for --resume in a later session), without the
         # trials' checkpoint folders (about 570 MB each at ddpm-cifar10), placed ones or
         # ones being written (CheckpointStore's hidden .staging-*/.checkpoint_* folders).
+        cp "$dir"/*.json "$OUT/" 2>/dev/null || true  # a job's results
+        [ -f "$dir/mlflow.db" ] || continue  # a job: no stores
         stores=(mlflow.db optuna.db "$name.log" mlartifacts)
         [ -d "$dir/ray_results" ] && stores+=(ray_results)
         (cd "$dir" && tar --exclude='*.bdm' --exclude='ray_results/trials/*/checkpoint_*' \
@@ -185,7 +207,8 @@ PY
     fi
     ;;
 *)
-    echo "usage: $0 part NN | unpack | restore NAME | start STUDY NAME [--set ...] | poll SECONDS" >&2
+    echo "usage: $0 part NN | unpack | restore NAME | start STUDY NAME [--set ...] |" \
+        "job NAME CMD... | poll SECONDS" >&2
     exit 2
     ;;
 esac

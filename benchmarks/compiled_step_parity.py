@@ -120,6 +120,17 @@ def _grad_rel(eager: dict, other: dict) -> dict[str, float]:
     return out
 
 
+def _worst(eager: dict, other: dict, top: int) -> list[tuple[str, float, float]]:
+    """The ``top`` parameters whose compiled gradient is furthest from eager's, relatively:
+    (name, relative difference, eager gradient norm)."""
+    rows = []
+    for name, g in eager.items():
+        norm = float(g.float().norm())
+        diff = float((other[name] - g).float().norm()) if name in other else float("inf")
+        rows.append((name, diff / max(norm, 1e-30), norm))
+    return sorted(rows, key=lambda row: -row[1])[:top]
+
+
 def train_losses(student, forward_of, data, autocast: bool, lr: float) -> list[float]:
     """Noise losses of QAT steps on ``data``; ``forward_of(model)`` gives the forward."""
     import torch
@@ -136,14 +147,30 @@ def train_losses(student, forward_of, data, autocast: bool, lr: float) -> list[f
     return [qat_step(parts, *batch, step=i + 1).loss_noise for i, batch in enumerate(data)]
 
 
-def variant(base, data, *, backend: str, autocast: bool, cache_flag: bool, lr: float) -> dict:
+def variant(
+    base,
+    data,
+    *,
+    backend: str,
+    autocast: bool,
+    cache_flag: bool,
+    lr: float,
+    top: int = 0,
+    composed: bool = True,
+) -> dict:
     import torch
+
+    from binarydm.quant import use_composed_quantizers_
 
     torch._dynamo.reset()
     torch._functorch.config.autograd_cache_allow_custom_autograd_functions = cache_flag
 
     def compiled(model):
-        return model if backend == "none" else torch.compile(model, backend=backend)
+        if backend == "none":
+            return model
+        if composed:  # as the training loop does before compiling
+            use_composed_quantizers_(model)
+        return torch.compile(model, backend=backend)
 
     started = time.perf_counter()
     model = copy.deepcopy(base)
@@ -151,18 +178,27 @@ def variant(base, data, *, backend: str, autocast: bool, cache_flag: bool, lr: f
     loss, grads = _grads(model, compiled(model), data[0], autocast)
     _, fp32_grads = _grads(model, model, data[0], False)
     first_s = time.perf_counter() - started
+    rel = {
+        "grad_rel": _grad_rel(eager_grads, grads),
+        # Against the fp32 eager gradient: which of the two bf16 gradients is nearer it.
+        "grad_rel_fp32_eager": _grad_rel(fp32_grads, eager_grads),
+        "grad_rel_fp32_compiled": _grad_rel(fp32_grads, grads),
+    }
+    rel["worst_params"] = _worst(eager_grads, grads, top)
+    del model, eager_grads, grads, fp32_grads
     model = copy.deepcopy(base)
     losses = train_losses(model, compiled, data, autocast, lr)
+    del model
+    torch._dynamo.reset()
+    if torch.cuda.is_available():  # each variant's copy and graphs go before the next's
+        torch.cuda.empty_cache()
     return {
         "backend": backend,
         "autocast": "bf16" if autocast else "none",
         "cache_flag": cache_flag,
         "loss_eager": eager_loss,
         "loss_diff": loss - eager_loss,
-        "grad_rel": _grad_rel(eager_grads, grads),
-        # Against the fp32 eager gradient: which of the two bf16 gradients is nearer it.
-        "grad_rel_fp32_eager": _grad_rel(fp32_grads, eager_grads),
-        "grad_rel_fp32_compiled": _grad_rel(fp32_grads, grads),
+        **rel,
         "first_step_s": round(first_s, 1),
         "losses": losses,
     }
@@ -183,6 +219,18 @@ def main() -> None:
         "inductor:bf16:0,inductor:none:1,none:none:1",
         help="backend:autocast(bf16|none):cache_flag(0|1), comma separated; backend none: "
         "no torch.compile (the reference)",
+    )
+    parser.add_argument(
+        "--worst",
+        type=int,
+        default=0,
+        help="list the N parameters whose gradients differ most (relatively)",
+    )
+    parser.add_argument(
+        "--functions",
+        action="store_true",
+        help="compile LSQ's autograd functions as they are (before 2026-12-03; the sign STE "
+        "is plain ops since)",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -207,6 +255,8 @@ def main() -> None:
             autocast=autocast == "bf16",
             cache_flag=flag == "1",
             lr=args.lr,
+            top=args.worst,
+            composed=not args.functions,
         )
         tail = sum(row["losses"][-10:]) / len(row["losses"][-10:])
         ref = reference.setdefault(row["autocast"], row["losses"])
@@ -223,8 +273,10 @@ def main() -> None:
             f" first step {row['first_step_s']} s",
             flush=True,
         )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        for name, rel_diff, norm in row["worst_params"]:
+            print(f"    {rel_diff:9.2e} |g| {norm:9.2e} {name}", flush=True)
+        if args.json:  # after every variant: a run cut off keeps what it measured
+            args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

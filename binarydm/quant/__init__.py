@@ -4,7 +4,14 @@ Imports torch and diffusers only (never ray, mlflow, optuna).
 """
 
 from binarydm._typed import ConfigError
-from binarydm.quant.apply import binarize_, ebb_penalty, level_of, num_levels, stage_of
+from binarydm.quant.apply import (
+    binarize_,
+    ebb_penalty,
+    level_of,
+    num_levels,
+    stage_of,
+    use_composed_quantizers_,
+)
 from binarydm.quant.attention import QuantAttnProcessor
 from binarydm.quant.binarizer import MultiBasisBinarizer
 from binarydm.quant.config import (
@@ -43,4 +50,5 @@ __all__ = [
     "sign_pm1",
     "sign_ste",
     "stage_of",
+    "use_composed_quantizers_",
 ]

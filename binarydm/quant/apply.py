@@ -148,3 +148,21 @@ def ebb_penalty(model: nn.Module):
     if not terms:
         return next(model.parameters()).new_zeros(())
     return sum(terms) / len(terms)
+
+
+def use_composed_quantizers_(model: nn.Module) -> int:
+    """Switch every LSQ/LSQ+ quantizer of ``model`` to its plain-ops form (``composed``).
+
+    For ``torch.compile``: the compiled graph then holds no custom ``autograd.Function``
+    (the sign STE has none either), which Dynamo traced wrongly on the GPU build (a
+    function's input got no gradient: ``binarydm.quant.ste``) and AOTAutograd's cache
+    skips by default; inductor fuses the plain ops into the neighbouring kernels. Values
+    and gradients are those of the functions (tests/quant/test_lsq.py). Returns how many
+    quantizers were switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "implementation", None) == "function":
+            module.implementation = "composed"  # an instance attribute: only this model
+            switched += 1
+    return switched

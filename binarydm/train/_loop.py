@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from binarydm.metric_contract import RUNG, RUNG_STEP, timing
+from binarydm.quant import use_composed_quantizers_
 from binarydm.train._batches import batch_indices
 from binarydm.train._checkpoint import link_state, load_latest_valid, save_state
 from binarydm.train._diffusion import noise_scheduler, noisy_batch
@@ -262,14 +263,11 @@ def _compile(run: _Run) -> None:
     """Compile the forward after the first step, whose eager forward initialised the
     quantizers: compiling that pass would trace the initialisation, then recompile the
     whole UNet when the flags flip. Evaluation and checkpoints use the eager modules."""
-    # AOTAutograd's cache refuses graphs holding a custom autograd.Function (LSQ's fake
-    # quant, the sign STE) unless this is set, so every trial process re-traced and
-    # re-partitioned the student's forward and backward: with it a fresh process loads
-    # them (CPU, micro student: 28.8-47.6 s instead of 47.9-74.5 s, the same loss and
-    # gradient sums). Safe for ours: their forward and backward are traced into the graph
-    # the key hashes (a changed backward missed), and what they keep on ctx are constants
-    # of that graph (benchmarks/results/gpu_perf.md, the CPU section of issue 18).
-    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    # The student's quantizers as plain ops: no custom autograd.Function in the graph
+    # (Dynamo dropped one's input gradient on the GPU build, and AOTAutograd's cache skips
+    # them by default: binarydm.quant.use_composed_quantizers_). The EMA and evaluation
+    # read the same values either way.
+    use_composed_quantizers_(run.parts.model)
     options = run.recipe.compile_options
     run.parts.forward_model = torch.compile(run.ddp_model, **options)
     if run.parts.lrm is not None:
