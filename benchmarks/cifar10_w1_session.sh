@@ -59,6 +59,14 @@ running() {
     return 1
 }
 
+# The code snapshot studies and jobs run from (see `start`): taken afresh only while none runs.
+snapshot() {
+    if ! running; then
+        rm -rf /tmp/code && mkdir -p /tmp/code
+        cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
+    fi
+}
+
 case "$stage" in
 part)
     cp ".bdmpayload/part-$1" /tmp/bdmparts/
@@ -100,10 +108,7 @@ start)
     # made failed with "No module named binarydm.train._batches" (2026-12-01).
     # Studies started while another runs share its snapshot (the same code for both); with
     # none running, the snapshot is taken afresh, so a later study runs the current tree.
-    if ! running; then
-        rm -rf /tmp/code && mkdir -p /tmp/code
-        cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
-    fi
+    snapshot
     cd /tmp/code
     setup
     study="$1"
@@ -130,10 +135,7 @@ job)
     # its own session and folder: polled like a study; its JSON files come back too.
     name="$1"
     shift
-    if ! running; then
-        rm -rf /tmp/code && mkdir -p /tmp/code
-        cp -r binarydm benchmarks search_spaces pyproject.toml /tmp/code/
-    fi
+    snapshot
     cd /tmp/code
     setup
     dir="/tmp/run/$name"
