@@ -1,0 +1,215 @@
+"""What compiling the QAT step costs a trial: whole model or block by block, cold or warm cache.
+
+    python benchmarks/compile_cost.py --preset ddpm-cifar10 --batch 128 \
+        --runs regional,regional,whole,whole --json compile_cost.json      # the GPU
+    python benchmarks/compile_cost.py --preset tiny --batch 8 --backend aot_eager \
+        --runs regional,whole                                              # a CPU smoke run
+
+Issue 18 (benchmarks/results/gpu_perf.md): in a compiled GPU study a BinaryDM trial spent
+10-15 minutes compiling, four trials at once, which ate the 3-4.6x faster steps. This
+measures one trial's compile alone. Each run is a fresh Python process (as a trial is)
+that builds the study's BinaryDM v5 student of ``--preset`` (freshly initialised weights:
+what is compiled does not depend on their values) at W``--activation-bits``, its FP
+teacher and LRM, switches the LSQ quantizers to their plain-ops form and takes one eager
+step, as the training loop does (``binarydm.train._loop._compile``), then compiles:
+
+- ``whole``: the student and the teacher each as one ``torch.compile`` (the loop's
+  ``training.compile``);
+- ``regional``: every ``ResnetBlock2D`` and ``Attention`` of both, each on its own
+  (``nn.Module.compile``): a block class at one shape and configuration is traced once and
+  its graph reused by its twins, and the FX graph cache can serve it to other trials.
+
+It reports the first compiled step's seconds (compilation, or loading from the caches,
+plus one step), the median of ``--steps`` further steps, the loss and torch's cache and
+graph counters. Runs of one scope share an inductor cache directory under ``--workdir``:
+the first of a scope is cold, the next ones warm (what a second trial of the same graph
+finds on one machine). ``--compile-threads`` caps inductor's compile workers (default:
+torch's, one per CPU). Results are written after every run, so a run cut off by a time
+limit leaves the ones before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCOPES = ("whole", "regional")
+COUNTER_GROUPS = ("aot_autograd", "inductor", "stats")
+
+
+def _student_teacher_lrm(preset: str, activation_bits: int, device: str):
+    import copy
+    import dataclasses
+
+    import torch
+
+    from binarydm import binarize_
+    from binarydm.distill import LowRankMimicking
+    from binarydm.models import build_unet
+    from binarydm.quant.config import RECIPES
+
+    torch.manual_seed(0)
+    fp = build_unet(preset).to(device)
+    config = RECIPES["v5"]()
+    config = dataclasses.replace(
+        config, activation=dataclasses.replace(config.activation, bits=activation_bits)
+    )
+    teacher = copy.deepcopy(fp).eval().requires_grad_(False)
+    student = binarize_(fp, config).train()
+    return student, teacher, LowRankMimicking(student, teacher, config.lrm), config
+
+
+def _compile_regionally(model, options: dict) -> int:
+    """Compile each ResnetBlock2D and Attention of ``model`` in place; how many."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = [m for m in model.modules() if isinstance(m, (ResnetBlock2D, Attention))]
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def child(args) -> dict:
+    """One fresh process's compile of the step; what it reports."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from binarydm.quant import use_composed_quantizers_
+    from binarydm.train.settings import TrainingSettings
+    from binarydm.train.step import StepParts, qat_step
+
+    if args.compile_threads:
+        torch._inductor.config.compile_threads = args.compile_threads
+    # Regional compilation traces one frame per block instance: more than the default
+    # limit of 8 recompiles of one code object (the blocks' forward) is expected.
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student, teacher, lrm, config = _student_teacher_lrm(args.preset, args.activation_bits, device)
+    parts = StepParts(
+        student,
+        torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6),
+        lrm=lrm,
+        tau=config.ebb.tau,
+        grad_clip=TrainingSettings().grad_clip,
+        autocast_dtype=torch.bfloat16 if device == "cuda" else None,
+    )
+    size = student.config.sample_size
+    channels = student.config.in_channels
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, channels, size, size, generator=generator).to(device)
+    t = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+    noise = torch.randn(args.batch, channels, size, size, generator=generator).to(device)
+
+    def step(number: int) -> float:
+        start = time.perf_counter()
+        losses = qat_step(parts, x, t, noise, step=number)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step.loss = losses.loss
+        return time.perf_counter() - start
+
+    step(0)  # eager: initialises the quantizers, as the loop does before compiling
+    use_composed_quantizers_(student)
+    options = {"backend": args.backend}
+    blocks = 0
+    if args.scope == "whole":
+        parts.forward_model = torch.compile(student, **options)
+        lrm.compile_teacher(**options)
+    else:
+        blocks = _compile_regionally(student, options) + _compile_regionally(teacher, options)
+    first = step(1)
+    steady = [step(2 + i) for i in range(args.steps)]
+    return {
+        "scope": args.scope,
+        "blocks_compiled": blocks,
+        "first_compiled_step_s": first,
+        "median_step_s": statistics.median(steady),
+        "loss": step.loss,
+        "counters": {group: dict(counters[group]) for group in COUNTER_GROUPS},
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="ddpm-cifar10")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--activation-bits", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--compile-threads", type=int, default=0)
+    parser.add_argument("--runs", default="regional,regional,whole,whole")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--workdir", default="/tmp/compile-cost")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--scope", choices=SCOPES, help=argparse.SUPPRESS)  # a child run
+    args = parser.parse_args()
+    if args.scope is not None:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    runs = args.runs.split(",")
+    unknown = sorted(set(runs) - set(SCOPES))
+    if unknown:
+        parser.error(f"--runs: unknown scope(s) {unknown}; choose from {list(SCOPES)}")
+    workdir = Path(args.workdir)
+    for scope in set(runs):
+        if (workdir / scope).exists():
+            parser.error(f"{workdir / scope} exists: give a --workdir whose caches are empty")
+    results = []
+    for index, scope in enumerate(runs):
+        warm = scope in runs[:index]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / scope / "inductor")}
+        command = [sys.executable, __file__, "--scope", scope]
+        for flag in ("preset", "batch", "activation_bits", "steps", "backend", "compile_threads"):
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=args.timeout
+            )
+        except subprocess.TimeoutExpired:
+            results.append({"scope": scope, "warm": warm, "timed_out_after_s": args.timeout})
+            print(f"{scope} ({'warm' if warm else 'cold'}): over {args.timeout:.0f} s", flush=True)
+            _write(args, results)
+            break
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f"run {scope} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        result = {**json.loads(lines[-1][len("RESULT ") :]), "warm": warm}
+        result["process_s"] = time.perf_counter() - start
+        results.append(result)
+        aot, inductor = result["counters"]["aot_autograd"], result["counters"]["inductor"]
+        print(
+            f"{scope} ({'warm' if warm else 'cold'}, {result['blocks_compiled']} blocks): "
+            f"first compiled step {result['first_compiled_step_s']:.1f} s, then "
+            f"{result['median_step_s'] * 1000:.1f} ms/step, process {result['process_s']:.1f} s"
+            f" | AOTAutograd {_cache_counts(aot, 'autograd_cache_')} | FX graph "
+            f"{_cache_counts(inductor, 'fxgraph_cache_')} | graphs "
+            f"{result['counters']['stats'].get('unique_graphs', 0)} | loss {result['loss']:.6g}",
+            flush=True,
+        )
+        _write(args, results)
+
+
+def _write(args, results: list) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
+
+
+def _cache_counts(group: dict, prefix: str) -> str:
+    found = {key[len(prefix) :]: value for key, value in group.items() if key.startswith(prefix)}
+    return ", ".join(f"{key} {value}" for key, value in sorted(found.items())) or "none"
+
+
+if __name__ == "__main__":
+    main()
