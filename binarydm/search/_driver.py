@@ -215,7 +215,7 @@ def early_stopping_scheduler(spec: StudySpec):
         return None  # FIFO; with stop: false the rungs are still scored and logged
     directions = dict(zip(spec.search.metrics, spec.search.directions, strict=True))
     costs = [(m, directions[m]) for m in cost_objectives(spec.search.metrics)]
-    return MOASHAScheduler(costs, early.reduction_factor, proxy=early.metric)
+    return MOASHAScheduler(costs, early.reduction_factor, proxy=early.metric, ranking=early.ranking)
 
 
 def _driver_resources(spec: StudySpec) -> dict[str, float]:

@@ -10,9 +10,16 @@ a trial reaching rung ``r`` joins the ``n`` trials recorded there and continues 
 it is among the ``ceil(n / eta)`` first by
 
 1. non-dominated sorting (front 0 first),
-2. NSGA-II crowding distance within the front (larger first: keeps the front spread),
+2. within the front, ``ranking: nsga2`` (the default): NSGA-II crowding distance (larger
+   first: keeps the front spread; each objective's two extremes come first), then
 3. the proxy (better first),
-4. arrival order at the rung (earlier first: a newcomer must beat the incumbents).
+4. arrival order at the rung (earlier first: a newcomer must beat the incumbents);
+
+or ``ranking: epsnet``: the front's epsilon-net (the paper's other ranking, from Salinas et
+al. 2021): its best-proxy point first, then greedily the point farthest from those
+already ranked, in objectives scaled to [0, 1] over the rung's points (ties: arrival).
+Under crowding distance a front's worst-proxy point is an extreme, ranked first with the
+best; the epsilon-net puts the best proxy first and spreads from there.
 
 Otherwise the scheduler answers STOP. A trial is never revisited: as in ASHA a trial
 kept early is not stopped later at the same rung. ``was_pruned`` tells, from a trial's
@@ -68,11 +75,47 @@ def crowding_distance(points: np.ndarray) -> np.ndarray:
     return distance
 
 
-def rung_order(points: np.ndarray) -> list[int]:
+def epsilon_net_order(points: np.ndarray) -> list[int]:
+    """Indices of ``points`` (one front, already scaled) in epsilon-net order: the lowest
+    column 0 (the proxy) first, then each time the point whose distance to the nearest
+    point taken so far is largest; ties go to the earlier row."""
+    left = list(range(len(points)))
+    first = min(left, key=lambda i: (points[i, 0], i))
+    order = [first]
+    left.remove(first)
+    nearest = np.linalg.norm(points - points[first], axis=1)
+    while left:
+        # Largest distance first; on equal distances the earlier row (max keeps the first).
+        pick = max(left, key=lambda i: (nearest[i], -i))
+        order.append(pick)
+        left.remove(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(points - points[pick], axis=1))
+    return order
+
+
+def _scaled(points: np.ndarray) -> np.ndarray:
+    """Each objective mapped to [0, 1] over ``points`` (a constant one to 0): distances
+    then weigh the proxy and the costs alike, whatever their units."""
+    low, span = points.min(axis=0), np.ptp(points, axis=0)
+    return (points - low) / np.where(span > 0, span, 1.0)
+
+
+#: The within-front rankings ``search.early_stopping.ranking`` names.
+RANKINGS = ("nsga2", "epsnet")
+
+
+def rung_order(points: np.ndarray, ranking: str = "nsga2") -> list[int]:
     """Indices of minimised ``points`` (rows in arrival order, column 0 the proxy), best
-    first: front, then crowding distance (larger first), then proxy, then arrival."""
+    first: front, then within it ``nsga2`` (crowding distance, larger first, then proxy,
+    then arrival) or ``epsnet`` (``epsilon_net_order`` of the scaled points)."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking={ranking!r} is invalid: allowed one of {list(RANKINGS)}")
+    scaled = _scaled(points) if len(points) else points
     order: list[int] = []
     for front in non_dominated_fronts(points):
+        if ranking == "epsnet":
+            order += [front[i] for i in epsilon_net_order(scaled[front])]
+            continue
         crowding = crowding_distance(points[front])
         ranked = sorted(
             range(len(front)), key=lambda i: (-crowding[i], points[front[i], 0], front[i])
@@ -81,10 +124,10 @@ def rung_order(points: np.ndarray) -> list[int]:
     return order
 
 
-def survivors(points: np.ndarray, reduction_factor: int) -> set[int]:
+def survivors(points: np.ndarray, reduction_factor: int, ranking: str = "nsga2") -> set[int]:
     """Which of the ``n`` recorded points continue: the ``ceil(n / eta)`` first."""
     keep = math.ceil(len(points) / reduction_factor)
-    return set(rung_order(points)[:keep])
+    return set(rung_order(points, ranking)[:keep])
 
 
 def was_pruned(result: dict[str, Any] | None) -> bool:
@@ -117,9 +160,13 @@ class MOASHAScheduler(FIFOScheduler):
         costs: list[tuple[str, str]],
         reduction_factor: int,
         proxy: str = PROXY_METRICS[0],
+        ranking: str = "nsga2",
     ) -> None:
         super().__init__()
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking={ranking!r} is invalid: allowed one of {list(RANKINGS)}")
         self.proxy = proxy  # the rung metric ranked (minimised): proxy/test_loss or proxy/fid
+        self.ranking = ranking
         self.costs = list(costs)
         self.reduction_factor = int(reduction_factor)
         # rung -> {trial_id: minimised point}, in arrival order.
@@ -146,11 +193,15 @@ class MOASHAScheduler(FIFOScheduler):
         recorded = self.recorded.setdefault(rung, {})
         recorded.setdefault(trial_id, point)
         ids = list(recorded)
-        kept = survivors(np.array(list(recorded.values()), dtype=float), self.reduction_factor)
+        points = np.array(list(recorded.values()), dtype=float)
+        kept = survivors(points, self.reduction_factor, self.ranking)
         decision = TrialScheduler.CONTINUE if ids.index(trial_id) in kept else TrialScheduler.STOP
         self.decisions[trial_id] = (rung, decision)
         return decision
 
     def debug_string(self) -> str:
         stopped = sum(d == TrialScheduler.STOP for _, d in self.decisions.values())
-        return f"MO-ASHA (eta={self.reduction_factor}): {stopped} trials stopped at a rung"
+        return (
+            f"MO-ASHA (eta={self.reduction_factor}, {self.ranking}): {stopped} trials "
+            "stopped at a rung"
+        )

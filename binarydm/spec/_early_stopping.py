@@ -22,6 +22,8 @@ from binarydm.metric_contract import COST, proxy_metric
 
 #: The proxies a rung can rank by: the held-out denoising loss, or a small FID.
 Proxy = Literal["test_loss", "fid"]
+#: How a rung orders the trials of one non-dominated front (binarydm.search._early_stop).
+Ranking = Literal["nsga2", "epsnet"]
 _KEY = "search.early_stopping"
 #: The rung FID's samples when ``fid_samples`` is null (and fid_dims is below it).
 DEFAULT_FID_SAMPLES = 256
@@ -63,6 +65,12 @@ class EarlyStoppingSpec:
     )
     reduction_factor: int = _doc(
         "eta: a trial continues past a rung only in the top 1/eta there (>= 2)", default=3
+    )
+    ranking: Ranking = _doc(
+        "order within a non-dominated front at a rung: nsga2 = crowding distance (each "
+        "objective's extremes first), then the proxy; epsnet = the best proxy first, then "
+        "farthest-first over the objectives scaled to [0, 1] (MO-ASHA's epsilon-net)",
+        default="nsga2",
     )
 
     def __post_init__(self) -> None:
@@ -177,6 +185,7 @@ class EarlyStoppingSpec:
             "rungs": list(self.rungs) if self.rungs is not None else None,
             "min_fraction": self.min_fraction,
             "reduction_factor": self.reduction_factor,
+            "ranking": self.ranking,
         }
 
 

@@ -35,6 +35,55 @@ def test_ties_keep_the_incumbent():
     assert survivors(points, 3) == {0}
 
 
+def test_epsnet_takes_the_best_proxy_then_spreads_where_crowding_takes_every_extreme():
+    # (proxy, ops, size), one front, each objective already spanning [0, 1].
+    points = np.array(
+        [
+            [0.0, 1.0, 1.0],  # 0 best proxy, largest model
+            [0.1, 0.5, 0.6],  # 1
+            [1.0, 0.0, 0.4],  # 2 worst proxy, fewest OPs
+            [0.9, 0.4, 0.0],  # 3 smallest, poor proxy
+            [0.2, 0.6, 0.5],  # 4 good proxy, mid costs
+        ]
+    )
+    # NSGA-II: 0, 2, 3 are extremes (infinite crowding), ordered by proxy among them.
+    assert rung_order(points, "nsga2")[:3] == [0, 3, 2]
+    # Epsilon-net: 0 (best proxy); 2, farthest from 0 (1.54 against 3's 1.47); then 4,
+    # whose nearest taken point is 0.67 away (3's: 0.57 to 2, 1's: 0.65 to 0); then 3, 1.
+    assert rung_order(points, "epsnet") == [0, 2, 4, 3, 1]
+    assert survivors(points, 2, "nsga2") == {0, 2, 3}
+    assert survivors(points, 2, "epsnet") == {0, 2, 4}
+    # Scaling: the same points in other units rank the same.
+    assert rung_order(points * [10.0, 3.0, 0.01], "epsnet") == [0, 2, 4, 3, 1]
+    # Fronts still come first, and equal points keep their arrival order.
+    assert rung_order(np.vstack([points, [[2.0, 2.0, 2.0]]]), "epsnet")[-1] == 5
+    assert rung_order(np.array([[1.0, 3.0]] * 3), "epsnet") == [0, 1, 2]
+    with pytest.raises(ValueError, match="ranking='crowding' is invalid"):
+        rung_order(points, "crowding")
+
+
+def test_an_epsnet_scheduler_keeps_a_good_proxy_over_an_extreme():
+    spec = load_study(
+        "search_spaces/lrm_rank.yaml",
+        overrides={"search.early_stopping": {"enabled": True, "ranking": "epsnet"}},
+    )
+    assert spec.search.early_stopping.to_dict()["ranking"] == "epsnet"
+    costs = [("ops_g", "minimize"), ("size_mib", "minimize")]
+    arrivals = [[0.0, 1.0, 1.0], [0.1, 0.5, 0.6], [1.0, 0.0, 0.4], [0.9, 0.4, 0.0]]
+    good = [0.2, 0.6, 0.5]  # arrives fifth: ceil(5 / 2) = 3 continue
+    for ranking, decision in (("nsga2", "STOP"), ("epsnet", "CONTINUE")):
+        scheduler = MOASHAScheduler(costs, reduction_factor=2, ranking=ranking)
+        for i, point in enumerate(arrivals):
+            scheduler.decide(str(i), 0, point)
+        # nsga2 keeps the three extremes (0, 2, 3); epsnet 0, 2 and the good proxy.
+        assert scheduler.decide("good", 0, good) == decision, ranking
+    with pytest.raises(ConfigError, match="ranking='eps' is invalid: allowed one of"):
+        load_study(
+            "search_spaces/lrm_rank.yaml",
+            overrides={"search.early_stopping": {"enabled": True, "ranking": "eps"}},
+        )
+
+
 def test_scheduler_stops_the_dominated_newcomer_and_keeps_the_first():
     scheduler = MOASHAScheduler([("ops_g", "minimize")], reduction_factor=2)
     assert scheduler.decide("a", 0, [1.0, 1.0]) == "CONTINUE"  # alone: ceil(1/2) = 1
