@@ -175,14 +175,22 @@ def _points(records) -> tuple[list[list[float]], list[dict]]:
     return rows, kept
 
 
-def analyse(studies: dict[str, dict]) -> dict:
-    """Hypervolume histories against one reference point, times, rank correlations."""
+def analyse(studies: dict[str, dict], baseline: dict | None = None) -> dict:
+    """Hypervolume histories against one reference point, times, rank correlations.
+
+    ``baseline``: an earlier report's JSON (``--json``) whose stores are gone: its
+    reference point is used, and its studies' summaries, correlations and costs stand
+    beside the new studies' (a study in both is taken from the stores)."""
     from binarydm.search import default_reference_point, hypervolume_history
 
     directions = [d for _, d in OBJECTIVES]
-    compared = [s for s in studies.values() if s["arm"] in REFERENCE_ARMS] or list(studies.values())
-    every = [row for study in compared for row in _points(study["records"])[0]]
-    reference = [float(v) for v in default_reference_point(every, directions)]
+    if baseline is not None:
+        reference = [float(baseline["reference_point"][m]) for m, _ in OBJECTIVES]
+    else:
+        compared = [s for s in studies.values() if s["arm"] in REFERENCE_ARMS]
+        compared = compared or list(studies.values())
+        every = [row for study in compared for row in _points(study["records"])[0]]
+        reference = [float(v) for v in default_reference_point(every, directions)]
     out: dict = {"reference_point": dict(zip([m for m, _ in OBJECTIVES], reference, strict=True)),
                  "studies": {}, "arms": {}, "correlations": {}}  # fmt: skip
     for name, study in studies.items():
@@ -205,6 +213,8 @@ def analyse(studies: dict[str, dict]) -> dict:
             "final_hypervolume": history[-1][1] if history else 0.0,
             "history": history,
         }
+    for name, summary in (baseline or {}).get("studies", {}).items():
+        out["studies"].setdefault(name, summary)
     for arm in ARMS:
         rows = [v for v in out["studies"].values() if v["arm"] == arm]
         if not rows:
@@ -270,6 +280,9 @@ def analyse(studies: dict[str, dict]) -> dict:
         for name, s in studies.items()
         if s["arm"] == "off_fid" and (off_name := study_name("off", s["sampler_seed"])) in studies
     }
+    for key in ("correlations", "proxy_differences", "rung_costs", "same_configurations"):
+        for name, value in (baseline or {}).get(key, {}).items():
+            out[key].setdefault(name, value)
     return out
 
 
@@ -553,8 +566,11 @@ def _proxy_lines(result: dict) -> list[str]:
     return lines
 
 
-def write_report(workdirs: list[Path], *, markdown_path=None, plot=None, json_path=None) -> dict:
-    result = analyse(load_arm_studies(workdirs))
+def write_report(
+    workdirs: list[Path], *, markdown_path=None, plot=None, json_path=None, baseline=None
+) -> dict:
+    earlier = json.loads(Path(baseline).read_text()) if baseline else None
+    result = analyse(load_arm_studies(workdirs), earlier)
     text = markdown(result)
     print(text)
     if markdown_path:
@@ -594,12 +610,21 @@ def main() -> None:
     report.add_argument("--markdown", type=Path)
     report.add_argument("--plot", type=Path)
     report.add_argument("--json", type=Path)
+    report.add_argument("--baseline", type=Path,
+                        help="an earlier report's --json whose workdirs are gone: its "
+                             "reference point, studies, correlations beside the new")  # fmt: skip
     args = parser.parse_args()
     if args.command == "run":
         extra = [a for value in args.overrides for a in ("--set", value)]
         run_studies(args.workdir, args.seeds, args.trials, extra, args.arms)
     else:
-        write_report(args.workdir, markdown_path=args.markdown, plot=args.plot, json_path=args.json)
+        write_report(
+            args.workdir,
+            markdown_path=args.markdown,
+            plot=args.plot,
+            json_path=args.json,
+            baseline=args.baseline,
+        )
 
 
 if __name__ == "__main__":

@@ -82,3 +82,42 @@ def test_rung_costs_and_the_fid_proxys_correlation_per_rung(report):
     x, y = [1.0, 2.0, 2.0, 5.0, 3.0], [2.0, 1.0, 4.0, 4.0, 6.0]
     rows = report._spearman_rows(np.array([x]), np.array([y]))
     assert rows[0] == pytest.approx(spearmanr(x, y).statistic)
+
+
+def test_a_baseline_report_lends_its_reference_point_and_studies(report):
+    """A new arm read from its stores beside an earlier report's JSON (stores gone): the
+    earlier reference point, and each study paired with the earlier off study of its seed."""
+    from binarydm.search import hypervolume
+
+    def finished(trial_id, fid, ops, size, end_s):
+        record = _record(trial_id, fid)
+        record["metrics"].update({"ops_g": ops, "size_mib": size})
+        record.update(status="FINISHED", start_time=0, end_time=int(end_s * 1000))
+        return record
+
+    records = [finished(0, 4.0, 0.02, 0.1, 50.0), finished(1, 6.0, 0.01, 0.05, 80.0)]
+    pruned = {**_record(2, 9.0), "status": "KILLED", "start_time": 0, "end_time": 30_000,
+              "tags": {"state": "PRUNED"}}  # fmt: skip
+    study = {"arm": "on_r30_eta4_eps", "sampler_seed": 0, "wall_s": 90.0,
+             "records": [*records, pruned]}  # fmt: skip
+    studies = {"es_on_r30_eta4_eps_s0": study}
+    reference = {"fid": 10.0, "ops_g": 0.03, "size_mib": 0.2}
+    off = {"arm": "off", "sampler_seed": 0, "trials_wall_s": 200.0, "final_hypervolume": 0.01,
+           "history": [[100.0, 0.005], [200.0, 0.01]], "trials": 24, "finished": 24,
+           "pruned": 0, "failed": 0, "command_wall_s": 210.0}  # fmt: skip
+    baseline = {"reference_point": reference, "studies": {"es_off_s0": off},
+                "correlations": {"off": {"final test_loss": {"n": 3}}}}  # fmt: skip
+    result = report.analyse(studies, baseline)
+    assert result["reference_point"] == reference
+    new = result["studies"]["es_on_r30_eta4_eps_s0"]
+    expected = hypervolume(
+        [[4.0, 0.02, 0.1], [6.0, 0.01, 0.05]], [10.0, 0.03, 0.2], ["minimize"] * 3
+    )
+    assert new["final_hypervolume"] == pytest.approx(expected)
+    assert (new["finished"], new["pruned"], new["trials_wall_s"]) == (2, 1, 80.0)
+    assert result["studies"]["es_off_s0"] is off
+    pair = result["pairs"]["on_r30_eta4_eps s0"]
+    assert pair["time_ratio"] == pytest.approx(0.4)
+    assert pair["hv_ratio"] == pytest.approx(expected / 0.01)
+    assert result["correlations"]["off"] == {"final test_loss": {"n": 3}}
+    assert result["target_hypervolume"] == 0.01  # one off study: no spread to subtract
