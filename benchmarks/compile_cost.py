@@ -24,8 +24,10 @@ plus one step), the median of ``--steps`` further steps, the loss and torch's ca
 graph counters. Runs of one scope share an inductor cache directory under ``--workdir``:
 the first of a scope is cold, the next ones warm (what a second trial of the same graph
 finds on one machine). ``--compile-threads`` caps inductor's compile workers (default:
-torch's, one per CPU). Results are written after every run, so a run cut off by a time
-limit leaves the ones before it.
+torch's, one per CPU). Results are written after every run; a run stopped at
+``--timeout`` is recorded with the stages it reached (``stages_s``: built, eager step,
+compiling, first compiled step, in seconds from its start) and the runs of its scope
+after it are skipped (their cache would be partial).
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ def child(args) -> dict:
         step.loss = losses.loss
         return time.perf_counter() - start
 
+    _stage("built")
     step(0)  # eager: initialises the quantizers, as the loop does before compiling
+    _stage("eager step")
     use_composed_quantizers_(student)
     options = {"backend": args.backend}
     blocks = 0
@@ -125,7 +129,9 @@ def child(args) -> dict:
         lrm.compile_teacher(**options)
     else:
         blocks = _compile_regionally(student, options) + _compile_regionally(teacher, options)
+    _stage("compiling")
     first = step(1)
+    _stage("first compiled step")
     steady = [step(2 + i) for i in range(args.steps)]
     return {
         "scope": args.scope,
@@ -138,6 +144,26 @@ def child(args) -> dict:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
     }
+
+
+_STARTED = time.perf_counter()
+
+
+def _stage(name: str) -> None:
+    """A progress line the parent keeps even when it stops the run at its time limit."""
+    print(f"STAGE {name} {time.perf_counter() - _STARTED:.1f}", flush=True)
+
+
+def _stages(output) -> dict[str, float]:
+    """The ``STAGE`` lines of a child's output: seconds since it started, by stage."""
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    stages = {}
+    for line in (output or "").splitlines():
+        if line.startswith("STAGE "):
+            name, seconds = line[len("STAGE ") :].rsplit(" ", 1)
+            stages[name] = float(seconds)
+    return stages
 
 
 def main() -> None:
@@ -166,8 +192,11 @@ def main() -> None:
         if (workdir / scope).exists():
             parser.error(f"{workdir / scope} exists: give a --workdir whose caches are empty")
     results = []
+    timed_out: set[str] = set()
     for index, scope in enumerate(runs):
         warm = scope in runs[:index]
+        if scope in timed_out:
+            continue
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / scope / "inductor")}
         command = [sys.executable, __file__, "--scope", scope]
         for flag in ("preset", "batch", "activation_bits", "steps", "backend", "compile_threads"):
@@ -177,15 +206,24 @@ def main() -> None:
             done = subprocess.run(
                 command, env=env, capture_output=True, text=True, timeout=args.timeout
             )
-        except subprocess.TimeoutExpired:
-            results.append({"scope": scope, "warm": warm, "timed_out_after_s": args.timeout})
-            print(f"{scope} ({'warm' if warm else 'cold'}): over {args.timeout:.0f} s", flush=True)
+        except subprocess.TimeoutExpired as stopped:
+            # Its later runs would find a partial cache: the next scope runs instead.
+            timed_out.add(scope)
+            stages = _stages(stopped.stdout)
+            cut = {"timed_out_after_s": args.timeout, "stages_s": stages}
+            results.append({"scope": scope, "warm": warm, **cut})
+            print(
+                f"{scope} ({'warm' if warm else 'cold'}): over {args.timeout:.0f} s "
+                f"(stages reached, seconds from its start: {stages})",
+                flush=True,
+            )
             _write(args, results)
-            break
+            continue
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"run {scope} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         result = {**json.loads(lines[-1][len("RESULT ") :]), "warm": warm}
+        result["stages_s"] = _stages(done.stdout)
         result["process_s"] = time.perf_counter() - start
         results.append(result)
         aot, inductor = result["counters"]["aot_autograd"], result["counters"]["inductor"]
