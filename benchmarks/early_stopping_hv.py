@@ -68,8 +68,8 @@ LABELS = {"on": "MO-ASHA, rungs 10%/30%", "on_r30": "MO-ASHA, rung 30%", "off": 
           "on_r30_eta4": "MO-ASHA, rung 30%, eta 4",
           "on_r30_eta4_eps": "MO-ASHA, rung 30%, eta 4, epsilon-net",
           "off_fid": "no stopping, small-FID rungs"}  # fmt: skip
-LINESTYLES = {"on": "-", "on_r30": ":", "on_r30_eta4": "-.", "on_r30_eta4_eps": (0, (5, 1)),
-              "off": "--"}  # fmt: skip
+LINESTYLES = {"on": "-", "on_r30": ":", "on_r30_eta4": "-.", "off": "--",
+              "on_r30_eta4_eps": (0, (3, 1, 1, 1, 1, 1))}  # dash-dot-dot  # fmt: skip
 RUNS_FILE = "runs.json"
 
 
