@@ -22,6 +22,9 @@ to reach its final hypervolume, the Spearman and Kendall correlation of each run
 proxies with the final FID, the small FID's Spearman gap to the test loss over the same
 trials (paired bootstrap), each rung's cost from the trials' ``timing/proxy_*_s``, and
 whether each ``off_fid`` study ran the same configurations as its seed's ``off`` study.
+``report --baseline benchmarks/results/early_stopping_hv.json`` puts new studies beside
+the committed report's (whose stores are gone): its reference point, so every earlier
+number stays as it was, and its studies, pairs and correlations.
 """
 
 from __future__ import annotations
