@@ -201,7 +201,7 @@ def test_early_stopping_is_off_by_default_and_round_trips():
     assert spec.to_dict()["search"]["early_stopping"] == {
         "enabled": True, "stop": True, "proxy": "test_loss", "fid_samples": None,
         "sampling_steps": 10, "rungs": [0.2, 0.5],
-        "min_fraction": 0.1, "reduction_factor": 4,
+        "min_fraction": 0.1, "reduction_factor": 4, "ranking": "nsga2",
     }  # fmt: skip
 
 
