@@ -30,6 +30,7 @@ number stays as it was, and its studies, pairs and correlations.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -188,6 +189,19 @@ def analyse(studies: dict[str, dict], baseline: dict | None = None) -> dict:
 
     directions = [d for _, d in OBJECTIVES]
     if baseline is not None:
+        # Its numbers must stay as they were: a new study of one of its arms would move
+        # that arm's means, target and correlations, so it is refused, not merged.
+        baseline = copy.deepcopy(baseline)
+        earlier_arms = {s["arm"] for s in baseline["studies"].values()}
+        clashes = sorted(
+            name for name, s in studies.items()
+            if name in baseline["studies"] or s["arm"] in earlier_arms
+        )  # fmt: skip
+        if clashes:
+            raise SystemExit(
+                f"--baseline already has the arms of {clashes}: report those workdirs together "
+                "instead, or without --baseline"
+            )
         reference = [float(baseline["reference_point"][m]) for m, _ in OBJECTIVES]
     else:
         compared = [s for s in studies.values() if s["arm"] in REFERENCE_ARMS]

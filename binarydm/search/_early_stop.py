@@ -17,7 +17,10 @@ it is among the ``ceil(n / eta)`` first by
 
 or ``ranking: epsnet``: the front's epsilon-net (the paper's other ranking, from Salinas et
 al. 2021): its best-proxy point first, then greedily the point farthest from those
-already ranked, in objectives scaled to [0, 1] over the rung's points (ties: arrival).
+already ranked (ties: arrival). The distances are taken in objectives scaled to [0, 1]
+over all the rung's points, this project's choice (Syne Tune's epsilon-net takes raw
+values): the proxy and the costs have unrelated units. A dominated trial can so move a
+front's order, as it moves the scale.
 Under crowding distance a front's worst-proxy point is an extreme, ranked first with the
 best; the epsilon-net puts the best proxy first and spreads from there.
 
@@ -30,12 +33,13 @@ Optuna and ``PrunedRunRecorder`` ends its MLflow run KILLED with tag ``state=PRU
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from binarydm.metric_contract import PROXY_METRICS, PROXY_TIMINGS, RUNG, RUNG_STEP
+from binarydm.spec._early_stopping import Ranking
 
 #: The Optuna user attr / MLflow tag values of a stopped trial.
 PRUNED_STATE = "PRUNED"
@@ -101,7 +105,7 @@ def _scaled(points: np.ndarray) -> np.ndarray:
 
 
 #: The within-front rankings ``search.early_stopping.ranking`` names.
-RANKINGS = ("nsga2", "epsnet")
+RANKINGS = get_args(Ranking)
 
 
 def rung_order(points: np.ndarray, ranking: str = "nsga2") -> list[int]:
@@ -110,7 +114,7 @@ def rung_order(points: np.ndarray, ranking: str = "nsga2") -> list[int]:
     then arrival) or ``epsnet`` (``epsilon_net_order`` of the scaled points)."""
     if ranking not in RANKINGS:
         raise ValueError(f"ranking={ranking!r} is invalid: allowed one of {list(RANKINGS)}")
-    scaled = _scaled(points) if len(points) else points
+    scaled = _scaled(points) if ranking == "epsnet" and len(points) else points
     order: list[int] = []
     for front in non_dominated_fronts(points):
         if ranking == "epsnet":

@@ -4,9 +4,10 @@ A rung is a fraction of ``training.steps``: there the trial reports a cheap prox
 quality (the held-out ``test_loss`` of the model as it would be deployed) beside its cost
 objectives (``ops_g``, ``size_mib``, ... known from the start), and the study's scheduler
 keeps the trial only if it is in the top ``1 / reduction_factor`` of the trials recorded at
-that rung by non-dominated sorting (Schmucker et al. 2021, MO-ASHA with the NSGA-II
-ranking). Off by default. The rung fractions are given either as ``rungs`` or as a
-geometric ladder from ``min_fraction`` with ratio ``reduction_factor``. With
+that rung by non-dominated sorting (Schmucker et al. 2021, MO-ASHA), a front ordered by
+NSGA-II's crowding distance or by the epsilon-net (``ranking``). Off by default. The rung
+fractions are given either as ``rungs`` or as a geometric ladder from ``min_fraction``
+with ratio ``reduction_factor``. With
 ``stop: false`` the rungs are scored and logged and no trial is stopped: the baseline
 that measures the proxy's rank correlation with the final FID.
 """

@@ -115,9 +115,14 @@ def test_a_baseline_report_lends_its_reference_point_and_studies(report):
     )
     assert new["final_hypervolume"] == pytest.approx(expected)
     assert (new["finished"], new["pruned"], new["trials_wall_s"]) == (2, 1, 80.0)
-    assert result["studies"]["es_off_s0"] is off
+    assert result["studies"]["es_off_s0"]["final_hypervolume"] == off["final_hypervolume"]
     pair = result["pairs"]["on_r30_eta4_eps s0"]
     assert pair["time_ratio"] == pytest.approx(0.4)
     assert pair["hv_ratio"] == pytest.approx(expected / 0.01)
     assert result["correlations"]["off"] == {"final test_loss": {"n": 3}}
     assert result["target_hypervolume"] == 0.01  # one off study: no spread to subtract
+    assert "time_to_target_s" not in baseline["studies"]["es_off_s0"]  # the input is not edited
+    # A new study of an arm the baseline holds would change its numbers: refused.
+    studies["es_off_s1"] = {**study, "arm": "off", "sampler_seed": 1}
+    with pytest.raises(SystemExit, match=r"already has the arms of \['es_off_s1'\]"):
+        report.analyse(studies, baseline)
