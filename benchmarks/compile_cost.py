@@ -10,8 +10,9 @@ Issue 18 (benchmarks/results/gpu_perf.md): in a compiled GPU study a BinaryDM tr
 measures one trial's compile alone. Each run is a fresh Python process (as a trial is)
 that builds the study's BinaryDM v5 student of ``--preset`` (freshly initialised weights:
 what is compiled does not depend on their values) at W``--activation-bits``, its FP
-teacher and LRM, switches the LSQ quantizers to their plain-ops form and takes one eager
-step, as the training loop does (``binarydm.train._loop._compile``), then compiles:
+teacher and LRM, takes one eager step (which initialises the quantizers), switches the
+LSQ quantizers to their plain-ops form, as the training loop does
+(``binarydm.train._loop._compile``), then compiles:
 
 - ``whole``: the student and the teacher each as one ``torch.compile`` (the loop's
   ``training.compile``);
@@ -23,11 +24,13 @@ It reports the first compiled step's seconds (compilation, or loading from the c
 plus one step), the median of ``--steps`` further steps, the loss and torch's cache and
 graph counters. Runs of one scope share an inductor cache directory under ``--workdir``:
 the first of a scope is cold, the next ones warm (what a second trial of the same graph
-finds on one machine). ``--compile-threads`` caps inductor's compile workers (default:
-torch's, one per CPU). Results are written after every run; a run stopped at
-``--timeout`` is recorded with the stages it reached (``stages_s``: built, eager step,
-compiling, first compiled step, in seconds from its start) and the runs of its scope
-after it are skipped (their cache would be partial).
+finds on one machine). ``--reuse-cache`` accepts a workdir whose caches an earlier call
+filled (a GPU call is limited to 10 minutes: the cold run in one call, the warm one in
+the next), and every run of it counts as warm. ``--compile-threads`` caps inductor's
+compile workers (default: torch's, one per CPU). Results are written after every run; a
+run stopped at ``--timeout`` is recorded with the stages it reached (``stages_s``: built,
+eager step, compiling, first compiled step, in seconds from its start) and the runs of
+its scope after it are skipped (their cache would be partial).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -177,6 +181,11 @@ def main() -> None:
     parser.add_argument("--runs", default="regional,regional,whole,whole")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--workdir", default="/tmp/compile-cost")
+    parser.add_argument(
+        "--reuse-cache",
+        action="store_true",
+        help="accept caches an earlier call filled in --workdir (every run is then warm)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--scope", choices=SCOPES, help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
@@ -187,14 +196,19 @@ def main() -> None:
     unknown = sorted(set(runs) - set(SCOPES))
     if unknown:
         parser.error(f"--runs: unknown scope(s) {unknown}; choose from {list(SCOPES)}")
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: at least 1 step is timed after the compiled one")
     workdir = Path(args.workdir)
-    for scope in set(runs):
-        if (workdir / scope).exists():
-            parser.error(f"{workdir / scope} exists: give a --workdir whose caches are empty")
+    filled = {scope for scope in set(runs) if (workdir / scope).exists()}
+    if filled and not args.reuse_cache:
+        parser.error(
+            f"{sorted(filled)} exist in {workdir}: give a --workdir whose caches are empty, "
+            "or --reuse-cache to time them warm"
+        )
     results = []
     timed_out: set[str] = set()
     for index, scope in enumerate(runs):
-        warm = scope in runs[:index]
+        warm = scope in runs[:index] or scope in filled
         if scope in timed_out:
             continue
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / scope / "inductor")}
@@ -202,14 +216,20 @@ def main() -> None:
         for flag in ("preset", "batch", "activation_bits", "steps", "backend", "compile_threads"):
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         start = time.perf_counter()
+        # Its own process group: at the time limit inductor's compile workers are stopped
+        # with it, not left compiling into the next timed run.
+        child_process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
         try:
-            done = subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=args.timeout
-            )
-        except subprocess.TimeoutExpired as stopped:
+            stdout, stderr = child_process.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child_process.pid, signal.SIGKILL)
+            stdout, _ = child_process.communicate()
             # Its later runs would find a partial cache: the next scope runs instead.
             timed_out.add(scope)
-            stages = _stages(stopped.stdout)
+            stages = _stages(stdout)
             cut = {"timed_out_after_s": args.timeout, "stages_s": stages}
             results.append({"scope": scope, "warm": warm, **cut})
             print(
@@ -219,11 +239,12 @@ def main() -> None:
             )
             _write(args, results)
             continue
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            raise SystemExit(f"run {scope} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        if child_process.returncode != 0 or not lines:
+            code = child_process.returncode
+            raise SystemExit(f"run {scope} failed ({code}):\n{stderr[-4000:]}")
         result = {**json.loads(lines[-1][len("RESULT ") :]), "warm": warm}
-        result["stages_s"] = _stages(done.stdout)
+        result["stages_s"] = _stages(stdout)
         result["process_s"] = time.perf_counter() - start
         results.append(result)
         aot, inductor = result["counters"]["aot_autograd"], result["counters"]["inductor"]
@@ -241,7 +262,16 @@ def main() -> None:
 
 def _write(args, results: list) -> None:
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
+        document = {"args": vars(args), "machine": _machine(), "runs": results}
+        Path(args.json).write_text(json.dumps(document, indent=2))
+
+
+def _machine() -> dict:
+    """What ran the runs, recorded even when every run was stopped at its limit."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"torch": torch.__version__, "gpu": gpu, "cpus": os.cpu_count()}
 
 
 def _cache_counts(group: dict, prefix: str) -> str:
