@@ -157,8 +157,8 @@ def main() -> None:
         print(
             f"{name}: first compiled step {result['first_compiled_step_s']:.1f} s, next "
             f"{result['next_step_s']:.2f} s, process {result['process_s']:.1f} s | "
-            f"AOTAutograd {_cache_counts(aot, 'autograd_cache_')} | "
-            f"FX graph {_cache_counts(inductor, 'fxgraph_cache_')} | "
+            f"AOTAutograd {cache_counts(aot, 'autograd_cache_')} | "
+            f"FX graph {cache_counts(inductor, 'fxgraph_cache_')} | "
             f"loss {result['loss']:.9g} grad sum {result['grad_sum']:.9g}",
             flush=True,
         )
@@ -166,7 +166,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
-def _cache_counts(group: dict, prefix: str) -> str:
+def cache_counts(group: dict, prefix: str) -> str:
+    """torch's cache counters of one group whose names start with ``prefix``, as text."""
     found = {key[len(prefix) :]: value for key, value in group.items() if key.startswith(prefix)}
     return ", ".join(f"{key} {value}" for key, value in sorted(found.items())) or "none"
 

@@ -45,8 +45,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compile_cache_cpu import COUNTER_GROUPS, cache_counts  # noqa: E402
+
 SCOPES = ("whole", "regional")
-COUNTER_GROUPS = ("aot_autograd", "inductor", "stats")
 
 
 def _student_teacher_lrm(preset: str, activation_bits: int, device: str):
@@ -252,8 +254,8 @@ def main() -> None:
             f"{scope} ({'warm' if warm else 'cold'}, {result['blocks_compiled']} blocks): "
             f"first compiled step {result['first_compiled_step_s']:.1f} s, then "
             f"{result['median_step_s'] * 1000:.1f} ms/step, process {result['process_s']:.1f} s"
-            f" | AOTAutograd {_cache_counts(aot, 'autograd_cache_')} | FX graph "
-            f"{_cache_counts(inductor, 'fxgraph_cache_')} | graphs "
+            f" | AOTAutograd {cache_counts(aot, 'autograd_cache_')} | FX graph "
+            f"{cache_counts(inductor, 'fxgraph_cache_')} | graphs "
             f"{result['counters']['stats'].get('unique_graphs', 0)} | loss {result['loss']:.6g}",
             flush=True,
         )
@@ -272,11 +274,6 @@ def _machine() -> dict:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"torch": torch.__version__, "gpu": gpu, "cpus": os.cpu_count()}
-
-
-def _cache_counts(group: dict, prefix: str) -> str:
-    found = {key[len(prefix) :]: value for key, value in group.items() if key.startswith(prefix)}
-    return ", ".join(f"{key} {value}" for key, value in sorted(found.items())) or "none"
 
 
 if __name__ == "__main__":
