@@ -26,7 +26,12 @@ graph counters. Runs of one scope share an inductor cache directory under ``--wo
 the first of a scope is cold, the next ones warm (what a second trial of the same graph
 finds on one machine). ``--reuse-cache`` accepts a workdir whose caches an earlier call
 filled (a GPU call is limited to 10 minutes: the cold run in one call, the warm one in
-the next), and every run of it counts as warm. ``--compile-threads`` caps inductor's
+the next), and every run of it counts as warm. ``--save-artifacts FILE`` writes the
+caches' entries a run created or hit (``torch.compiler.save_cache_artifacts``, the
+"mega-cache") after its first compiled step; ``--load-artifacts FILE`` hot-loads such a
+file (``load_cache_artifacts``) before compiling, into the run's own, possibly empty,
+cache: a fresh machine's trial started from a file carried with the job rather than from
+a cold cache. ``--compile-threads`` caps inductor's
 compile workers (default: torch's, one per CPU). Results are written after every run; a
 run stopped at ``--timeout`` is recorded with the stages it reached (``stages_s``: built,
 eager step, compiling, first compiled step, in seconds from its start) and the runs of
@@ -128,6 +133,12 @@ def child(args) -> dict:
     step(0)  # eager: initialises the quantizers, as the loop does before compiling
     _stage("eager step")
     use_composed_quantizers_(student)
+    loaded = None
+    if args.load_artifacts:
+        started = time.perf_counter()
+        info = torch.compiler.load_cache_artifacts(Path(args.load_artifacts).read_bytes())
+        loaded = {"load_s": time.perf_counter() - started, "entries": _entry_counts(info)}
+        _stage("artifacts loaded")
     options = {"backend": args.backend}
     blocks = 0
     if args.scope == "whole":
@@ -138,6 +149,18 @@ def child(args) -> dict:
     _stage("compiling")
     first = step(1)
     _stage("first compiled step")
+    saved = None
+    if args.save_artifacts:
+        started = time.perf_counter()
+        # None when the run made or hit no cache entry (e.g. the aot_eager backend).
+        blob, info = torch.compiler.save_cache_artifacts() or (b"", None)
+        Path(args.save_artifacts).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_artifacts).write_bytes(blob)
+        saved = {
+            "save_s": time.perf_counter() - started,
+            "bytes": len(blob),
+            "entries": _entry_counts(info),
+        }
     steady = [step(2 + i) for i in range(args.steps)]
     return {
         "scope": args.scope,
@@ -146,10 +169,19 @@ def child(args) -> dict:
         "median_step_s": statistics.median(steady),
         "loss": step.loss,
         "counters": {group: dict(counters[group]) for group in COUNTER_GROUPS},
+        "artifacts_saved": saved,
+        "artifacts_loaded": loaded,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
     }
+
+
+def _entry_counts(info) -> dict[str, int]:
+    """How many entries of each cache (inductor, AOTAutograd, ...) a mega-cache file holds."""
+    if info is None:
+        return {}
+    return {kind: len(keys) for kind, keys in info.artifacts.items() if keys}
 
 
 _STARTED = time.perf_counter()
@@ -188,6 +220,8 @@ def main() -> None:
         action="store_true",
         help="accept caches an earlier call filled in --workdir (every run is then warm)",
     )
+    parser.add_argument("--save-artifacts", default=None, metavar="FILE")
+    parser.add_argument("--load-artifacts", default=None, metavar="FILE")
     parser.add_argument("--json", default=None)
     parser.add_argument("--scope", choices=SCOPES, help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
@@ -200,6 +234,8 @@ def main() -> None:
         parser.error(f"--runs: unknown scope(s) {unknown}; choose from {list(SCOPES)}")
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: at least 1 step is timed after the compiled one")
+    if args.load_artifacts and not Path(args.load_artifacts).is_file():
+        parser.error(f"--load-artifacts {args.load_artifacts}: no such file")
     workdir = Path(args.workdir)
     filled = {scope for scope in set(runs) if (workdir / scope).exists()}
     if filled and not args.reuse_cache:
@@ -211,12 +247,16 @@ def main() -> None:
     timed_out: set[str] = set()
     for index, scope in enumerate(runs):
         warm = scope in runs[:index] or scope in filled
+        cache = "warm" if warm else ("from artifacts" if args.load_artifacts else "cold")
         if scope in timed_out:
             continue
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / scope / "inductor")}
         command = [sys.executable, __file__, "--scope", scope]
         for flag in ("preset", "batch", "activation_bits", "steps", "backend", "compile_threads"):
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        for flag in ("save_artifacts", "load_artifacts"):
+            if getattr(args, flag):
+                command += [f"--{flag.replace('_', '-')}", str(Path(getattr(args, flag)).resolve())]
         start = time.perf_counter()
         # Its own process group: at the time limit inductor's compile workers are stopped
         # with it, not left compiling into the next timed run.
@@ -235,7 +275,7 @@ def main() -> None:
             cut = {"timed_out_after_s": args.timeout, "stages_s": stages}
             results.append({"scope": scope, "warm": warm, **cut})
             print(
-                f"{scope} ({'warm' if warm else 'cold'}): over {args.timeout:.0f} s "
+                f"{scope} ({cache}): over {args.timeout:.0f} s "
                 f"(stages reached, seconds from its start: {stages})",
                 flush=True,
             )
@@ -251,7 +291,7 @@ def main() -> None:
         results.append(result)
         aot, inductor = result["counters"]["aot_autograd"], result["counters"]["inductor"]
         print(
-            f"{scope} ({'warm' if warm else 'cold'}, {result['blocks_compiled']} blocks): "
+            f"{scope} ({cache}, {result['blocks_compiled']} blocks): "
             f"first compiled step {result['first_compiled_step_s']:.1f} s, then "
             f"{result['median_step_s'] * 1000:.1f} ms/step, process {result['process_s']:.1f} s"
             f" | AOTAutograd {cache_counts(aot, 'autograd_cache_')} | FX graph "
