@@ -24,6 +24,7 @@ from binarydm.metric_contract import RUNG, RUNG_STEP, timing
 from binarydm.quant import use_composed_quantizers_
 from binarydm.train._batches import batch_indices
 from binarydm.train._checkpoint import link_state, load_latest_valid, save_state
+from binarydm.train._compile_cache import cache_folder, load_compile_cache, save_compile_cache
 from binarydm.train._diffusion import noise_scheduler, noisy_batch
 from binarydm.train._ema import ModelEMA
 from binarydm.train._modes import training_mode
@@ -268,11 +269,40 @@ def _compile(run: _Run) -> None:
     # them by default: binarydm.quant.use_composed_quantizers_). The EMA and evaluation
     # read the same values either way.
     use_composed_quantizers_(run.parts.model)
+    folder = _compile_cache_folder(run)
+    if folder is not None:
+        loaded = load_compile_cache(folder)
+        if loaded["files"] or loaded["skipped"]:
+            print(
+                f"[binarydm] rank {run.session.rank}: compile cache {folder}: "
+                f"{loaded['entries']} entries from {loaded['files']} file(s) in "
+                f"{loaded['load_s']:.1f} s, {loaded['skipped']} unreadable skipped",
+                flush=True,
+            )
     options = run.recipe.compile_options
     run.parts.forward_model = torch.compile(run.ddp_model, **options)
     if run.parts.lrm is not None:
         run.parts.lrm.compile_teacher(**options)
     run.parts.graph_steps = options.get("mode") == "reduce-overhead"
+
+
+def _compile_cache_folder(run: _Run) -> Path | None:
+    """Where this run's compile artifacts are loaded from and saved (None: not carried)."""
+    if not run.job.settings.training.compile_cache or run.job.cache_dir is None:
+        return None
+    return cache_folder(run.job.cache_dir)
+
+
+def _save_compile_cache(run: _Run) -> None:
+    """After the first compiled step: what this process compiled, for the next machine.
+    One rank writes (the ranks compile the same graphs)."""
+    folder = _compile_cache_folder(run)
+    if folder is None or run.session.rank != 0:
+        return
+    saved = save_compile_cache(folder)
+    if saved is not None:
+        size = saved.stat().st_size / 2**20
+        print(f"[binarydm] compile cache saved: {saved} ({size:.1f} MiB)", flush=True)
 
 
 def _batch(run: _Run, step: int, noise_sched):
@@ -313,6 +343,8 @@ def _train(run: _Run) -> dict[str, Any]:
         x_t, t, noise = _batch(run, step, noise_sched)
         faults.before_step(step, session.rank)
         losses = mode.step(run.parts, x_t, t, faults.poison(step, noise), step=step)
+        if recipe.compile_options is not None and step == run.start_step + 1:
+            _save_compile_cache(run)
         images_seen += x_t.shape[0] * session.world_size
         if progress is not None:
             progress.update(1)

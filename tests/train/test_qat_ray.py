@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from bdm_support import fit_tiny, tiny_settings
 
+from binarydm.train._compile_cache import SUFFIX, cache_folder
 from binarydm.train._runner import TrialError, final_metrics
 
 
@@ -145,6 +146,10 @@ def test_compiled_qat_trains_and_evaluates(tiny_teacher, workspace, backend):
     assert metrics["step"] == 10 and 0 < metrics["loss"] < 10 and metrics["loss_lrm"] > 0
     assert metrics["fid"] > 0 and metrics["size_saving"] > 4
     assert metrics["weight_bits"] == 1.0  # switched while compiled
+    if backend == "inductor":
+        # training.compile_cache (on by default): the compiled graphs saved for a fresh
+        # machine (aot_eager generates no code, so there is nothing to save).
+        assert list(cache_folder(workspace["cache_dir"]).glob(f"*{SUFFIX}"))
 
 
 # CI holds this through the study: tests/fault/test_trial_faults.py kills a trial's worker
