@@ -7,7 +7,8 @@ With ``training.compile_cache`` on (the default) a compiling trial first hot-loa
 ``*.megacache`` file under ``<cache_dir>/compile`` (``torch.compiler.load_cache_artifacts``)
 and, after its first compiled step, writes what its process compiled or loaded
 (``save_cache_artifacts``) there: copy or mount that folder with the rest of the cache dir
-and a new machine's first trial starts warm too (21.7 s measured on the H200).
+and a new machine's first trial starts warm too (21.7 s on the H200 with
+``benchmarks/compile_cost.py --load-artifacts``, the same calls).
 
 A file is named by the cache keys it holds, so trials of the same graphs write one file
 and a process whose keys all came from files already there writes nothing. A file that
