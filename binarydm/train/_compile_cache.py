@@ -5,8 +5,8 @@ another has compiled starts warm (20 s instead of 212 s for a BinaryDM W1A4 step
 ``ddpm-cifar10`` on an H200, benchmarks/results/gpu_perf.md). A fresh machine starts cold.
 With ``training.compile_cache`` on (the default) a compiling trial first hot-loads every
 ``*.megacache`` file under ``<cache_dir>/compile`` (``torch.compiler.load_cache_artifacts``)
-and, after its first compiled step, writes what its process compiled or loaded
-(``save_cache_artifacts``) there: copy or mount that folder with the rest of the cache dir
+and, after its first compiled step and again after its last, writes what its process
+compiled (``save_cache_artifacts``) there: copy or mount that folder with the rest of the cache dir
 and a new machine's first trial starts warm too (21.7 s on the H200 with
 ``benchmarks/compile_cost.py --load-artifacts``, the same calls).
 

@@ -294,11 +294,14 @@ def _compile_cache_folder(run: _Run) -> Path | None:
 
 
 def _save_compile_cache(run: _Run) -> None:
-    """After the first compiled step: what this process compiled, for the next machine.
-    One rank writes (the ranks compile the same graphs)."""
+    """What this process compiled, for the next machine: after the first compiled step
+    (a trial cut off later still leaves it) and after the last step, with the graphs of
+    every later stage. One rank writes (the ranks compile the same graphs)."""
     folder = _compile_cache_folder(run)
     if folder is None or run.session.rank != 0:
         return
+    # Both files stay: loading the later one restores only what was compiled after the
+    # earlier save (torch 2.14, tests/train/test_compile_cache.py), though it holds both.
     saved = save_compile_cache(folder)
     if saved is not None:
         size = saved.stat().st_size / 2**20
@@ -354,6 +357,9 @@ def _train(run: _Run) -> dict[str, Any]:
         faults.after_report(done, run.start_step, session.rank)
     if progress is not None:
         progress.close()
+    if recipe.compile_options is not None and run.start_step + 1 < recipe.steps:
+        # The graphs compiled later (progressive stages, the EBB switch) too.
+        _save_compile_cache(run)
     return metrics
 
 

@@ -106,9 +106,9 @@ class TrainingSettings:
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     # With training.compile: hot-load the compiled graphs that earlier trials saved under
     # <cache dir>/compile before compiling, and save this trial's there after its first
-    # compiled step (binarydm.train._compile_cache): a fresh machine given that folder
-    # starts warm (an H200's BinaryDM step: 21.7 s instead of 212 s). A file is about
-    # 160 MB a distinct graph on ddpm-cifar10.
+    # compiled step and after its last (binarydm.train._compile_cache): a fresh machine
+    # given that folder starts warm (an H200's BinaryDM step: 21.7 s instead of 212 s).
+    # A file is about 160 MB on ddpm-cifar10.
     compile_cache: bool = True
 
     def compile_options(self) -> dict[str, str]:

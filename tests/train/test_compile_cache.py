@@ -77,3 +77,76 @@ def test_unreadable_files_are_skipped(tmp_path, caplog):
     assert loaded["files"] == 0 and loaded["skipped"] == 1 and loaded["entries"] == 0
     assert "truncated" in caplog.text and "skipped" in caplog.text
     assert load_compile_cache(tmp_path / "absent")["files"] == 0  # nothing saved yet
+
+
+_GRAPHS = (
+    "lambda v: v.sin().sum(dim=1)",  # the first compiled step's
+    "lambda v: (v * 3).cos().mean(dim=0)",  # a later stage's
+)
+
+_TWICE = textwrap.dedent(
+    f"""
+    import json, sys, types
+    import torch
+    from binarydm.train import _loop
+
+    run = types.SimpleNamespace(
+        job=types.SimpleNamespace(
+            settings=types.SimpleNamespace(training=types.SimpleNamespace(compile_cache=True)),
+            cache_dir=sys.argv[1],
+        ),
+        session=types.SimpleNamespace(rank=0),
+    )
+    x = torch.arange(12.0).reshape(3, 4)
+    torch.compile({_GRAPHS[0]}, backend="inductor")(x)
+    _loop._save_compile_cache(run)  # after the first compiled step
+    torch.compile({_GRAPHS[1]}, backend="inductor")(x)
+    _loop._save_compile_cache(run)  # after the last step
+    """
+)
+
+_BOTH_FROM_FOLDER = textwrap.dedent(
+    f"""
+    import json, sys
+    import torch
+    from torch._dynamo.utils import counters
+    from binarydm.train._compile_cache import load_compile_cache
+
+    loaded = load_compile_cache(sys.argv[1])
+    x = torch.arange(12.0).reshape(3, 4)
+    for graph in ({_GRAPHS[0]}, {_GRAPHS[1]}):
+        torch.compile(graph, backend="inductor")(x)
+    fx = {{k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}}
+    print("RESULT " + json.dumps({{"loaded": loaded, "fx": fx}}))
+    """
+)
+
+
+def _script(source: str, argument, inductor_cache) -> str:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+    completed = subprocess.run(
+        [sys.executable, "-c", source, str(argument)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_the_loop_saves_after_its_first_compiled_step_and_again_with_later_graphs(tmp_path):
+    """``_loop._save_compile_cache`` as the training loop calls it: after the first
+    compiled step, then after the last with a later stage's graph compiled. A fresh
+    process with empty caches, given the folder, compiles neither graph. Both files are
+    needed: the later one, though its bytes hold both graphs, restores only the second."""
+    _script(_TWICE, tmp_path / "cache", tmp_path / "inductor")
+    folder = cache_folder(tmp_path / "cache")
+    files = sorted(folder.iterdir(), key=lambda p: p.stat().st_size)
+    assert len(files) == 2
+    out = _script(_BOTH_FROM_FOLDER, folder, tmp_path / "inductor-fresh")
+    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    assert result["loaded"]["files"] == 2 and result["loaded"]["skipped"] == 0
+    assert result["fx"] == {"fxgraph_cache_hit": 2}  # both served, nothing compiled
+    # The later file alone: the first graph compiles again (why the loop keeps both).
+    files[0].unlink()
+    out = _script(_BOTH_FROM_FOLDER, folder, tmp_path / "inductor-fresh-2")
+    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    assert result["fx"].get("fxgraph_cache_miss") == 1 and result["fx"]["fxgraph_cache_hit"] == 1
