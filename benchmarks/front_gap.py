@@ -2,7 +2,7 @@
 
     python benchmarks/front_gap.py --front benchmarks/results/runs/cifar10_stage3 \\
         --recipe benchmarks/results/runs/cifar10_w1a4_s0:row=binarydm \\
-        --recipe benchmarks/results/runs/cifar10_w1a4_s1b:row=binarydm \\
+        --recipe benchmarks/results/runs/cifar10_w1a4_s1:row=binarydm \\
         --markdown gap.md --json gap.json
 
 Issue 17's stage 3 asks whether the search beats the paper's recipe "by at least 10 %
@@ -14,7 +14,8 @@ recomputed from committed runs anywhere:
   ``ARCHIVE:PARAM=VALUE`` (every trial run of the archive with that param); its cost
   objectives must agree between the runs (they are fixed by the configuration);
 - the **front** is every finished trial run of the ``--front`` archives with an FID
-  (pruned, failed and reference runs are not candidates);
+  (pruned, failed and reference runs are not candidates, nor are the recipe's own runs:
+  its best seed would otherwise be measured against its seeds' mean);
 - for each cost (``--costs``, default ``size_mib,ops_g``) the gap is taken against the
   front's best FID among the runs whose cost is at most the recipe's: "equal size" as a
   model no larger, since a searched front rarely holds the recipe's exact size. Its
@@ -33,7 +34,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from binarydm.tracking._archive import read_archive
+from binarydm.tracking import read_archive
 
 #: Relative slack when comparing costs: the same configuration logs the same size, but
 #: through a float that went through MLflow's store.
@@ -45,8 +46,7 @@ def _is_candidate(run: dict[str, Any]) -> bool:
     tags = run.get("tags", {})
     return (
         tags.get("bdm.role") == "trial"
-        and run.get("status") == "FINISHED"
-        and tags.get("state") != "PRUNED"
+        and run.get("status") == "FINISHED"  # a pruned trial's run ends KILLED
         and "fid" in run.get("metrics", {})
     )
 
@@ -116,19 +116,21 @@ def gap_at(front: list[dict[str, Any]], recipe: dict[str, Any], cost: str, goal:
 
 def compare(fronts: list[Path], recipes: list[str], costs: list[str], goal: float) -> dict:
     """The recipe's point, the front's size, and the gap at each cost."""
-    front = []
-    for path in fronts:
-        for run in read_archive(path)["runs"]:
-            if _is_candidate(run):
-                front.append({**run, "_archive": path.name})
-    if not front:
-        raise ValueError(f"no finished trial with an FID in {[str(p) for p in fronts]}")
     chosen = []
     for spec in recipes:
         archive, _, selector = spec.rpartition(":")
         if not archive:
             raise ValueError(f"--recipe {spec!r}: give ARCHIVE:RUN_NAME or ARCHIVE:PARAM=VALUE")
-        chosen += select_runs(read_archive(archive), selector)
+        for run in select_runs(read_archive(archive), selector):
+            chosen.append({**run, "run_name": f"{Path(archive).name}/{run['run_name']}"})
+    recipe_ids = {run["run_id"] for run in chosen}
+    front = []
+    for path in fronts:
+        for run in read_archive(path)["runs"]:
+            if _is_candidate(run) and run["run_id"] not in recipe_ids:
+                front.append({**run, "_archive": path.name})
+    if not front:
+        raise ValueError(f"no finished trial with an FID in {[str(p) for p in fronts]}")
     recipe = recipe_point(chosen, costs)
     return {
         "recipe": recipe,

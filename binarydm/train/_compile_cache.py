@@ -10,10 +10,16 @@ compiled (``save_cache_artifacts``) there: copy or mount that folder with the re
 and a new machine's first trial starts warm too (21.7 s on the H200 with
 ``benchmarks/compile_cost.py --load-artifacts``, the same calls).
 
-A file is named by the cache keys it holds, so trials of the same graphs write one file
-and a process whose keys all came from files already there writes nothing. A file that
-cannot be read (truncated, from another torch) is skipped with a warning, and the trial
-compiles as it would without it: the cache only ever saves time.
+Each file holds what its process compiled (or hit) since its last save: the record of
+torch's artifacts is cleared after loading and after every save. Without that a file would
+repeat the bytes of every earlier save of its process (a reused actor's earlier trials
+too), while loading it restores only the last save's (torch 2.14 keeps the last chunk of
+each kind). A file is named by the cache keys it holds, so trials of the same graphs write
+one file. The folder grows by a file per new set of graphs (157 MB for a BinaryDM trial of
+``ddpm-cifar10``); delete it to start over. The files are pickled compiled code: load only
+your own, from the same torch, Triton and GPU architecture. A file that cannot be read is
+skipped with a warning, and a save that fails (a read-only or full disk) is reported and
+dropped: the cache only ever saves time, it never fails a trial.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +42,14 @@ FOLDER = "compile"
 def cache_folder(cache_dir: str | os.PathLike[str]) -> Path:
     """Where a cache dir keeps its compile artifacts."""
     return Path(cache_dir) / FOLDER
+
+
+def _forget_recorded_artifacts() -> None:
+    """Start torch's record of this process's cache artifacts afresh (see the module doc).
+    A private API: where a torch version lacks it, files only grow larger."""
+    manager = getattr(getattr(torch.compiler, "_cache", None), "CacheArtifactManager", None)
+    if manager is not None and hasattr(manager, "clear"):
+        manager.clear()
 
 
 def load_compile_cache(folder: str | os.PathLike[str]) -> dict[str, float | int]:
@@ -58,6 +73,7 @@ def load_compile_cache(folder: str | os.PathLike[str]) -> dict[str, float | int]
             continue
         files += 1
         entries += sum(len(keys) for keys in info.artifacts.values())
+    _forget_recorded_artifacts()  # what was loaded is in the folder already
     return {
         "files": files,
         "entries": entries,
@@ -67,20 +83,33 @@ def load_compile_cache(folder: str | os.PathLike[str]) -> dict[str, float | int]
 
 
 def save_compile_cache(folder: str | os.PathLike[str]) -> Path | None:
-    """Write this process's compile artifacts to ``folder``; the file, or None when there
-    was nothing to save (an eager-only backend) or a file of the same keys exists."""
+    """Write what this process compiled since it loaded or last saved to ``folder``; the
+    file, or None when there was nothing new (an eager-only backend, every graph loaded),
+    a file of the same keys exists, or the write failed (logged)."""
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
         return None
+    _forget_recorded_artifacts()
     blob, info = artifacts
     keys = sorted(f"{kind}:{key}" for kind, found in info.artifacts.items() for key in found)
     name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24] + SUFFIX
     path = Path(folder) / name
     if path.exists():
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside, then renamed: a trial on another node never reads half a file.
-    partial = path.with_name(f".{name}.{os.getpid()}.partial")
-    partial.write_bytes(blob)
-    partial.replace(path)
+    partial = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside, then renamed: a trial on another node never reads half a file
+        # (a unique name: pids repeat across the containers of a shared folder).
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".partial")
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(blob)
+        os.replace(partial, path)
+        partial = None
+    except OSError as error:
+        log.warning("compile cache not saved to %s: %s", path, error)
+        return None
+    finally:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
     return path

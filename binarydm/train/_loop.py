@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from binarydm.data import cache_dir as resolve_cache_dir
 from binarydm.metric_contract import RUNG, RUNG_STEP, timing
 from binarydm.quant import use_composed_quantizers_
 from binarydm.train._batches import batch_indices
@@ -288,9 +289,9 @@ def _compile(run: _Run) -> None:
 
 def _compile_cache_folder(run: _Run) -> Path | None:
     """Where this run's compile artifacts are loaded from and saved (None: not carried)."""
-    if not run.job.settings.training.compile_cache or run.job.cache_dir is None:
+    if not run.job.settings.training.compile_cache:
         return None
-    return cache_folder(run.job.cache_dir)
+    return cache_folder(resolve_cache_dir(run.job.cache_dir))
 
 
 def _save_compile_cache(run: _Run) -> None:
@@ -300,8 +301,6 @@ def _save_compile_cache(run: _Run) -> None:
     folder = _compile_cache_folder(run)
     if folder is None or run.session.rank != 0:
         return
-    # Both files stay: loading the later one restores only what was compiled after the
-    # earlier save (torch 2.14, tests/train/test_compile_cache.py), though it holds both.
     saved = save_compile_cache(folder)
     if saved is not None:
         size = saved.stat().st_size / 2**20
@@ -339,14 +338,16 @@ def _train(run: _Run) -> dict[str, Any]:
     window = _Window()
     run.clock.start_training()
     images_seen, metrics = 0, dict(run.curve_tail)
+    # The step compiled from: the second of this process's (see _compile); None: eager.
+    first_compiled = run.start_step + 1 if recipe.compile_options is not None else None
     for step in range(run.start_step, recipe.steps):
-        if recipe.compile_options is not None and step == run.start_step + 1:
+        if step == first_compiled:
             _compile(run)
         mode.before_step(run.parts, step)
         x_t, t, noise = _batch(run, step, noise_sched)
         faults.before_step(step, session.rank)
         losses = mode.step(run.parts, x_t, t, faults.poison(step, noise), step=step)
-        if recipe.compile_options is not None and step == run.start_step + 1:
+        if step == first_compiled:
             _save_compile_cache(run)
         images_seen += x_t.shape[0] * session.world_size
         if progress is not None:
@@ -357,8 +358,8 @@ def _train(run: _Run) -> dict[str, Any]:
         faults.after_report(done, run.start_step, session.rank)
     if progress is not None:
         progress.close()
-    if recipe.compile_options is not None and run.start_step + 1 < recipe.steps:
-        # The graphs compiled later (progressive stages, the EBB switch) too.
+    if first_compiled is not None and first_compiled < recipe.steps:
+        # The graphs compiled later (progressive stages, the EBB switch, rungs) too.
         _save_compile_cache(run)
     return metrics
 

@@ -102,6 +102,12 @@ _TWICE = textwrap.dedent(
     _loop._save_compile_cache(run)  # after the first compiled step
     torch.compile({_GRAPHS[1]}, backend="inductor")(x)
     _loop._save_compile_cache(run)  # after the last step
+    # A folder that cannot be written (here a file in its place): reported, not raised.
+    from binarydm.train._compile_cache import save_compile_cache
+    torch.compile(lambda v: v.tanh().sum(), backend="inductor")(x)
+    blocked = sys.argv[1] + "/blocked"
+    open(blocked, "w").close()
+    print("RESULT " + json.dumps({{"blocked": save_compile_cache(blocked + "/compile")}}))
     """
 )
 
@@ -134,19 +140,23 @@ def _script(source: str, argument, inductor_cache) -> str:
 
 def test_the_loop_saves_after_its_first_compiled_step_and_again_with_later_graphs(tmp_path):
     """``_loop._save_compile_cache`` as the training loop calls it: after the first
-    compiled step, then after the last with a later stage's graph compiled. A fresh
-    process with empty caches, given the folder, compiles neither graph. Both files are
-    needed: the later one, though its bytes hold both graphs, restores only the second."""
-    _script(_TWICE, tmp_path / "cache", tmp_path / "inductor")
+    compiled step, then after the last with a later stage's graph compiled. Each file
+    holds what came after the save before it; a fresh process with empty caches, given
+    the folder, compiles neither graph, and given only the later file, the first graph
+    again. A save into a folder that cannot be made returns None without raising."""
+    out = _script(_TWICE, tmp_path / "cache", tmp_path / "inductor")
+    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    assert result["blocked"] is None
     folder = cache_folder(tmp_path / "cache")
-    files = sorted(folder.iterdir(), key=lambda p: p.stat().st_size)
-    assert len(files) == 2
+    files = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 2 and all(p.suffix == SUFFIX for p in files)  # no partial left
     out = _script(_BOTH_FROM_FOLDER, folder, tmp_path / "inductor-fresh")
     result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
     assert result["loaded"]["files"] == 2 and result["loaded"]["skipped"] == 0
     assert result["fx"] == {"fxgraph_cache_hit": 2}  # both served, nothing compiled
-    # The later file alone: the first graph compiles again (why the loop keeps both).
-    files[0].unlink()
+    sizes = [p.stat().st_size for p in files]
+    assert sizes[1] < 1.5 * sizes[0]  # the later file: not both graphs' bytes
+    files[0].unlink()  # the first step's file gone: only the later graph is served
     out = _script(_BOTH_FROM_FOLDER, folder, tmp_path / "inductor-fresh-2")
     result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
-    assert result["fx"].get("fxgraph_cache_miss") == 1 and result["fx"]["fxgraph_cache_hit"] == 1
+    assert result["fx"] == {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 1}
