@@ -35,10 +35,11 @@ _PROCESS = textwrap.dedent(
 )
 
 
-def _process(folder, action: str, inductor_cache) -> dict:
+def _run(source: str, inductor_cache, *args) -> dict:
+    """``source`` in a fresh Python with its own inductor cache; its ``RESULT`` line."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
     completed = subprocess.run(
-        [sys.executable, "-c", _PROCESS, str(folder), action],
+        [sys.executable, "-c", source, *map(str, args)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -48,14 +49,14 @@ def _process(folder, action: str, inductor_cache) -> dict:
 
 def test_a_saved_graph_is_a_cache_hit_in_a_fresh_process(tmp_path):
     folder = cache_folder(tmp_path / "binarydm-cache")
-    first = _process(folder, "save", tmp_path / "inductor-a")
+    first = _run(_PROCESS, tmp_path / "inductor-a", folder, "save")
     assert first["fx"] == {"fxgraph_cache_miss": 1}  # compiled from nothing
     saved, again = first["saved"]
     assert saved is not None and saved.endswith(SUFFIX) and again is None  # one file per keys
     assert [p.name for p in folder.iterdir()] == [os.path.basename(saved)]  # no partial left
 
     # Another machine: an empty inductor cache, the folder carried over.
-    second = _process(folder, "load", tmp_path / "inductor-b")
+    second = _run(_PROCESS, tmp_path / "inductor-b", folder, "load")
     assert second["loaded"]["files"] == 1 and second["loaded"]["entries"] >= 1
     assert second["loaded"]["skipped"] == 0
     assert second["fx"] == {"fxgraph_cache_hit": 1}  # served from the file, not compiled
@@ -128,35 +129,22 @@ _BOTH_FROM_FOLDER = textwrap.dedent(
 )
 
 
-def _script(source: str, argument, inductor_cache) -> str:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
-    completed = subprocess.run(
-        [sys.executable, "-c", source, str(argument)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stdout
-
-
 def test_the_loop_saves_after_its_first_compiled_step_and_again_with_later_graphs(tmp_path):
     """``_loop._save_compile_cache`` as the training loop calls it: after the first
     compiled step, then after the last with a later stage's graph compiled. Each file
     holds what came after the save before it; a fresh process with empty caches, given
     the folder, compiles neither graph, and given only the later file, the first graph
     again. A save into a folder that cannot be made returns None without raising."""
-    out = _script(_TWICE, tmp_path / "cache", tmp_path / "inductor")
-    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    result = _run(_TWICE, tmp_path / "inductor", tmp_path / "cache")
     assert result["blocked"] is None
     folder = cache_folder(tmp_path / "cache")
     files = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns)
     assert len(files) == 2 and all(p.suffix == SUFFIX for p in files)  # no partial left
-    out = _script(_BOTH_FROM_FOLDER, folder, tmp_path / "inductor-fresh")
-    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    result = _run(_BOTH_FROM_FOLDER, tmp_path / "inductor-fresh", folder)
     assert result["loaded"]["files"] == 2 and result["loaded"]["skipped"] == 0
     assert result["fx"] == {"fxgraph_cache_hit": 2}  # both served, nothing compiled
     sizes = [p.stat().st_size for p in files]
     assert sizes[1] < 1.5 * sizes[0]  # the later file: not both graphs' bytes
     files[0].unlink()  # the first step's file gone: only the later graph is served
-    out = _script(_BOTH_FROM_FOLDER, folder, tmp_path / "inductor-fresh-2")
-    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    result = _run(_BOTH_FROM_FOLDER, tmp_path / "inductor-fresh-2", folder)
     assert result["fx"] == {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 1}
