@@ -472,6 +472,13 @@ def export_runs(
         Path | None,
         typer.Option(help="the store's mlartifacts folder, copied from the machine that ran it"),
     ] = None,
+    optuna_storage: Annotated[
+        str | None,
+        typer.Option(
+            help="also write the study's Optuna trials (optuna.jsonl), so that it can be "
+            "imported and resumed elsewhere: the study's storage URL (sqlite:///optuna.db)"
+        ),
+    ] = None,
     tracking_uri: StoreOption = None,
 ) -> None:
     """Write an experiment's runs (params, metrics with history, tags, small artifacts) to a
@@ -481,11 +488,14 @@ def export_runs(
     uri = _store_uri(tracking_uri)
     try:
         done = export_experiment(
-            experiment, out, uri, int(max_artifact_mib * 1024 * 1024), artifacts_from
-        )
+            experiment, out, uri, int(max_artifact_mib * 1024 * 1024), artifacts_from,
+            optuna_storage=optuna_storage,
+        )  # fmt: skip
     except (LookupError, FileExistsError) as exc:
         _fail(str(exc))
     typer.echo(f"exported {done['runs']} runs and {done['artifacts']} artifacts to {out}")
+    if done["optuna_trials"] is not None:
+        typer.echo(f"  and the Optuna study's {done['optuna_trials']} trials (optuna.jsonl)")
     for skipped in done["skipped"]:
         typer.echo(f"  not exported: {skipped}")
 
@@ -500,16 +510,32 @@ def import_runs(
         str | None,
         typer.Option("--tracking-uri", help="MLflow tracking URI to import into (./mlflow.db)"),
     ] = None,
+    artifact_location: Annotated[
+        str | None,
+        typer.Option(help="the new experiment's artifact root (default: as a study's)"),
+    ] = None,
+    optuna_storage: Annotated[
+        str | None,
+        typer.Option(
+            help="also recreate the archive's Optuna study here, to resume the study with "
+            "`bdm-search STUDY --resume` (sqlite:///optuna.db is a study's default)"
+        ),
+    ] = None,
 ) -> None:
-    """Recreate an exported experiment's runs in an MLflow store (for the UI and `pareto`)."""
+    """Recreate an exported experiment's runs in an MLflow store (for the UI and `pareto`),
+    and with --optuna-storage its Optuna study (to resume it on this machine)."""
+    from binarydm.spec import artifact_root
     from binarydm.tracking import import_archive
 
     uri = _store_uri(tracking_uri, create=True)
+    root = artifact_root(uri, artifact_location, Path.cwd())
     try:
-        name, created = import_archive(archive, uri, experiment)
+        name, created = import_archive(archive, uri, experiment, root, optuna_storage)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"imported {len(created)} runs into experiment {name!r} at {uri}")
+    if optuna_storage is not None:
+        typer.echo(f"  and its Optuna study into {optuna_storage}: resume with --resume")
     typer.echo(f"  browse: mlflow ui --backend-store-uri {uri}")
 
 

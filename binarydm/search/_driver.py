@@ -56,6 +56,10 @@ ORPHAN_REASON = (
 )
 
 
+#: ``settle_orphans``' state of a RUNNING trial left to the new Tune experiment.
+CONTINUED = "CONTINUED"
+
+
 class StudyInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped the study; Tune, Optuna and MLflow kept what it had, for ``--resume``."""
 
@@ -189,7 +193,7 @@ def shared_teacher(
                                   cache_dir=cache_dir))  # fmt: skip
 
 
-def _searcher(spec: StudySpec, storage):
+def _searcher(spec: StudySpec, storage, continued: tuple[int, ...] = ()):
     from binarydm.search._sampling import build_sampler, optuna_space
     from binarydm.search._searcher import BinaryDMOptunaSearch
 
@@ -201,6 +205,7 @@ def _searcher(spec: StudySpec, storage):
         sampler=build_sampler(search),
         storage=storage,
         study_name=spec.name,
+        continued=continued,
     )
 
 
@@ -312,15 +317,23 @@ def run_study(
             str(experiment_path), trainable=trainable, resume_unfinished=True,
             resume_errored=False, restart_errored=False,
         )  # fmt: skip
+    continued: tuple[int, ...] = ()
+    budget = spec.search.trials
     if resume:
         owned = _unfinished_trial_numbers(experiment_path) if restorable else set()
-        settle_orphans(spec, storage, tracker, owned)
+        settled = settle_orphans(spec, storage, tracker, owned, keep_unfinished=not restorable)
+        if not restorable:
+            # No Tune experiment (a study recreated from a run archive, or one whose
+            # ray_results went): the Optuna study is the record. Its unfinished trials
+            # continue first, and the budget counts the trials it has already ended.
+            continued = tuple(n for n, state in settled.items() if state == CONTINUED)
+            budget = max(spec.search.trials - _ended_trial_count(spec, storage), 0)
     if not restorable:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(spec, storage),
-                num_samples=spec.search.trials,
+                search_alg=_searcher(spec, storage, continued),
+                num_samples=budget,
                 max_concurrent_trials=concurrency,
                 reuse_actors=spec.resources.reuse_actors,
                 scheduler=early_stopping_scheduler(spec),
@@ -409,13 +422,17 @@ def _trial_statuses(path: Path) -> dict[int, str]:
     }
 
 
-def settle_orphans(spec: StudySpec, storage, tracker, owned: set[int]) -> dict[int, str]:
+def settle_orphans(
+    spec: StudySpec, storage, tracker, owned: set[int], keep_unfinished: bool = False
+) -> dict[int, str]:
     """Tell Optuna the end of every RUNNING trial no restored Tune trial owns.
 
     A killed driver leaves such trials behind when it died between Optuna's ``ask`` and
     Tune's next experiment snapshot. COMPLETE if its MLflow run finished with every
-    objective, else FAIL (``fail_reason``) with its MLflow run, if any, FAILED too.
-    Returns ``{trial number: new state}``.
+    objective, else FAIL (``fail_reason``) with its MLflow run, if any, FAILED too; with
+    ``keep_unfinished`` (no Tune experiment to restore) such a trial stays RUNNING, to
+    be continued by the new experiment. Returns ``{trial number: new state}``
+    (``CONTINUED`` for those kept).
     """
     from optuna.trial import TrialState
 
@@ -440,6 +457,9 @@ def settle_orphans(spec: StudySpec, storage, tracker, owned: set[int]) -> dict[i
             storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
             settled[number] = "COMPLETE"
             continue
+        if keep_unfinished:
+            settled[number] = CONTINUED
+            continue
         storage.set_trial_user_attr(trial_id, "fail_reason", ORPHAN_REASON)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         if run_id and tracker.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
@@ -447,6 +467,18 @@ def settle_orphans(spec: StudySpec, storage, tracker, owned: set[int]) -> dict[i
         settled[number] = "FAIL"
     log.warning("resume: settled Optuna trials left RUNNING by the killed driver: %s", settled)
     return settled
+
+
+def _ended_trial_count(spec: StudySpec, storage) -> int:
+    """How many of the study's Optuna trials ended (COMPLETE, PRUNED or FAIL)."""
+    from optuna.trial import TrialState
+
+    try:
+        study_id = storage.get_study_id_from_name(spec.name)
+    except KeyError:
+        return 0
+    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return len(storage.get_all_trials(study_id, deepcopy=False, states=ended))
 
 
 def run_single_trial(

@@ -11,7 +11,10 @@ PRUNED, its rung's proxy, costs, index and step in its user attrs: Optuna takes
 The Optuna trial number is passed to the trainable (``TRIAL_NUMBER_KEY``): it is
 the stable ``trial_id`` of MLflow runs. The Optuna study names its objectives after
 the metrics (``optuna-dashboard`` shows ``fid``, not ``0``), and each trial carries its
-MLflow run id in the user attr ``MLFLOW_RUN_ATTR`` (set by the trainable).
+MLflow run id in the user attr ``mlflow_run_id`` (set by the trainable). A resume that
+has no Tune experiment to restore (one recreated from a run archive) hands the trials a
+lost driver left RUNNING to its first Tune trials (``continued``): each goes on under its
+own Optuna trial and MLflow run, as a restored Tune trial would.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from binarydm.search._early_stop import PRUNED_STATE, rung_values, was_pruned
 from binarydm.spec import cost_objectives
 
 TRIAL_NUMBER_KEY = "__optuna_trial_number"
-MLFLOW_RUN_ATTR = "mlflow_run_id"
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,11 @@ def failure_reason(result: dict[str, Any] | None, metrics: list[str], error: boo
 class BinaryDMOptunaSearch(OptunaSearch):
     """OptunaSearch that records failures as FAILED and exposes the Optuna trial number."""
 
+    def __init__(self, *args: Any, continued: tuple[int, ...] = (), **kwargs: Any):
+        # Set first: OptunaSearch's __init__ may already set the study up.
+        self._continued = list(continued)
+        super().__init__(*args, **kwargs)
+
     def _setup_study(self, mode) -> None:
         super()._setup_study(mode)
         self._name_objectives()
@@ -72,6 +79,14 @@ class BinaryDMOptunaSearch(OptunaSearch):
             self._ot_study.set_metric_names(names)
 
     def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials and getattr(self, "_continued", None):
+            # A RUNNING trial of the lost driver: asked again, its stored params come back.
+            import optuna
+
+            number = self._continued.pop(0)
+            storage, study_id = self._ot_study._storage, self._ot_study._study_id
+            ident = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, ident)
         params = super().suggest(trial_id)
         if params is None:
             return None

@@ -31,7 +31,8 @@ from binarydm.metric_contract import (
     timing,
 )
 from binarydm.search._launch import launch_metrics
-from binarydm.search._searcher import MLFLOW_RUN_ATTR, TRIAL_NUMBER_KEY
+from binarydm.search._searcher import TRIAL_NUMBER_KEY
+from binarydm.tracking._study_journal import MLFLOW_RUN_ATTR
 from binarydm.train.settings import TrialSettings
 
 

@@ -39,6 +39,7 @@ from binarydm.spec._types import (
 from binarydm.spec._uri import (
     absolute_path,
     absolute_store_uri,
+    artifact_root,
     is_remote_uri,
     is_uri,
     sqlite_file,
@@ -65,6 +66,7 @@ __all__ = [
     "TrackingSpec",
     "absolute_path",
     "absolute_store_uri",
+    "artifact_root",
     "check_values",
     "cost_objectives",
     "expand_params",

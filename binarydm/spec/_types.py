@@ -33,11 +33,14 @@ from binarydm.spec._keys import (
     Direction,
     Metric,
 )
-from binarydm.spec._uri import absolute_path, absolute_store_uri, is_local_reference, uri_scheme
+from binarydm.spec._uri import (
+    absolute_path,
+    absolute_store_uri,
+    artifact_root,
+    is_local_reference,
+)
 from binarydm.train.settings import TrialSettings
 
-#: Tracking stores that are servers with their own artifact store.
-_TRACKING_SERVER_SCHEMES = ("http", "https", "databricks")
 # Names become MLflow experiment, Optuna study and Ray results directory names.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -396,17 +399,10 @@ class StudySpec:
         """
         base = Path(base_dir or Path.cwd()).resolve()
         uri = absolute_store_uri(self.tracking.uri, base, "mlflow.db")
-        artifacts = self.tracking.artifact_location
-        if artifacts is None and uri_scheme(uri) in _TRACKING_SERVER_SCHEMES:
-            # A tracking server proxies artifacts to its own store: a local folder on the
-            # driver would be unreachable from trials on other nodes.
-            location = None
-        else:
-            location = absolute_path(artifacts or "mlartifacts", base)
         tracking = TrackingSpec(
             uri=uri,
             experiment=self.tracking.experiment or self.name,
-            artifact_location=location,
+            artifact_location=artifact_root(uri, self.tracking.artifact_location, base),
         )
         storage = StorageSpec(
             optuna=absolute_store_uri(self.storage.optuna, base, "optuna.db"),

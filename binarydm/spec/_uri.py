@@ -17,6 +17,8 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+$")
 _SQLITE_PREFIX = "sqlite:///"
 #: Schemes of stores on the local file system (a database file or a folder).
 LOCAL_SCHEMES = ("sqlite", "file")
+#: Tracking stores that are servers with their own artifact store.
+TRACKING_SERVER_SCHEMES = ("http", "https", "databricks")
 
 
 def uri_scheme(text: str) -> str | None:
@@ -58,6 +60,15 @@ def absolute_store_uri(uri: str | None, base: Path, default_file: str) -> str:
             return f"{_SQLITE_PREFIX}{(base / path).resolve()}"
         return uri
     return absolute_path(uri, base)
+
+
+def artifact_root(tracking_uri: str, artifact_location: str | None, base: Path) -> str | None:
+    """A new experiment's artifact root: ``artifact_location`` made absolute, by default
+    ``<base>/mlartifacts``, or None (the server's) for a tracking server: a local folder
+    on the driver would be unreachable from trials on other nodes."""
+    if artifact_location is None and uri_scheme(tracking_uri) in TRACKING_SERVER_SCHEMES:
+        return None
+    return absolute_path(artifact_location or "mlartifacts", base)
 
 
 def sqlite_file(uri: str) -> str | None:

@@ -1,7 +1,8 @@
 """MLflow tracking of studies: a parent run per study, a child run per trial, read back alone.
 
 Imports MLflow (and matplotlib for the plots, loaded on first use), never
-Ray or Optuna, so the search layer and ``bdm-search pareto`` share it.
+Ray, and Optuna only where a run archive carries a study's trials (on use), so the
+search layer and ``bdm-search pareto`` share it.
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ an archive that a CPU machine turns back into MLflow runs for the UI and for
                                         "end_time", "params", "tags", "metrics",
                                         "metric_history", "artifacts"}, ...]}
     DIR/artifacts/RUN_ID/... the run's artifacts up to ``max_artifact_bytes`` each
+    DIR/optuna.jsonl         optional: the study's Optuna trials (``_study_journal``)
 
 Weights never go in (``*.bdm``, checkpoints): an archive is committed to git. A run's
 ``metrics`` are its latest values; ``metric_history`` holds every logged point as
 ``[step, value, timestamp_ms]`` so training curves survive. Importing creates new runs
 (MLflow assigns run ids) and rewrites ``mlflow.parentRunId`` to the new parent; the
-original id stays in tag ``bdm.archived_run_id``.
+original id stays in tag ``bdm.archived_run_id``. With an Optuna storage, importing
+also recreates the study's Optuna trials, so the study can be resumed there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from binarydm.tracking._queries import chunks, search_all_runs
 from binarydm.tracking._runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from binarydm.tracking._study_journal import (
+    OPTUNA_JOURNAL,
+    check_study_absent,
+    export_study_journal,
+    import_study_journal,
+    journal_study_name,
+)
 
 FORMAT = "binarydm-runs"
 VERSION = 1
@@ -82,12 +91,15 @@ def export_experiment(
     tracking_uri: str,
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
     artifact_dir: str | Path | None = None,
+    optuna_storage: str | None = None,
+    study_name: str | None = None,
 ) -> dict[str, Any]:
     """Write every active run of ``experiment`` to ``out_dir``; returns what was written.
 
     ``artifact_dir``: the store's artifact folder (``mlartifacts``) copied from the
     machine that ran the study, whose runs' artifact URIs name paths of that machine;
-    a run's files are read from ``artifact_dir/RUN_ID/artifacts``.
+    a run's files are read from ``artifact_dir/RUN_ID/artifacts``. ``optuna_storage``:
+    also write the Optuna study ``study_name`` (default: the experiment's name).
     """
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -97,6 +109,9 @@ def export_experiment(
     if (out / RUNS_FILE).exists():
         raise FileExistsError(f"{out / RUNS_FILE} exists; export into an empty folder")
     out.mkdir(parents=True, exist_ok=True)
+    trials = None
+    if optuna_storage is not None:  # first: a missing study fails before any file is written
+        trials = export_study_journal(optuna_storage, study_name or experiment, out)
     runs, skipped = [], []
     for run in sorted(
         search_all_runs(client, found.experiment_id, ""), key=lambda r: r.info.start_time
@@ -145,6 +160,7 @@ def export_experiment(
         "runs": len(runs),
         "artifacts": sum(len(r["artifacts"]) for r in runs),
         "skipped": skipped,
+        "optuna_trials": trials,
     }
 
 
@@ -184,23 +200,40 @@ def _log_run(client: MlflowClient, run_id: str, record: dict[str, Any], parent: 
 
 
 def import_archive(
-    archive_dir: str | Path, tracking_uri: str, experiment: str | None = None
+    archive_dir: str | Path,
+    tracking_uri: str,
+    experiment: str | None = None,
+    artifact_location: str | None = None,
+    optuna_storage: str | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Recreate an archive's runs in a new experiment; returns its name and
     {archived run id: new run id}.
 
     The experiment must not exist yet (an import never merges into, or duplicates, runs).
+    ``artifact_location``: the new experiment's artifact root (MLflow's default if None).
+    ``optuna_storage``: also recreate the archived Optuna study there (it must not hold
+    one of that name; an archive without one is an error).
     """
     archive = Path(archive_dir)
     document = read_archive(archive)
     name = experiment or document["experiment"]["name"]
+    journal = archive / OPTUNA_JOURNAL
     client = MlflowClient(tracking_uri)
     if client.get_experiment_by_name(name) is not None:
         raise FileExistsError(
             f"experiment {name!r} exists at {tracking_uri}; import under another name "
             "(--experiment) or into another store"
         )
-    experiment_id = client.create_experiment(name, tags=document["experiment"]["tags"])
+    if optuna_storage is not None:  # checked before anything is created
+        if not journal.is_file():
+            raise FileNotFoundError(
+                f"{journal} not found: the archive holds no Optuna study (export it with "
+                "--optuna-storage)"
+            )
+        check_study_absent(optuna_storage, journal_study_name(journal))
+    experiment_id = client.create_experiment(
+        name, artifact_location, tags=document["experiment"]["tags"]
+    )
     records = document["runs"]
     by_old = {r["run_id"]: r for r in records}
     new_ids: dict[str, str] = {}
@@ -228,4 +261,6 @@ def import_archive(
 
     for record in records:
         create(record)
+    if optuna_storage is not None:
+        import_study_journal(journal, optuna_storage, new_ids)
     return name, new_ids

@@ -250,24 +250,52 @@ def test_sample_and_pareto_help_describe_their_own_options():
     assert "tracking_uri" not in str(missing.value) and "--tracking-uri" in str(missing.value)
 
 
-def _lrm_searchers(tmp_path):
-    """The quick lrm_rank study's search, an Optuna SQLite storage in ``tmp_path``, and a
-    factory of BinaryDMOptunaSearch on it (each call: a driver's fresh searcher)."""
+def _lrm_searchers(tmp_path, study_file=LRM_STUDY):
+    """The quick lrm_rank study's search (or ``study_file``'s), an Optuna SQLite storage in
+    ``tmp_path``, and a factory of BinaryDMOptunaSearch on it (each call: a driver's fresh
+    searcher; ``continued``: the RUNNING trials it hands out first)."""
     import optuna
 
     from binarydm.search import build_sampler, optuna_space
     from binarydm.search._searcher import BinaryDMOptunaSearch
 
-    search = load_study(LRM_STUDY, profile="quick").search
+    search = load_study(study_file, profile="quick").search
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
 
-    def searcher():
+    def searcher(continued=()):
         return BinaryDMOptunaSearch(
             space=optuna_space(search), metric=search.metrics, mode=search.tune_modes,
             sampler=build_sampler(search), storage=storage, study_name="s",
+            continued=continued,
         )  # fmt: skip
 
     return search, storage, searcher
+
+
+@pytest.mark.parametrize("study_file", [LRM_STUDY, str(Path(LRM_STUDY).with_name("joint.yaml"))])
+def test_a_fresh_searcher_continues_the_lost_drivers_running_trials_first(tmp_path, study_file):
+    # A study recreated from a run archive has no Tune experiment: the new driver's
+    # searcher hands out the trials left RUNNING (their own numbers and params), then asks
+    # Optuna for new ones. joint.yaml's space is conditional (define-by-run).
+    import optuna
+
+    from binarydm.search._searcher import TRIAL_NUMBER_KEY
+
+    search, storage, searcher = _lrm_searchers(tmp_path, study_file)
+    from binarydm.search._sampling import DefineByRunSpace
+
+    assert isinstance(searcher()._space, DefineByRunSpace) == (study_file != LRM_STUDY)
+    lost = searcher()
+    asked = [lost.suggest(f"t{i}") for i in range(3)]
+    lost.on_trial_complete("t1", {"fid": 40.0, **dict.fromkeys(search.metrics[1:], 1.0)})
+    fresh = searcher(continued=(0, 2))
+    again = [fresh.suggest(f"n{i}") for i in range(3)]
+    assert again[0] == asked[0] and again[1] == asked[2]  # same params, same numbers
+    assert [p[TRIAL_NUMBER_KEY] for p in again] == [0, 2, 3]
+    fresh.on_trial_complete("n0", {"fid": 30.0, **dict.fromkeys(search.metrics[1:], 2.0)})
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "RUNNING", "RUNNING"]
+    assert trials[0].values[0] == 30.0 and trials[1].values[0] == 40.0
 
 
 def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_path):

@@ -101,6 +101,46 @@ def test_import_recreates_the_runs_for_the_ui_and_pareto(study_store, archive, t
     assert len(_by_name(copy, "lrm_rank")) == 4  # nothing imported twice
 
 
+def test_the_optuna_study_travels_with_the_archive_linked_to_the_new_runs(study_store, tmp_path):
+    # What `--resume` on another machine needs: the sampler's history with its numbers,
+    # params, distributions, states and values, each trial naming its run in the new store.
+    import optuna
+
+    workdir, uri = study_store
+    source = f"sqlite:///{workdir / 'optuna.db'}"
+    out = tmp_path / "archive"
+    args = ["export", "lrm_rank", "--out", str(out), "--tracking-uri", uri]
+    result = CliRunner().invoke(app, [*args, "--optuna-storage", source])
+    assert result.exit_code == 0 and "Optuna study's 2 trials" in result.output, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["artifacts", "optuna.jsonl", RUNS_FILE]
+    target, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'o.db'}"
+    args = ["import", str(out), "--tracking-uri", target, "--optuna-storage", storage]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "resume with --resume" in result.output, result.output
+
+    before = optuna.load_study(study_name="lrm_rank", storage=source)
+    after = optuna.load_study(study_name="lrm_rank", storage=storage)
+    assert after.directions == before.directions and after.metric_names == before.metric_names
+    assert len(after.trials) == 2
+    runs = {r.data.tags["trial_id"]: r for r in _by_name(MlflowClient(target), "lrm_rank").values()
+            if r.data.tags.get("bdm.role") == "trial"}  # fmt: skip
+    for old, new in zip(before.trials, after.trials, strict=True):
+        assert (new.number, new.state, new.values) == (old.number, old.state, old.values)
+        assert new.params == old.params and new.distributions == old.distributions
+        run = runs[str(new.number)]
+        assert new.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags[TAG_ARCHIVED_RUN_ID] == old.user_attrs["mlflow_run_id"]
+        rest = {k: v for k, v in new.user_attrs.items() if k != "mlflow_run_id"}
+        assert rest.items() <= old.user_attrs.items()
+
+    # A second import is refused on the Optuna study too, before any MLflow run is made.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    args = ["import", str(out), "--tracking-uri", other, "--optuna-storage", storage]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Optuna study 'lrm_rank' exists" in result.output
+    assert MlflowClient(other).get_experiment_by_name("lrm_rank") is None
+
+
 def test_bad_archives_are_one_line_errors(tmp_path):
     target = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = CliRunner().invoke(app, ["import", str(tmp_path / "nope"), "--tracking-uri", target])
@@ -109,6 +149,14 @@ def test_bad_archives_are_one_line_errors(tmp_path):
     (tmp_path / "bad" / RUNS_FILE).write_text(json.dumps({"format": "other", "version": 9}))
     result = CliRunner().invoke(app, ["import", str(tmp_path / "bad"), "--tracking-uri", target])
     assert result.exit_code == 2 and "version 9" in result.output
+    (tmp_path / "no_study").mkdir()
+    (tmp_path / "no_study" / RUNS_FILE).write_text(
+        json.dumps({"format": "binarydm-runs", "version": 1, "experiment": {"name": "e"}})
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = ["import", str(tmp_path / "no_study"), "--tracking-uri", target]
+    result = CliRunner().invoke(app, [*args, "--optuna-storage", storage])
+    assert result.exit_code == 2 and "holds no Optuna study" in result.output
 
 
 def test_export_refuses_a_folder_that_holds_an_archive(study_store, archive):
