@@ -32,6 +32,17 @@
 #   bash benchmarks/cifar10_w1_session.sh start STUDY NAME --resume [the same --set ...]
 # (a trial cut off at the end of a session trains again from step 0, a new attempt of
 # its run: tests/fault/test_driver_faults.py, ..._without_the_checkpoints).
+# Where the stores did not survive on this side either (a new checkout: only what was
+# committed is there), the study's run archive is the record: export it after each
+# session (docs/run-archive.md; with --optuna-storage it carries the Optuna trials),
+# commit it, and start the next session from it instead of `restore`:
+#   bdm-search export NAME --out benchmarks/results/runs/NAME --tracking-uri \
+#       sqlite:///DIR/mlflow.db --artifacts-from DIR/mlartifacts --optuna-storage \
+#       sqlite:///DIR/optuna.db                            # here, DIR = the stores untarred
+#   bash benchmarks/cifar10_w1_session.sh import NAME      # there, in the unpack call
+#   bash benchmarks/cifar10_w1_session.sh start STUDY NAME --resume [the same --set ...]
+# (no Tune experiment: the trials cut off continue under their own Optuna trials and runs,
+# tests/fault/test_driver_faults.py, ..._as_its_run_archive_and_resumes).
 # A machine idle for over 30 s goes back and takes /tmp with it: no pauses between calls
 # (issue the next poll straight after the last returns; start nothing else in between:
 # a run was lost at step 650 of 1500 that way).
@@ -157,6 +168,19 @@ restore)
     tar -xzf ".bdmpayload/$name-stores.tgz" -C "/tmp/run/$name"
     ls -la "/tmp/run/$name"
     ;;
+import)
+    # A study's committed run archive as its stores, where `start NAME --resume` reads them.
+    name="$1"
+    if [ -e "/tmp/run/$name/mlflow.db" ]; then
+        echo "/tmp/run/$name already holds a study's stores: not overwritten" >&2
+        exit 1
+    fi
+    archive="$PWD/benchmarks/results/runs/$name"
+    mkdir -p "/tmp/run/$name" && cd "/tmp/run/$name"
+    setup
+    bdm-search import "$archive" --tracking-uri "sqlite:////tmp/run/$name/mlflow.db" \
+        --optuna-storage "sqlite:////tmp/run/$name/optuna.db"
+    ;;
 poll)
     limit="${1:-500}"
     waited=0
@@ -209,7 +233,7 @@ PY
     fi
     ;;
 *)
-    echo "usage: $0 part NN | unpack | restore NAME | start STUDY NAME [--set ...] |" \
+    echo "usage: $0 part NN | unpack | restore NAME | import NAME | start STUDY NAME [--set ...] |" \
         "job NAME CMD... | poll SECONDS" >&2
     exit 2
     ;;

@@ -12,15 +12,30 @@ MLflow runs' ``trial_id`` tags.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 #: The file of an archive (beside ``runs.json``) holding its Optuna study.
 OPTUNA_JOURNAL = "optuna.jsonl"
 #: Trial user attribute naming the trial's MLflow run (``binarydm.search._searcher``).
 MLFLOW_RUN_ATTR = "mlflow_run_id"
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Without Optuna's "A new study created in ..." lines: the command says what it did."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 def _journal(path: Path):
@@ -43,7 +58,7 @@ def export_study_journal(storage: str, study_name: str, out_dir: str | Path) -> 
     if target.exists():
         raise FileExistsError(f"{target} exists; export into an empty folder")
     # Written aside and moved in: the journal's lock file stays out of the archive.
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _quiet_optuna():
         journal = Path(scratch) / OPTUNA_JOURNAL
         optuna.copy_study(from_study_name=study_name, from_storage=source._storage,
                           to_storage=_journal(journal))  # fmt: skip
@@ -77,9 +92,10 @@ def import_study_journal(journal: str | Path, storage: str, run_ids: dict[str, s
     name = journal_study_name(journal)
     source = optuna.load_study(study_name=name, storage=_journal(Path(journal)))
     check_study_absent(storage, source.study_name)
-    target = optuna.create_study(
-        study_name=source.study_name, storage=storage, directions=source.directions
-    )
+    with _quiet_optuna():
+        target = optuna.create_study(
+            study_name=source.study_name, storage=storage, directions=source.directions
+        )
     system_attrs = source._storage.get_study_system_attrs(source._study_id)
     for key, value in system_attrs.items():  # the metric names live here
         target._storage.set_study_system_attr(target._study_id, key, value)

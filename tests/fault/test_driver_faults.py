@@ -235,3 +235,73 @@ def test_study_resumes_from_its_stores_without_the_checkpoints(tiny_teacher, tmp
     assert held.info.status == "FINISHED" and held.data.tags["attempt"] == "2"
     assert held.data.metrics.get("resumed_from_step", 0) == 0
     assert curve_steps(client, held.info.run_id, "loss").count(10) == 2  # once per attempt
+
+
+@pytest.mark.slow
+def test_study_moves_to_another_machine_as_its_run_archive_and_resumes(tiny_teacher, tmp_path):
+    # A GPU machine that goes away with its disk: only the committed run archive (runs.json,
+    # optuna.jsonl) is left. Another machine imports it and resumes: no Tune experiment,
+    # so the lost trial continues under its own Optuna trial and run, and the budget
+    # counts what already ended.
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from binarydm.cli import app
+
+    first_dir, second_dir, archive = tmp_path / "gpu", tmp_path / "cpu", tmp_path / "archive"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    hold = tmp_path / "hold"
+    hold.touch()
+    args = [LRM_STUDY, *tiny(steps=20, inline=True), "--trials", "3"]
+    plan = {"1": {"hold_at_step": 10, "hold_file": str(hold)}}  # mid-run at the loss
+    first = StudyProcess(first_dir, args, faults_env(plan)).start()
+    uri = sqlite_uri(first_dir, "mlflow.db")
+    try:
+        wait_for(lambda: _trial_finished(first, uri, 0), 900, "trial 0's MLflow run FINISHED")
+        wait_for(
+            lambda: list(
+                (first_dir / "ray_results").glob("trials/*trial0001*/checkpoint_00000010")
+            ),
+            300,
+            "trial 1's step-10 checkpoint",
+        )
+    finally:
+        assert first.kill_group() == []
+    hold.unlink()
+    exported = CliRunner().invoke(
+        app, ["export", "lrm_rank", "--out", str(archive), "--tracking-uri", uri,
+              "--optuna-storage", sqlite_uri(first_dir, "optuna.db")],
+    )  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    before = {n: t.state.name for n, t in optuna_trials(first_dir).items()}
+    assert before[0] == "COMPLETE" and before[1] == "RUNNING", before
+    shutil.rmtree(first_dir)  # the machine, its stores and checkpoints are gone
+
+    second_uri = sqlite_uri(second_dir, "mlflow.db")
+    imported = CliRunner().invoke(
+        app, ["import", str(archive), "--tracking-uri", second_uri, "--artifact-location",
+              str(second_dir / "mlartifacts"), "--optuna-storage",
+              sqlite_uri(second_dir, "optuna.db")],
+    )  # fmt: skip
+    assert imported.exit_code == 0, imported.output
+    second = StudyProcess(second_dir, [*args, "--resume"]).start()
+    try:
+        assert second.wait(900) == 0, second.output()
+    finally:
+        assert second.kill_group(settle_s=10) == []
+
+    trials = optuna_trials(second_dir)
+    assert sorted(trials) == [0, 1, 2]  # the budget of 3, not 3 more
+    assert all(t.state.name == "COMPLETE" for t in trials.values())
+    client, parents, runs = study_runs(second_uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(len(found) == 1 for found in runs.values()), runs  # no run duplicated
+    assert runs[0][0].data.tags["attempt"] == "1"  # finished before the loss: not rerun
+    held = runs[1][0]
+    assert "bdm.archived_run_id" in held.data.tags  # the imported run, continued
+    assert held.info.status == "FINISHED" and held.data.tags["attempt"] == "2"
+    assert trials[1].user_attrs["mlflow_run_id"] == held.info.run_id
+    assert trials[1].values[0] == pytest.approx(held.data.metrics["fid"])
+    assert curve_steps(client, held.info.run_id, "loss").count(10) == 2  # once per attempt
