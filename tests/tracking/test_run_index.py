@@ -1,0 +1,48 @@
+"""benchmarks/run_index.py: the committed index of the run archives is what the archives
+give, and links the reports' numbers to their runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from bdm_support import load_benchmark
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = ROOT / "benchmarks" / "results" / "runs"
+INDEX = RUNS / "README.md"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_benchmark("run_index")
+
+
+def _section(text: str, archive: str) -> str:
+    start = text.index(f"## [{archive}]")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def test_the_committed_index_is_current(tool):
+    # Fails when an archive is added or re-exported without regenerating the index.
+    assert tool.main([str(RUNS), "--out", str(INDEX), "--check"]) == 0
+
+
+def test_the_index_links_each_reported_number_to_its_run(tool):
+    text = tool.render(RUNS)
+    archives = sorted(p.name for p in RUNS.iterdir() if (p / "runs.json").is_file())
+    assert re.findall(r"^## \[([^\]]+)\]", text, flags=re.M) == archives
+    stage3 = _section(text, "cifar10_stage3")
+    assert "`optuna.jsonl`" in stage3.splitlines()[0]
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ") for line in stage3.splitlines()
+            if line.startswith("| `trial-")}  # fmt: skip
+    # cifar10_w1.md's stage-3 table: trial 2 at 26.48 on 4000 DDIM-100 compiled samples.
+    trial2 = rows["trial-0002"]
+    assert trial2[5:7] == ["FINISHED", "4"] and trial2[10] == "26.48"
+    assert trial2[14:19] == ["4000", "100", "2048", "cifar10/test/32px", "default |"]
+    assert rows["trial-0005"][5] == "RUNNING" and rows["trial-0005"][10] == "-"  # cut off
+    stage1 = _section(text, "cifar10_w1a4_s0")
+    fp = next(line for line in stage1.splitlines() if "`fp-reference`" in line).split(" | ")
+    assert fp[2] == "reference" and fp[18] == "absent |"  # stage 1 sampled eagerly
