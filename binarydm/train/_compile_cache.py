@@ -16,7 +16,9 @@ repeat the bytes of every earlier save of its process (a reused actor's earlier 
 too), while loading it restores only the last save's (torch 2.14 keeps the last chunk of
 each kind). A file is named by the cache keys it holds, so trials of the same graphs write
 one file. The folder grows by a file per new set of graphs (157 MB for a BinaryDM trial of
-``ddpm-cifar10``); delete it to start over. The files are pickled compiled code: load only
+``ddpm-cifar10``) up to ``$BINARYDM_COMPILE_CACHE_MAX_MIB`` (default 4096): past it, a
+save removes the least recently used files (loading a file marks it used), never the one
+it wrote. Delete the folder to start over. The files are pickled compiled code: load only
 your own, from the same torch, Triton and GPU architecture. A file that cannot be read is
 skipped with a warning, and a save that fails (a read-only or full disk) is reported and
 dropped: the cache only ever saves time, it never fails a trial.
@@ -24,6 +26,7 @@ dropped: the cache only ever saves time, it never fails a trial.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -37,11 +40,53 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".megacache"
 FOLDER = "compile"
+#: The folder's size bound in MiB (the environment of the trial that saves).
+MAX_MIB_ENV = "BINARYDM_COMPILE_CACHE_MAX_MIB"
+DEFAULT_MAX_MIB = 4096.0
 
 
 def cache_folder(cache_dir: str | os.PathLike[str]) -> Path:
     """Where a cache dir keeps its compile artifacts."""
     return Path(cache_dir) / FOLDER
+
+
+def max_folder_bytes() -> int:
+    """The folder's size bound: ``$BINARYDM_COMPILE_CACHE_MAX_MIB`` (a number of MiB, at
+    least 0), else the default; a value that is not one is reported and the default used."""
+    text = os.environ.get(MAX_MIB_ENV)
+    try:
+        mib = DEFAULT_MAX_MIB if text is None else float(text)
+        if not mib >= 0:  # also NaN
+            raise ValueError
+    except ValueError:
+        log.warning("%s=%r is not a number of MiB >= 0: %s used", MAX_MIB_ENV, text,
+                    DEFAULT_MAX_MIB)  # fmt: skip
+        mib = DEFAULT_MAX_MIB
+    return int(mib * 2**20)
+
+
+def evict_least_recent(folder: str | os.PathLike[str], limit: int, keep: Path) -> list[Path]:
+    """Remove the least recently used artifact files of ``folder`` (oldest mtime first)
+    until it holds at most ``limit`` bytes of them, never ``keep``; returns those removed."""
+    files = []
+    for path in Path(folder).glob(f"*{SUFFIX}"):
+        try:
+            stat = path.stat()
+        except OSError:  # removed meanwhile by another trial's save
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, path in sorted(files):
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+        log.info("compile cache: removed %s (least recently used; bound %d bytes)", path, limit)
+    return removed
 
 
 def _forget_recorded_artifacts() -> None:
@@ -73,6 +118,8 @@ def load_compile_cache(folder: str | os.PathLike[str]) -> dict[str, float | int]
             continue
         files += 1
         entries += sum(len(keys) for keys in info.artifacts.values())
+        with contextlib.suppress(OSError):  # used now: the last a bound would remove
+            os.utime(path)
     _forget_recorded_artifacts()  # what was loaded is in the folder already
     return {
         "files": files,
@@ -112,4 +159,5 @@ def save_compile_cache(folder: str | os.PathLike[str]) -> Path | None:
     finally:
         if partial is not None:
             Path(partial).unlink(missing_ok=True)
+    evict_least_recent(folder, max_folder_bytes(), keep=path)
     return path

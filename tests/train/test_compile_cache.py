@@ -13,7 +13,14 @@ import textwrap
 
 import torch
 
-from binarydm.train._compile_cache import SUFFIX, cache_folder, load_compile_cache
+from binarydm.train._compile_cache import (
+    MAX_MIB_ENV,
+    SUFFIX,
+    cache_folder,
+    evict_least_recent,
+    load_compile_cache,
+    max_folder_bytes,
+)
 
 # One small graph, compiled by inductor on the CPU (one C++ kernel: seconds, not minutes).
 _PROCESS = textwrap.dedent(
@@ -35,9 +42,9 @@ _PROCESS = textwrap.dedent(
 )
 
 
-def _run(source: str, inductor_cache, *args) -> dict:
+def _run(source: str, inductor_cache, *args, env: dict | None = None) -> dict:
     """``source`` in a fresh Python with its own inductor cache; its ``RESULT`` line."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+    env = {**os.environ, **(env or {}), "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
     completed = subprocess.run(
         [sys.executable, "-c", source, *map(str, args)],
         env=env, capture_output=True, text=True, timeout=600,
@@ -55,8 +62,11 @@ def test_a_saved_graph_is_a_cache_hit_in_a_fresh_process(tmp_path):
     assert saved is not None and saved.endswith(SUFFIX) and again is None  # one file per keys
     assert [p.name for p in folder.iterdir()] == [os.path.basename(saved)]  # no partial left
 
-    # Another machine: an empty inductor cache, the folder carried over.
+    # Another machine: an empty inductor cache, the folder carried over (copied, with an
+    # old time stamp: loading it marks it used, so a size bound removes it last).
+    os.utime(saved, (1_000_000, 1_000_000))
     second = _run(_PROCESS, tmp_path / "inductor-b", folder, "load")
+    assert os.stat(saved).st_mtime > 1_000_000
     assert second["loaded"]["files"] == 1 and second["loaded"]["entries"] >= 1
     assert second["loaded"]["skipped"] == 0
     assert second["fx"] == {"fxgraph_cache_hit": 1}  # served from the file, not compiled
@@ -148,3 +158,49 @@ def test_the_loop_saves_after_its_first_compiled_step_and_again_with_later_graph
     files[0].unlink()  # the first step's file gone: only the later graph is served
     result = _run(_BOTH_FROM_FOLDER, tmp_path / "inductor-fresh-2", folder)
     assert result["fx"] == {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 1}
+
+
+def _artifact_files(folder, ages_and_sizes):
+    """Files named by age order, each ``size`` bytes, last used ``age`` seconds ago."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = 2_000_000_000
+    paths = []
+    for index, (age, size) in enumerate(ages_and_sizes):
+        path = folder / f"f{index}{SUFFIX}"
+        path.write_bytes(b"\0" * size)
+        os.utime(path, (now - age, now - age))
+        paths.append(path)
+    return paths
+
+
+def test_the_folder_is_bounded_by_removing_the_least_recently_used_files(tmp_path):
+    old, middle, recent, new = _artifact_files(
+        tmp_path, [(300, 4000), (200, 3000), (100, 2000), (0, 5000)]
+    )
+    (tmp_path / "notes.txt").write_bytes(b"\0" * 10_000)  # not an artifact: not counted
+    assert evict_least_recent(tmp_path, 8000, keep=new) == [old, middle]  # 14000 -> 7000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f2.megacache", "f3.megacache",
+                                                          "notes.txt"]  # fmt: skip
+    # The file just written stays even when it alone is over the bound.
+    assert evict_least_recent(tmp_path, 1000, keep=new) == [recent]
+    assert new.is_file() and evict_least_recent(tmp_path, 1000, keep=new) == []
+
+
+def test_the_bound_comes_from_the_environment_and_bad_values_say_so(monkeypatch, caplog):
+    monkeypatch.delenv(MAX_MIB_ENV, raising=False)
+    assert max_folder_bytes() == 4096 * 2**20
+    monkeypatch.setenv(MAX_MIB_ENV, "0.5")
+    assert max_folder_bytes() == 2**19
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(MAX_MIB_ENV, bad)
+        assert max_folder_bytes() == 4096 * 2**20
+        assert f"{MAX_MIB_ENV}={bad!r} is not a number of MiB" in caplog.text
+
+
+def test_a_save_past_the_bound_removes_older_files_and_keeps_its_own(tmp_path):
+    folder = cache_folder(tmp_path / "cache")
+    (stale,) = _artifact_files(folder, [(10_000, 2**20)])  # a MiB of someone's old graphs
+    result = _run(_PROCESS, tmp_path / "inductor", folder, "save", env={MAX_MIB_ENV: "0.5"})
+    saved = result["saved"][0]
+    assert saved is not None and not stale.exists()
+    assert [p.name for p in folder.iterdir()] == [os.path.basename(saved)]
