@@ -189,6 +189,27 @@ def test_two_drivers_of_one_study_at_once_leave_consistent_storage(
     print(f"\nOUTCOME two drivers: exit codes {codes}")
 
 
+def _killed_with_trial_1_mid_run(workdir: Path, hold: Path) -> tuple[list[str], str]:
+    """A 3-trial inline study in ``workdir`` killed (its whole process group) once trial 0
+    finished and trial 1, held there, wrote its step-10 checkpoint; (its args, MLflow URI)."""
+    hold.touch()
+    args = [LRM_STUDY, *tiny(steps=20, inline=True), "--trials", "3"]
+    plan = {"1": {"hold_at_step": 10, "hold_file": str(hold)}}
+    first = StudyProcess(workdir, args, faults_env(plan)).start()
+    uri = sqlite_uri(workdir, "mlflow.db")
+    try:
+        wait_for(lambda: _trial_finished(first, uri, 0), 900, "trial 0's MLflow run FINISHED")
+        wait_for(
+            lambda: list(workdir.glob("ray_results/trials/*trial0001*/checkpoint_00000010")),
+            300,
+            "trial 1's step-10 checkpoint",
+        )
+    finally:
+        assert first.kill_group() == []
+    hold.unlink()
+    return args, uri
+
+
 @pytest.mark.slow
 def test_study_resumes_from_its_stores_without_the_checkpoints(tiny_teacher, tmp_path):
     # A GPU session's end (benchmarks/cifar10_w1_session.sh): the machine goes away and only
@@ -197,23 +218,8 @@ def test_study_resumes_from_its_stores_without_the_checkpoints(tiny_teacher, tmp
     # them at the same path and resumes. (The archive round trip itself is byte for byte.)
     import shutil
 
-    hold = tmp_path / "hold"
-    hold.touch()
-    args = [LRM_STUDY, *tiny(steps=20, inline=True), "--trials", "3"]
-    plan = {"1": {"hold_at_step": 10, "hold_file": str(hold)}}  # mid-run at the kill
-    first = StudyProcess(tmp_path, args, faults_env(plan)).start()
-    uri = sqlite_uri(tmp_path, "mlflow.db")
+    args, uri = _killed_with_trial_1_mid_run(tmp_path, tmp_path / "hold")
     trials_dir = tmp_path / "ray_results" / "trials"
-    try:
-        wait_for(lambda: _trial_finished(first, uri, 0), 900, "trial 0's MLflow run FINISHED")
-        wait_for(
-            lambda: list(trials_dir.glob("*trial0001*/checkpoint_00000010")),
-            300,
-            "trial 1's step-10 checkpoint",
-        )
-    finally:
-        assert first.kill_group() == []
-    hold.unlink()
     checkpoints = list(trials_dir.glob("*/checkpoint_*"))  # what the session leaves behind
     assert any("trial0001" in str(c) for c in checkpoints)
     for folder in checkpoints:
@@ -252,24 +258,7 @@ def test_study_moves_to_another_machine_as_its_run_archive_and_resumes(tiny_teac
     first_dir, second_dir, archive = tmp_path / "gpu", tmp_path / "cpu", tmp_path / "archive"
     first_dir.mkdir()
     second_dir.mkdir()
-    hold = tmp_path / "hold"
-    hold.touch()
-    args = [LRM_STUDY, *tiny(steps=20, inline=True), "--trials", "3"]
-    plan = {"1": {"hold_at_step": 10, "hold_file": str(hold)}}  # mid-run at the loss
-    first = StudyProcess(first_dir, args, faults_env(plan)).start()
-    uri = sqlite_uri(first_dir, "mlflow.db")
-    try:
-        wait_for(lambda: _trial_finished(first, uri, 0), 900, "trial 0's MLflow run FINISHED")
-        wait_for(
-            lambda: list(
-                (first_dir / "ray_results").glob("trials/*trial0001*/checkpoint_00000010")
-            ),
-            300,
-            "trial 1's step-10 checkpoint",
-        )
-    finally:
-        assert first.kill_group() == []
-    hold.unlink()
+    args, uri = _killed_with_trial_1_mid_run(first_dir, tmp_path / "hold")
     exported = CliRunner().invoke(
         app, ["export", "lrm_rank", "--out", str(archive), "--tracking-uri", uri,
               "--optuna-storage", sqlite_uri(first_dir, "optuna.db")],
