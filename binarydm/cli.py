@@ -479,6 +479,10 @@ def export_runs(
             "imported and resumed elsewhere: the study's storage URL (sqlite:///optuna.db)"
         ),
     ] = None,
+    study_name: Annotated[
+        str | None,
+        typer.Option(help="the Optuna study (default: the experiment's name, a study's default)"),
+    ] = None,
     tracking_uri: StoreOption = None,
 ) -> None:
     """Write an experiment's runs (params, metrics with history, tags, small artifacts) to a
@@ -489,7 +493,7 @@ def export_runs(
     try:
         done = export_experiment(
             experiment, out, uri, int(max_artifact_mib * 1024 * 1024), artifacts_from,
-            optuna_storage=optuna_storage,
+            optuna_storage=optuna_storage, study_name=study_name,
         )  # fmt: skip
     except (LookupError, FileExistsError) as exc:
         _fail(str(exc))
@@ -531,7 +535,7 @@ def import_runs(
     root = artifact_root(uri, artifact_location, Path.cwd())
     try:
         name, created = import_archive(archive, uri, experiment, root, optuna_storage)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     typer.echo(f"imported {len(created)} runs into experiment {name!r} at {uri}")
     if optuna_storage is not None:

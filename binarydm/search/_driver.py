@@ -325,9 +325,11 @@ def run_study(
         if not restorable:
             # No Tune experiment (a study recreated from a run archive, or one whose
             # ray_results went): the Optuna study is the record. Its unfinished trials
-            # continue first, and the budget counts the trials it has already ended.
+            # continue first, and the budget counts the trials it has already ended, but
+            # never leaves one of them RUNNING for good (a lowered --trials).
             continued = tuple(n for n, state in settled.items() if state == CONTINUED)
-            budget = max(spec.search.trials - _ended_trial_count(spec, storage), 0)
+            remaining = spec.search.trials - _ended_trial_count(spec, storage)
+            budget = max(remaining, len(continued), 0)
     if not restorable:
         tuner = tune.Tuner(
             trainable,

@@ -55,9 +55,8 @@ class BinaryDMOptunaSearch(OptunaSearch):
     """OptunaSearch that records failures as FAILED and exposes the Optuna trial number."""
 
     def __init__(self, *args: Any, continued: tuple[int, ...] = (), **kwargs: Any):
-        # Set first: OptunaSearch's __init__ may already set the study up.
-        self._continued = list(continued)
         super().__init__(*args, **kwargs)
+        self._continued = list(continued)
 
     def _setup_study(self, mode) -> None:
         super()._setup_study(mode)
@@ -79,20 +78,36 @@ class BinaryDMOptunaSearch(OptunaSearch):
             self._ot_study.set_metric_names(names)
 
     def suggest(self, trial_id: str) -> dict | None:
-        if trial_id not in self._ot_trials and getattr(self, "_continued", None):
-            # A RUNNING trial of the lost driver: asked again, its stored params come back.
-            import optuna
-
-            number = self._continued.pop(0)
-            storage, study_id = self._ot_study._storage, self._ot_study._study_id
-            ident = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, ident)
+        if trial_id not in self._ot_trials:
+            continued = self._next_continued()
+            if continued is not None:
+                self._ot_trials[trial_id] = continued
         params = super().suggest(trial_id)
         if params is None:
             return None
         ot_trial = self._ot_trials[trial_id]
         params[TRIAL_NUMBER_KEY] = ot_trial.number
         return params
+
+    def _next_continued(self):
+        """The next lost trial to continue, as an Optuna ``Trial`` (asked again, its stored
+        params come back), or None. Numbers no longer RUNNING are passed over: a searcher
+        restored from a Tune snapshot keeps its list, and a later resume may have settled
+        some of them meanwhile. (``getattr``: searchers pickled before the list existed.)"""
+        import optuna
+        from optuna.trial import TrialState
+
+        pending = getattr(self, "_continued", [])
+        storage, study_id = self._ot_study._storage, self._ot_study._study_id
+        while pending:
+            number = pending.pop(0)
+            try:
+                ident = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            except KeyError:
+                continue
+            if storage.get_trial(ident).state == TrialState.RUNNING:
+                return optuna.trial.Trial(self._ot_study, ident)
+        return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Multi-objective studies have no intermediate values; nothing to prune.

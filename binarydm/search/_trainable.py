@@ -32,7 +32,7 @@ from binarydm.metric_contract import (
 )
 from binarydm.search._launch import launch_metrics
 from binarydm.search._searcher import TRIAL_NUMBER_KEY
-from binarydm.tracking._study_journal import MLFLOW_RUN_ATTR
+from binarydm.tracking import MLFLOW_RUN_ATTR
 from binarydm.train.settings import TrialSettings
 
 

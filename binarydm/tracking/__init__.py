@@ -29,8 +29,10 @@ from binarydm.tracking._runs import (
     flatten_params,
     truncate,
 )
+from binarydm.tracking._study_journal import MLFLOW_RUN_ATTR
 
 __all__ = [
+    "MLFLOW_RUN_ATTR",
     "TAG_ERROR",
     "TAG_REFERENCE_KEY",
     "TAG_REUSED_FROM",

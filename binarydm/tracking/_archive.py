@@ -36,6 +36,7 @@ from binarydm.tracking._runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_B
 from binarydm.tracking._study_journal import (
     OPTUNA_JOURNAL,
     check_study_absent,
+    check_study_present,
     export_study_journal,
     import_study_journal,
     journal_study_name,
@@ -109,9 +110,8 @@ def export_experiment(
     if (out / RUNS_FILE).exists():
         raise FileExistsError(f"{out / RUNS_FILE} exists; export into an empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    trials = None
-    if optuna_storage is not None:  # first: a missing study fails before any file is written
-        trials = export_study_journal(optuna_storage, study_name or experiment, out)
+    if optuna_storage is not None:  # a missing study fails before any file is written
+        check_study_present(optuna_storage, study_name or experiment)
     runs, skipped = [], []
     for run in sorted(
         search_all_runs(client, found.experiment_id, ""), key=lambda r: r.info.start_time
@@ -156,6 +156,9 @@ def export_experiment(
         "skipped_artifacts": skipped,
     }
     (out / RUNS_FILE).write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    trials = None
+    if optuna_storage is not None:
+        trials = export_study_journal(optuna_storage, study_name or experiment, out)
     return {
         "runs": len(runs),
         "artifacts": sum(len(r["artifacts"]) for r in runs),
@@ -262,5 +265,12 @@ def import_archive(
     for record in records:
         create(record)
     if optuna_storage is not None:
-        import_study_journal(journal, optuna_storage, new_ids)
+        try:
+            import_study_journal(journal, optuna_storage, new_ids)
+        except Exception as error:
+            raise RuntimeError(
+                f"the Optuna study was not imported ({type(error).__name__}: {error}); the "
+                f"MLflow experiment {name!r} was: delete it (and `mlflow gc` it) or import "
+                "under another --experiment name to try again"
+            ) from error
     return name, new_ids

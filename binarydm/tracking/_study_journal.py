@@ -21,7 +21,7 @@ from pathlib import Path
 
 #: The file of an archive (beside ``runs.json``) holding its Optuna study.
 OPTUNA_JOURNAL = "optuna.jsonl"
-#: Trial user attribute naming the trial's MLflow run (``binarydm.search._searcher``).
+#: Trial user attribute naming the trial's MLflow run (set by ``binarydm.search._trainable``).
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 
 
@@ -45,18 +45,24 @@ def _journal(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def check_study_present(storage: str, study_name: str) -> None:
+    """Refuse (``LookupError``) a storage that lacks Optuna study ``study_name``."""
+    import optuna
+
+    if study_name not in optuna.get_all_study_names(storage):
+        raise LookupError(f"no Optuna study named {study_name!r} in {storage}")
+
+
 def export_study_journal(storage: str, study_name: str, out_dir: str | Path) -> int:
     """Write Optuna study ``study_name`` of ``storage`` to ``out_dir/optuna.jsonl``;
     returns its number of trials. Raises ``LookupError`` if the storage lacks it."""
     import optuna
 
-    try:
-        source = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        raise LookupError(f"no Optuna study named {study_name!r} in {storage}") from None
+    check_study_present(storage, study_name)
     target = Path(out_dir) / OPTUNA_JOURNAL
     if target.exists():
         raise FileExistsError(f"{target} exists; export into an empty folder")
+    source = optuna.load_study(study_name=study_name, storage=storage)
     # Written aside and moved in: the journal's lock file stays out of the archive.
     with tempfile.TemporaryDirectory() as scratch, _quiet_optuna():
         journal = Path(scratch) / OPTUNA_JOURNAL
@@ -70,7 +76,7 @@ def check_study_absent(storage: str, study_name: str) -> None:
     """Refuse (``FileExistsError``) a storage that already holds ``study_name``."""
     import optuna
 
-    if study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+    if study_name in optuna.get_all_study_names(storage):
         raise FileExistsError(
             f"Optuna study {study_name!r} exists in {storage}; import into another storage"
         )
@@ -80,13 +86,16 @@ def journal_study_name(journal: str | Path) -> str:
     """The name of the one Optuna study an archive's journal holds."""
     import optuna
 
-    (summary,) = optuna.get_all_study_summaries(_journal(Path(journal)))
-    return summary.study_name
+    names = optuna.get_all_study_names(_journal(Path(journal)))
+    if len(names) != 1:
+        raise ValueError(f"{journal} holds {len(names)} Optuna studies; an archive holds one")
+    return names[0]
 
 
 def import_study_journal(journal: str | Path, storage: str, run_ids: dict[str, str]) -> int:
     """Recreate the journal's study in ``storage`` (which must not hold it); every trial's
-    ``mlflow_run_id`` becomes ``run_ids[old id]``. Returns the number of trials."""
+    ``mlflow_run_id`` becomes ``run_ids[old id]``. Returns the number of trials. A failure
+    part way deletes the partial study again (then raises)."""
     import optuna
 
     name = journal_study_name(journal)
@@ -96,6 +105,15 @@ def import_study_journal(journal: str | Path, storage: str, run_ids: dict[str, s
         target = optuna.create_study(
             study_name=source.study_name, storage=storage, directions=source.directions
         )
+    try:
+        _copy_into(source, target, run_ids)
+    except BaseException:
+        optuna.delete_study(study_name=name, storage=storage)
+        raise
+    return len(source.trials)
+
+
+def _copy_into(source, target, run_ids: dict[str, str]) -> None:
     system_attrs = source._storage.get_study_system_attrs(source._study_id)
     for key, value in system_attrs.items():  # the metric names live here
         target._storage.set_study_system_attr(target._study_id, key, value)
@@ -110,4 +128,3 @@ def import_study_journal(journal: str | Path, storage: str, run_ids: dict[str, s
         number = target._storage.get_trial_number_from_id(trial_id)
         if number != trial.number:  # the MLflow runs name their trial by number
             raise RuntimeError(f"trial {trial.number} was recreated as number {number}")
-    return len(source.trials)

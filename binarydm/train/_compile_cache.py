@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -51,15 +52,15 @@ def cache_folder(cache_dir: str | os.PathLike[str]) -> Path:
 
 
 def max_folder_bytes() -> int:
-    """The folder's size bound: ``$BINARYDM_COMPILE_CACHE_MAX_MIB`` (a number of MiB, at
-    least 0), else the default; a value that is not one is reported and the default used."""
+    """The folder's size bound: ``$BINARYDM_COMPILE_CACHE_MAX_MIB`` (a finite number of MiB,
+    at least 0), else the default; a value that is not one is reported and the default used."""
     text = os.environ.get(MAX_MIB_ENV)
     try:
         mib = DEFAULT_MAX_MIB if text is None else float(text)
-        if not mib >= 0:  # also NaN
+        if not (math.isfinite(mib) and mib >= 0):
             raise ValueError
     except ValueError:
-        log.warning("%s=%r is not a number of MiB >= 0: %s used", MAX_MIB_ENV, text,
+        log.warning("%s=%r is not a finite number of MiB >= 0: %s used", MAX_MIB_ENV, text,
                     DEFAULT_MAX_MIB)  # fmt: skip
         mib = DEFAULT_MAX_MIB
     return int(mib * 2**20)
@@ -159,5 +160,8 @@ def save_compile_cache(folder: str | os.PathLike[str]) -> Path | None:
     finally:
         if partial is not None:
             Path(partial).unlink(missing_ok=True)
-    evict_least_recent(folder, max_folder_bytes(), keep=path)
+    try:
+        evict_least_recent(folder, max_folder_bytes(), keep=path)
+    except OSError as error:  # another user's file in a shared folder, say: keep going
+        log.warning("compile cache %s not bounded: %s", folder, error)
     return path

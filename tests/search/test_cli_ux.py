@@ -298,6 +298,28 @@ def test_a_fresh_searcher_continues_the_lost_drivers_running_trials_first(tmp_pa
     assert trials[0].values[0] == 30.0 and trials[1].values[0] == 40.0
 
 
+def test_a_restored_searcher_passes_over_continued_trials_settled_meanwhile(tmp_path):
+    # Tune snapshots the searcher with its list of trials to continue; a later resume may
+    # have FAILed some of them (orphans) before the restored searcher hands them out.
+    import optuna
+
+    from binarydm.search._searcher import TRIAL_NUMBER_KEY
+
+    search, storage, searcher = _lrm_searchers(tmp_path)
+    lost = searcher()
+    for i in range(3):
+        lost.suggest(f"t{i}")
+    fresh = searcher(continued=(0, 1, 2, 7))  # 7: not in the study at all
+    assert fresh.suggest("n0")[TRIAL_NUMBER_KEY] == 0
+    fresh.save(str(tmp_path / "searcher.pkl"))
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.tell(1, state=optuna.trial.TrialState.FAIL)
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    numbers = [restored.suggest(f"r{i}")[TRIAL_NUMBER_KEY] for i in range(2)]
+    assert numbers == [2, 3]  # 1 FAILed, 7 absent: passed over; then a new trial
+
+
 def test_the_optuna_study_names_its_objectives_on_creation_and_on_restore(tmp_path):
     import optuna
 

@@ -25,6 +25,17 @@ def _section(text: str, archive: str) -> str:
     return text[start : end if end != -1 else None]
 
 
+def _rows(section: str) -> dict[str, dict[str, str]]:
+    """The section's table as {run name: {column: cell}}."""
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    rows = {}
+    for line in table[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        rows[cells["run"].strip("`")] = cells
+    return rows
+
+
 def test_the_committed_index_is_current(tool):
     # Fails when an archive is added or re-exported without regenerating the index.
     assert tool.main([str(RUNS), "--out", str(INDEX), "--check"]) == 0
@@ -36,13 +47,13 @@ def test_the_index_links_each_reported_number_to_its_run(tool):
     assert re.findall(r"^## \[([^\]]+)\]", text, flags=re.M) == archives
     stage3 = _section(text, "cifar10_stage3")
     assert "`optuna.jsonl`" in stage3.splitlines()[0]
-    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ") for line in stage3.splitlines()
-            if line.startswith("| `trial-")}  # fmt: skip
+    rows = _rows(stage3)
     # cifar10_w1.md's stage-3 table: trial 2 at 26.48 on 4000 DDIM-100 compiled samples.
     trial2 = rows["trial-0002"]
-    assert trial2[5:7] == ["FINISHED", "4"] and trial2[10] == "26.48"
-    assert trial2[14:19] == ["4000", "100", "2048", "cifar10/test/32px", "default |"]
-    assert rows["trial-0005"][5] == "RUNNING" and rows["trial-0005"][10] == "-"  # cut off
-    stage1 = _section(text, "cifar10_w1a4_s0")
-    fp = next(line for line in stage1.splitlines() if "`fp-reference`" in line).split(" | ")
-    assert fp[2] == "reference" and fp[18] == "absent |"  # stage 1 sampled eagerly
+    assert (trial2["status"], trial2["A bits"], trial2["FID"]) == ("FINISHED", "4", "26.48")
+    assert (trial2["samples"], trial2["steps"], trial2["dims"]) == ("4000", "100", "2048")
+    assert (trial2["reference"], trial2["sampler"]) == ("cifar10/test/32px", "default")
+    assert (rows["trial-0005"]["status"], rows["trial-0005"]["FID"]) == ("RUNNING", "-")
+    fp = _rows(_section(text, "cifar10_w1a4_s0"))["fp-reference"]
+    assert fp["role"] == "reference" and fp["sampler"] == "absent"  # stage 1: eager
+    assert (fp["weight_bits"], fp["FID"]) == ("32.000", "20.35")

@@ -191,10 +191,10 @@ def test_the_bound_comes_from_the_environment_and_bad_values_say_so(monkeypatch,
     assert max_folder_bytes() == 4096 * 2**20
     monkeypatch.setenv(MAX_MIB_ENV, "0.5")
     assert max_folder_bytes() == 2**19
-    for bad in ("lots", "-1", "nan"):
+    for bad in ("lots", "-1", "nan", "inf"):
         monkeypatch.setenv(MAX_MIB_ENV, bad)
         assert max_folder_bytes() == 4096 * 2**20
-        assert f"{MAX_MIB_ENV}={bad!r} is not a number of MiB" in caplog.text
+        assert f"{MAX_MIB_ENV}={bad!r} is not a finite number of MiB" in caplog.text
 
 
 def test_a_save_past_the_bound_removes_older_files_and_keeps_its_own(tmp_path):
