@@ -31,7 +31,10 @@ caches' entries a run created or hit (``torch.compiler.save_cache_artifacts``, t
 "mega-cache") after its first compiled step; ``--load-artifacts FILE`` hot-loads such a
 file (``load_cache_artifacts``) before compiling, into the run's own, possibly empty,
 cache: a fresh machine's trial started from a file carried with the job rather than from
-a cold cache. ``--compile-threads`` caps inductor's
+a cold cache. ``--compile-cache DIR`` does the same through the platform's own calls
+(``binarydm.train._compile_cache``, what ``training.compile_cache`` runs): every
+``*.megacache`` file of DIR loaded before compiling, what the run compiled saved there
+after its first compiled step. ``--compile-threads`` caps inductor's
 compile workers (default: torch's, one per CPU). Results are written after every run; a
 run stopped at ``--timeout`` is recorded with the stages it reached (``stages_s``: built,
 eager step, compiling, first compiled step, in seconds from its start) and the runs of
@@ -134,6 +137,11 @@ def child(args) -> dict:
     _stage("eager step")
     use_composed_quantizers_(student)
     loaded = None
+    if args.compile_cache:
+        from binarydm.train._compile_cache import load_compile_cache
+
+        loaded = load_compile_cache(args.compile_cache)
+        _stage("compile cache loaded")
     if args.load_artifacts:
         started = time.perf_counter()
         info = torch.compiler.load_cache_artifacts(Path(args.load_artifacts).read_bytes())
@@ -150,6 +158,16 @@ def child(args) -> dict:
     first = step(1)
     _stage("first compiled step")
     saved = None
+    if args.compile_cache:
+        from binarydm.train._compile_cache import save_compile_cache
+
+        started = time.perf_counter()
+        path = save_compile_cache(args.compile_cache)
+        saved = {
+            "save_s": time.perf_counter() - started,
+            "file": str(path) if path else None,  # None: nothing new (every graph loaded)
+            "bytes": path.stat().st_size if path else 0,
+        }
     if args.save_artifacts:
         started = time.perf_counter()
         # None when the run made or hit no cache entry (e.g. the aot_eager backend).
@@ -222,6 +240,7 @@ def main() -> None:
     )
     parser.add_argument("--save-artifacts", default=None, metavar="FILE")
     parser.add_argument("--load-artifacts", default=None, metavar="FILE")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR")
     parser.add_argument("--json", default=None)
     parser.add_argument("--scope", choices=SCOPES, help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
@@ -236,6 +255,8 @@ def main() -> None:
         parser.error(f"--steps {args.steps}: at least 1 step is timed after the compiled one")
     if args.load_artifacts and not Path(args.load_artifacts).is_file():
         parser.error(f"--load-artifacts {args.load_artifacts}: no such file")
+    if args.compile_cache and (args.load_artifacts or args.save_artifacts):
+        parser.error("--compile-cache replaces --load-artifacts/--save-artifacts: give one")
     workdir = Path(args.workdir)
     filled = {scope for scope in set(runs) if (workdir / scope).exists()}
     if filled and not args.reuse_cache:
@@ -247,14 +268,16 @@ def main() -> None:
     timed_out: set[str] = set()
     for index, scope in enumerate(runs):
         warm = scope in runs[:index] or scope in filled
-        cache = "warm" if warm else ("from artifacts" if args.load_artifacts else "cold")
+        carried = args.load_artifacts or (args.compile_cache and any(
+            Path(args.compile_cache).glob("*.megacache")))  # fmt: skip
+        cache = "warm" if warm else ("from artifacts" if carried else "cold")
         if scope in timed_out:
             continue
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / scope / "inductor")}
         command = [sys.executable, __file__, "--scope", scope]
         for flag in ("preset", "batch", "activation_bits", "steps", "backend", "compile_threads"):
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        for flag in ("save_artifacts", "load_artifacts"):
+        for flag in ("save_artifacts", "load_artifacts", "compile_cache"):
             if getattr(args, flag):
                 command += [f"--{flag.replace('_', '-')}", str(Path(getattr(args, flag)).resolve())]
         start = time.perf_counter()

@@ -150,6 +150,7 @@ def save_compile_cache(folder: str | os.PathLike[str]) -> Path | None:
         # Written beside, then renamed: a trial on another node never reads half a file
         # (a unique name: pids repeat across the containers of a shared folder).
         handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".partial")
+        os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide it from a shared folder's users
         with os.fdopen(handle, "wb") as stream:
             stream.write(blob)
         os.replace(partial, path)

@@ -61,6 +61,7 @@ def test_a_saved_graph_is_a_cache_hit_in_a_fresh_process(tmp_path):
     saved, again = first["saved"]
     assert saved is not None and saved.endswith(SUFFIX) and again is None  # one file per keys
     assert [p.name for p in folder.iterdir()] == [os.path.basename(saved)]  # no partial left
+    assert os.stat(saved).st_mode & 0o777 == 0o644  # readable by a shared folder's users
 
     # Another machine: an empty inductor cache, the folder carried over (copied, with an
     # old time stamp: loading it marks it used, so a size bound removes it last).
