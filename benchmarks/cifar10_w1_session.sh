@@ -25,6 +25,7 @@
 #   bash benchmarks/cifar10_w1_session.sh job NAME CMD...  # a benchmark beside it (writes
 #                                                          # /tmp/run/NAME/*.json)
 #   bash benchmarks/cifar10_w1_session.sh poll SECONDS     # repeat until it reports "done"
+#   bash benchmarks/cifar10_w1_session.sh stop NAME        # end a study as a lost machine would
 # A study longer than one session (stage 3) continues in the next: its last poll's
 # NAME-stores.tgz (MLflow, Optuna, Ray Tune's experiment; no checkpoints, no packed
 # models) is copied to .bdmpayload/NAME-stores.tgz here and carried with the unpack call:
@@ -62,10 +63,16 @@ setup() {
 }
 
 shopt -s nullglob
+# Whether a process is alive: a zombie (ended, not yet reaped where PID 1 does not reap)
+# is not.
+alive() {
+    [ -e "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
 # Whether any study started by `start` is still running.
 running() {
     for pidfile in /tmp/run/*/study.pid; do
-        kill -0 "$(cat "$pidfile")" 2>/dev/null && return 0
+        alive "$(cat "$pidfile")" && return 0
     done
     return 1
 }
@@ -168,6 +175,17 @@ restore)
     tar -xzf ".bdmpayload/$name-stores.tgz" -C "/tmp/run/$name"
     ls -la "/tmp/run/$name"
     ;;
+stop)
+    # End a study as a lost machine would: SIGKILL to its process group (the driver, its
+    # Ray, the trials), the case tests/fault/test_driver_faults.py resumes from. (A SIGINT
+    # would not do: `start` runs it as a background job of a non-interactive shell, which
+    # ignores SIGINT.) Its unfinished trials stay RUNNING for a resume; `poll` then brings
+    # the stores back.
+    pid="$(cat "/tmp/run/$1/study.pid")"
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 30); do alive "$pid" || break; sleep 1; done
+    echo "stopped $1"
+    ;;
 import)
     # A study's committed run archive as its stores, where `start NAME --resume` reads them.
     name="$1"
@@ -234,7 +252,7 @@ PY
     ;;
 *)
     echo "usage: $0 part NN | unpack | restore NAME | import NAME | start STUDY NAME [--set ...] |" \
-        "job NAME CMD... | poll SECONDS" >&2
+        "job NAME CMD... | stop NAME | poll SECONDS" >&2
     exit 2
     ;;
 esac
