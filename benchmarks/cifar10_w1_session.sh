@@ -40,6 +40,8 @@
 #   bdm-search export NAME --out benchmarks/results/runs/NAME --tracking-uri \
 #       sqlite:///DIR/mlflow.db --artifacts-from DIR/mlartifacts --optuna-storage \
 #       sqlite:///DIR/optuna.db                            # here, DIR = the stores untarred
+#   python benchmarks/run_index.py benchmarks/results/runs --out \
+#       benchmarks/results/runs/README.md                  # the index (a test checks it)
 #   bash benchmarks/cifar10_w1_session.sh import NAME      # there, in the unpack call
 #   bash benchmarks/cifar10_w1_session.sh start STUDY NAME --resume [the same --set ...]
 # (no Tune experiment: the trials cut off continue under their own Optuna trials and runs,
