@@ -37,6 +37,7 @@
 # committed is there), the study's run archive is the record: export it after each
 # session (docs/run-archive.md; with --optuna-storage it carries the Optuna trials),
 # commit it, and start the next session from it instead of `restore`:
+#   rm -r benchmarks/results/runs/NAME                     # export refuses a full folder
 #   bdm-search export NAME --out benchmarks/results/runs/NAME --tracking-uri \
 #       sqlite:///DIR/mlflow.db --artifacts-from DIR/mlartifacts --optuna-storage \
 #       sqlite:///DIR/optuna.db                            # here, DIR = the stores untarred
