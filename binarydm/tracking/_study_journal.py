@@ -54,11 +54,10 @@ def check_study_present(storage: str, study_name: str) -> None:
 
 
 def export_study_journal(storage: str, study_name: str, out_dir: str | Path) -> int:
-    """Write Optuna study ``study_name`` of ``storage`` to ``out_dir/optuna.jsonl``;
-    returns its number of trials. Raises ``LookupError`` if the storage lacks it."""
+    """Write Optuna study ``study_name`` of ``storage`` (``check_study_present`` first) to
+    ``out_dir/optuna.jsonl``; returns its number of trials."""
     import optuna
 
-    check_study_present(storage, study_name)
     target = Path(out_dir) / OPTUNA_JOURNAL
     if target.exists():
         raise FileExistsError(f"{target} exists; export into an empty folder")
@@ -93,14 +92,14 @@ def journal_study_name(journal: str | Path) -> str:
 
 
 def import_study_journal(journal: str | Path, storage: str, run_ids: dict[str, str]) -> int:
-    """Recreate the journal's study in ``storage`` (which must not hold it); every trial's
-    ``mlflow_run_id`` becomes ``run_ids[old id]``. Returns the number of trials. A failure
-    part way deletes the partial study again (then raises)."""
+    """Recreate the journal's study in ``storage`` (which must not hold it: Optuna refuses,
+    ``check_study_absent`` says so first); every trial's ``mlflow_run_id`` becomes
+    ``run_ids[old id]``. Returns the number of trials. A failure part way deletes the
+    partial study again (then raises)."""
     import optuna
 
     name = journal_study_name(journal)
     source = optuna.load_study(study_name=name, storage=_journal(Path(journal)))
-    check_study_absent(storage, source.study_name)
     with _quiet_optuna():
         target = optuna.create_study(
             study_name=source.study_name, storage=storage, directions=source.directions
@@ -114,6 +113,8 @@ def import_study_journal(journal: str | Path, storage: str, run_ids: dict[str, s
 
 
 def _copy_into(source, target, run_ids: dict[str, str]) -> None:
+    """``optuna.copy_study``'s steps, each trial's run id remapped on the way in: a
+    finished trial's user attributes cannot be changed once it is stored."""
     system_attrs = source._storage.get_study_system_attrs(source._study_id)
     for key, value in system_attrs.items():  # the metric names live here
         target._storage.set_study_system_attr(target._study_id, key, value)
