@@ -329,7 +329,7 @@ def run_study(
             # never leaves one of them RUNNING for good (a lowered --trials).
             continued = tuple(n for n, state in settled.items() if state == CONTINUED)
             remaining = spec.search.trials - _ended_trial_count(spec, storage)
-            budget = max(remaining, len(continued), 0)
+            budget = max(remaining, len(continued))
     if not restorable:
         tuner = tune.Tuner(
             trainable,
@@ -382,9 +382,12 @@ def run_study(
 def _own_unfinished_trial_numbers(experiment_path: Path, own: set[int]) -> set[int]:
     """Which of ``own`` (this driver's Optuna trial numbers) its last snapshot left
     unfinished: read from the newest experiment state holding any of them, not the
-    folder's newest (a second driver of the study writes its own)."""
+    folder's newest (a second driver of the study writes its own). Newest by the start
+    time in the file's name: a restored driver also rewrites its predecessor's file, whose
+    stale RUNNING trials then carry the latest mtime (Ray 2.60)."""
     states = sorted(
-        experiment_path.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime
+        experiment_path.glob("experiment_state-*.json"),
+        key=lambda p: (p.name, p.stat().st_mtime),
     )
     for state in reversed(states):
         statuses = _trial_statuses(state)
