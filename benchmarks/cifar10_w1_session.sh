@@ -197,8 +197,8 @@ import)
         exit 1
     fi
     archive="$PWD/benchmarks/results/runs/$name"
+    setup  # from the project root: the setup puts the working directory on PYTHONPATH
     mkdir -p "/tmp/run/$name" && cd "/tmp/run/$name"
-    setup
     bdm-search import "$archive" --tracking-uri "sqlite:////tmp/run/$name/mlflow.db" \
         --optuna-storage "sqlite:////tmp/run/$name/optuna.db"
     ;;
