@@ -131,10 +131,13 @@ def time_sampling(model, batch: int, mode: str, channels_last, args) -> dict:
     _sync()
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
+    # Wall-clock bounds too: processes sampling at once compare them to see they overlapped.
+    timed_start_unix = time.time()
     ddim_sample(model, batch, steps=args.timed_steps, seed=1, **options)
     _sync()
     step_s = (time.perf_counter() - start) / args.timed_steps
     return {
+        "timed_unix": [timed_start_unix, time.time()],
         "compile_s": warm["compile_s"],
         "warmup_s": warmup_s,
         "step_ms": step_s * 1000,
