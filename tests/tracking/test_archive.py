@@ -141,6 +141,49 @@ def test_the_optuna_study_travels_with_the_archive_linked_to_the_new_runs(study_
     assert MlflowClient(other).get_experiment_by_name("lrm_rank") is None
 
 
+def test_a_finished_study_from_its_archive_grows_by_a_raised_trial_budget(
+    study_store, tmp_path, monkeypatch
+):
+    # A search spread over sessions, each ending with the stores exported and its trials
+    # finished (a session's budget lowered to what it can finish): the next session imports
+    # the archive and resumes with the full budget. Only the missing trial runs, under
+    # the same parent run, and the sampler sees the imported trials.
+    import optuna
+    from bdm_support import LRM_STUDY, TINY_STUDY
+
+    workdir, uri = study_store
+    out = tmp_path / "archive"
+    args = ["export", "lrm_rank", "--out", str(out), "--tracking-uri", uri, "--optuna-storage"]
+    result = CliRunner().invoke(app, [*args, f"sqlite:///{workdir / 'optuna.db'}"])
+    assert result.exit_code == 0, result.output
+    machine = tmp_path / "next"
+    machine.mkdir()
+    target, storage = f"sqlite:///{machine / 'mlflow.db'}", f"sqlite:///{machine / 'optuna.db'}"
+    args = ["import", str(out), "--tracking-uri", target, "--optuna-storage", storage]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    imported = _by_name(MlflowClient(target), "lrm_rank")
+    assert imported["lrm_rank"].info.status == "FINISHED"
+
+    monkeypatch.chdir(machine)  # the stores' default paths: <cwd>/mlflow.db, optuna.db
+    result = CliRunner().invoke(app, [LRM_STUDY, *TINY_STUDY, "--trials", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="lrm_rank", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    runs = _by_name(MlflowClient(target), "lrm_rank")
+    assert sorted(runs) == sorted([*imported, "trial-0002"])  # the FP reference: kept
+    for name, run in imported.items():  # no second parent; nothing imported run again
+        assert runs[name].info.run_id == run.info.run_id and runs[name].info.status == "FINISHED"
+    for name in ("trial-0000", "trial-0001"):
+        assert runs[name].data.tags["attempt"] == "1"
+    parent = runs["lrm_rank"]
+    new = runs["trial-0002"]
+    assert new.info.status == "FINISHED" and TAG_ARCHIVED_RUN_ID not in new.data.tags
+    assert new.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert trials[2].values[0] == pytest.approx(new.data.metrics["fid"])
+    assert {"pareto"} <= set(new.data.tags)
+
+
 def test_bad_archives_are_one_line_errors(tmp_path):
     target = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = CliRunner().invoke(app, ["import", str(tmp_path / "nope"), "--tracking-uri", target])
