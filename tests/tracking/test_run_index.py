@@ -53,7 +53,13 @@ def test_the_index_links_each_reported_number_to_its_run(tool):
     assert (trial2["status"], trial2["A bits"], trial2["FID"]) == ("FINISHED", "4", "26.48")
     assert (trial2["samples"], trial2["steps"], trial2["dims"]) == ("4000", "100", "2048")
     assert (trial2["reference"], trial2["sampler"]) == ("cifar10/test/32px", "default")
-    assert (rows["trial-0005"]["status"], rows["trial-0005"]["FID"]) == ("RUNNING", "-")
+    # Continued in session 12 from the archive (RUNNING until then): the 3-basis front point.
+    trial8 = rows["trial-0008"]
+    assert (trial8["status"], trial8["weight_bits"], trial8["FID"]) == (
+        "FINISHED",
+        "1.751",
+        "26.97",
+    )
     fp = _rows(_section(text, "cifar10_w1a4_s0"))["fp-reference"]
     assert fp["role"] == "reference" and fp["sampler"] == "absent"  # stage 1: eager
     assert (fp["weight_bits"], fp["FID"]) == ("32.000", "20.35")
