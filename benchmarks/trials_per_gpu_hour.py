@@ -11,6 +11,15 @@ start (the driver handing trials to Ray Tune, after Ray's start-up) to the last 
 end, and trials per GPU-hour is ``finished trials / (window hours x gpus)``. The FP
 reference run, where a study has one, counts in the window but not as a trial.
 
+A study resumed over several device sessions (`--resume`, its archive imported again)
+is measured session by session: its finished trials' last attempts fall into busy
+periods (a trial starting after every earlier one ended opens the next), the window is
+the sum of those periods (the first from the study's start; a later one from its
+driver's hand-off to Ray Tune where the parent run records it, else from its first
+trial's start), and the hours between sessions do not count. A trial continued in a
+later session is timed from that attempt's start (``timing/trial_entered_unix``), not
+from its run's first start.
+
 Each finished trial's wall time (its MLflow run, start to end, plus the actor's start
 before it) is split into: ``actor_start`` (Tune's launch, or the actor's creation if
 later, to the trainable's first line: process start and imports), ``run_start`` (the
@@ -81,10 +90,20 @@ def trial_split(run: dict, launched_unix: float) -> dict[str, float | None]:
     A part whose timing metric the run lacks (archives older than the metric) is None;
     ``other`` then holds it too."""
     m = run["metrics"]
-    wall = (run["end_time"] - run["start_time"]) / 1000
     created = m.get("timing/actor_created_unix")
     entered = m.get("timing/trial_entered_unix")
-    actor_start = entered - max(created, launched_unix) if created and entered else None
+    begun = run["start_time"] / 1000
+    if entered:  # the last attempt's run time: its run is reused from an earlier session's
+        begun = max(begun, entered + (m.get("timing/run_start_s") or 0.0))
+    wall = run["end_time"] / 1000 - begun
+    # The driver's hand-off counts only for the attempts it launched (the parent run keeps
+    # the latest session's): an earlier session's actor started before it.
+    if created and entered:
+        actor_start = entered - (
+            max(created, launched_unix) if launched_unix <= entered else created
+        )
+    else:
+        actor_start = None
     sample, fid, eval_s = m.get("timing/sample_s"), m.get("timing/fid_s"), m["eval_s"]
     split = {
         "actor_start": actor_start,
@@ -102,11 +121,42 @@ def trial_split(run: dict, launched_unix: float) -> dict[str, float | None]:
     split["wall"] = (actor_start or 0.0) + (split["run_start"] or 0.0) + wall
     split["checkpoint"] = m.get("timing/checkpoint_s")
     split["eval"] = eval_s
+    split["attempt_start_unix"] = begun - (split["run_start"] or 0.0) - (actor_start or 0.0)
     return split
 
 
+def _sessions(trials: list[dict], study_start: float, handoffs: list[float]) -> list[dict]:
+    """The busy periods the trials ran in, each with its window: one per device session."""
+    periods: list[list[dict]] = []
+    for trial in sorted(trials, key=lambda t: t["start_unix"]):
+        if periods and trial["start_unix"] < max(t["end_unix"] for t in periods[-1]):
+            periods[-1].append(trial)
+        else:
+            periods.append([trial])
+    sessions, previous_end = [], float("-inf")
+    for index, period in enumerate(periods):
+        first = min(t["start_unix"] for t in period)
+        end = max(t["end_unix"] for t in period)
+        if index == 0:
+            start = min(first, study_start)
+        else:
+            start = min([h for h in handoffs if previous_end < h <= first], default=first)
+        sessions.append(
+            {
+                "start_unix": start,
+                "end_unix": end,
+                "window_s": round(end - start, 1),
+                "trials": [t["trial"] for t in period],
+                "one_wave": max(t["start_unix"] for t in period)
+                < min(t["end_unix"] for t in period),
+            }
+        )
+        previous_end = end
+    return sessions
+
+
 def summarise(archives: list[dict], gpus: float) -> dict:
-    studies, trials = [], []
+    studies, trials, handoffs = [], [], []
     for archive in archives:
         name = archive["experiment"]["name"]
         runs = archive["runs"]
@@ -115,6 +165,7 @@ def summarise(archives: list[dict], gpus: float) -> dict:
             raise SystemExit(f"archive of {name!r} has no study run")
         parent = parents[0]
         launched = float(parent["tags"].get("timing/tune_started_unix", parent["start_time"] / 1e3))
+        handoffs.append(launched)
         finished = [r for r in runs if _role(r, name) == "trial" and r["status"] == "FINISHED"]
         unfinished = [r for r in runs if _role(r, name) == "trial" and r["status"] != "FINISHED"]
         studies.append(
@@ -128,13 +179,14 @@ def summarise(archives: list[dict], gpus: float) -> dict:
         for run in finished:
             p, m = run["params"], run["metrics"]
             split = trial_split(run, launched)
+            attempt_start = split.pop("attempt_start_unix")
             trials.append(
                 {
                     "study": name,
                     "trial": run["run_name"],
                     "run_id": run["run_id"][:8],
                     "row": p.get("row"),
-                    "start_unix": run["start_time"] / 1000 - (split["actor_start"] or 0.0),
+                    "start_unix": attempt_start,
                     "end_unix": run["end_time"] / 1000,
                     "steps": int(p["training.steps"]),
                     "batch": int(p["training.batch_size"]),
@@ -151,10 +203,11 @@ def summarise(archives: list[dict], gpus: float) -> dict:
             )
     if not trials:
         raise SystemExit("no finished trial in these archives: nothing to measure")
-    window_start = min(s["start_unix"] for s in studies)
-    window_end = max(t["end_unix"] for t in trials)
-    window = window_end - window_start
-    one_wave = max(t["start_unix"] for t in trials) < min(t["end_unix"] for t in trials)
+    sessions = _sessions(trials, min(s["start_unix"] for s in studies), handoffs)
+    window = sum(s["window_s"] for s in sessions)
+    one_wave = all(s["one_wave"] for s in sessions)
+    if len(sessions) > 1:  # each wave's sums are reported with its session
+        one_wave = False
 
     def mean(key: str) -> float | None:
         values = [t["split_s"][key] for t in trials if t["split_s"][key] is not None]
@@ -176,6 +229,7 @@ def summarise(archives: list[dict], gpus: float) -> dict:
         "studies": studies,
         "trials_finished": len(trials),
         "window_s": round(window, 1),
+        "sessions": sessions,
         "trials_per_gpu_hour": round(len(trials) / (window / 3600 * gpus), 2),
         "one_wave": one_wave,
         "mean_split_s": {
@@ -194,6 +248,18 @@ def summarise(archives: list[dict], gpus: float) -> dict:
     }
 
 
+def _window_words(summary: dict) -> str:
+    sessions = summary["sessions"]
+    if len(sessions) == 1:
+        return "first study start to last trial end"
+    each = ", ".join(
+        f"{len(s['trials'])} in {s['window_s']:.0f} s"
+        f" ({len(s['trials']) / (s['window_s'] / 3600 * summary['gpus']):.1f}/GPU-hour)"
+        for s in sessions
+    )
+    return f"the sum of {len(sessions)} sessions' windows: {each}"
+
+
 def markdown(summary: dict) -> str:
     budgets = "; ".join(
         f"{s} QAT steps at batch {b}, FID-{dims} of {n} DDIM-{d} samples"
@@ -202,7 +268,7 @@ def markdown(summary: dict) -> str:
     lines = [
         f"Studies {', '.join(summary['archives'])} on {summary['gpus']:g} GPU(s): "
         f"{summary['trials_finished']} finished trials in {summary['window_s']:.0f} s "
-        f"(first study start to last trial end) = **{summary['trials_per_gpu_hour']:.1f} "
+        f"({_window_words(summary)}) = **{summary['trials_per_gpu_hour']:.1f} "
         f"trials per GPU-hour** ({budgets}).",
         "",
         "| trial | row | wall s | " + " | ".join(COLUMNS) + " | train img/s | sample img/s |",

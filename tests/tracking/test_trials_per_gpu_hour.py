@@ -78,6 +78,35 @@ def test_concurrent_studies_share_one_window(tool):
     assert both["trials_per_gpu_hour"] == pytest.approx(1.5 * alone["trials_per_gpu_hour"], 0.01)
 
 
+def test_a_study_resumed_in_a_later_session_counts_each_sessions_window(tool):
+    # Stage 3: trials 0-4 finished in session 11; trials 5-9, cut off there, continued
+    # in session 12 (two days later) under their first runs. The days between do not
+    # count, and a continued trial is timed from its last attempt, not its run's start.
+    archive = _archive("cifar10_stage3")
+    summary = tool.summarise([archive], gpus=1.0)
+    first, second = summary["sessions"]
+    assert sorted(first["trials"]) == [f"trial-000{i}" for i in range(5)]
+    assert sorted(second["trials"]) == [f"trial-000{i}" for i in range(5, 10)]
+    assert second["start_unix"] - first["end_unix"] > 86400
+    parent = next(r for r in archive["runs"] if r["run_name"] == "cifar10_stage3")
+    assert first["start_unix"] == pytest.approx(parent["start_time"] / 1000, abs=1.0)
+    runs = {r["run_name"]: r for r in archive["runs"]}
+    ends = [runs[name]["end_time"] / 1000 for name in second["trials"]]
+    assert second["end_unix"] == pytest.approx(max(ends), abs=0.01)
+    assert summary["window_s"] == pytest.approx(first["window_s"] + second["window_s"], abs=0.2)
+    assert 1300 < first["window_s"] < 1320 and 1200 < second["window_s"] < 1300
+    assert summary["trials_per_gpu_hour"] == pytest.approx(
+        10 * 3600 / summary["window_s"], abs=0.01
+    )
+    for trial in summary["trials"]:
+        split = trial["split_s"]
+        parts = sum(split[k] or 0.0 for k in tool.PARTS)
+        assert 900 < split["wall"] < 1400 and parts == pytest.approx(split["wall"], abs=0.1)
+        assert 10 < split["actor_start"] < 30  # process start and imports, each session
+    assert summary["one_wave"] is False  # two waves: the rates are not summed
+    assert first["one_wave"] and second["one_wave"]
+
+
 def test_a_folder_that_is_not_an_archive_is_refused(tool, tmp_path):
     with pytest.raises(SystemExit, match="not a `bdm-search export` archive"):
         tool.load_archive(tmp_path)
