@@ -87,34 +87,74 @@ def _phases(archive: Path) -> list[dict]:
     return phases
 
 
-def summarise(args) -> None:
-    data = json.loads(Path(args.json).read_text())
+def summarise(samples_file: Path, archive: Path) -> dict:
+    """Utilisation over the recording's trials: overall and by trials training/evaluating."""
+    data = json.loads(Path(samples_file).read_text())
     samples = data["samples"]
-    phases = _phases(Path(args.archive))
-    print(f"{len(samples)} samples every {data['period_s']} s; {len(phases)} timed trials")
+    if len(samples) < 2:
+        raise SystemExit(f"{samples_file}: {len(samples)} sample(s), nothing to summarise")
+    first, last = samples[0]["unix"], samples[-1]["unix"]
+    # nvidia-smi's own run time adds to the period: the samples' real spacing.
+    spacing = (last - first) / (len(samples) - 1)
+    # The trials of the recording's time (an archive of a resumed study holds earlier ones).
+    phases = [p for p in _phases(archive) if p["eval"][1] >= first and p["train"][0] <= last]
+    result = {"samples": len(samples), "recorded_s": last - first, "spacing_s": spacing,
+              "trials": sorted(p["name"] for p in phases)}  # fmt: skip
     if phases:
         lo = min(p["train"][0] for p in phases)
         hi = max(p["eval"][1] for p in phases)
         samples = [s for s in samples if lo <= s["unix"] <= hi]
-        print(f"study window {hi - lo:.0f} s: {len(samples)} samples inside")
+        result["window_s"] = hi - lo
+    result["window_samples"] = len(samples)
     if not samples:
-        return
+        return result
     utils = [s["util_pct"] for s in samples]
-    print(
-        f"utilisation mean {statistics.fmean(utils):.1f} %, median {statistics.median(utils):.0f} %"
-    )
-    print(f"memory used max {max(s['memory_mib'] for s in samples) / 1024:.1f} GiB")
+    result["mean_pct"] = statistics.fmean(utils)
+    result["median_pct"] = statistics.median(utils)
+    result["max_memory_gib"] = max(s["memory_mib"] for s in samples) / 1024
     groups: dict[tuple[int, int], list[float]] = {}
     for s in samples:
         t = s["unix"]
         training = sum(p["train"][0] <= t < p["train"][1] for p in phases)
         evaluating = sum(p["eval"][0] <= t < p["eval"][1] for p in phases)
         groups.setdefault((training, evaluating), []).append(s["util_pct"])
-    print("| trials training | trials evaluating | seconds | mean utilisation % |")
-    print("| ---: | ---: | ---: | ---: |")
-    for (training, evaluating), values in sorted(groups.items(), reverse=True):
-        seconds = len(values) * data["period_s"]
-        print(f"| {training} | {evaluating} | {seconds:.0f} | {statistics.fmean(values):.1f} |")
+    result["by_phase"] = [
+        {
+            "training": training,
+            "evaluating": evaluating,
+            "seconds": len(values) * spacing,
+            "mean_pct": statistics.fmean(values),
+        }  # fmt: skip
+        for (training, evaluating), values in sorted(groups.items(), reverse=True)
+    ]
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['samples']} samples over {result['recorded_s']:.0f} s (every "
+        f"{result['spacing_s']:.2f} s); {len(result['trials'])} trials ran in that time."
+    ]
+    if "window_s" in result:
+        lines.append(
+            f"From the first trial's training to the last one's evaluation, "
+            f"{result['window_s']:.0f} s ({result['window_samples']} samples):"
+        )
+    if "mean_pct" not in result:
+        return "\n".join(lines) + "\n"
+    lines += [
+        f"utilisation mean {result['mean_pct']:.1f} %, median {result['median_pct']:.0f} %; "
+        f"memory used at most {result['max_memory_gib']:.1f} GiB.",
+        "",
+        "| trials training | trials evaluating | seconds | mean utilisation % |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["by_phase"]:
+        lines.append(
+            f"| {row['training']} | {row['evaluating']} | {row['seconds']:.0f} | "
+            f"{row['mean_pct']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -132,7 +172,7 @@ def main() -> None:
     summ.add_argument("archive", help="the study's run archive (bdm-search export)")
     args = parser.parse_args()
     if args.command == "summarise":
-        summarise(args)
+        print(markdown(summarise(Path(args.json), Path(args.archive))), end="")
         return
     if not (args.while_pid or args.duration_s):
         parser.error("give --while-pid or --duration-s: the sampler needs an end")
