@@ -301,18 +301,55 @@ def test_frechet_distance_equals_pytorch_fid_on_this_scipy():
     assert frechet_distance(a[0], a[1], b[0], b[1]) == pytest.approx(expected, rel=1e-9)
 
 
-def test_frechet_distance_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
-    """Newer SciPy's ``sqrtm(A)`` takes no ``disp``: pytorch-fid 0.3.0 fails there, we don't."""
+def test_frechet_distance_needs_no_sqrtm(monkeypatch):
+    """Newer SciPy's ``sqrtm(A)`` takes no ``disp``: pytorch-fid 0.3.0 fails there. Ours
+    takes no matrix square root at all."""
     import scipy.linalg
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    original = scipy.linalg.sqrtm
-    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda matrix: original(matrix))
     rng = np.random.default_rng(2)
     a, b = _random_statistics(rng, 32), _random_statistics(rng, 32)
+    expected = calculate_frechet_distance(a[0], a[1], b[0], b[1])
+    original = scipy.linalg.sqrtm
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda matrix: original(matrix))
     with pytest.raises(TypeError, match="disp"):
         calculate_frechet_distance(a[0], a[1], b[0], b[1])
-    monkeypatch.undo()
-    reference = frechet_distance(a[0], a[1], b[0], b[1])
-    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda matrix: original(matrix))
-    assert frechet_distance(a[0], a[1], b[0], b[1]) == pytest.approx(reference, rel=1e-12)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("sqrtm called")
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", refused)
+    assert frechet_distance(a[0], a[1], b[0], b[1]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_trace_of_the_product_root_matches_sqrtm_on_ill_conditioned_covariances():
+    # Inception-like spectra: a few large directions, a long tail down to 1e-7 of the top.
+    from scipy import linalg
+
+    from binarydm.metrics.fid import trace_sqrt_product
+
+    rng = np.random.default_rng(3)
+    dims = 256
+
+    def covariance(decay: float) -> np.ndarray:
+        basis, _ = np.linalg.qr(rng.normal(size=(dims, dims)))
+        return (basis * np.logspace(0, decay, dims)) @ basis.T
+
+    first, second = covariance(-7), covariance(-6)
+    expected = np.trace(linalg.sqrtm(first @ second)).real
+    assert trace_sqrt_product(first, second) == pytest.approx(expected, rel=1e-9)
+    assert trace_sqrt_product(first, first) == pytest.approx(np.trace(first), rel=1e-10)
+
+
+def test_a_constant_feature_adds_only_its_mean_difference():
+    # A feature constant over both sets (a channel a ReLU never opens): its covariance row
+    # and column are zero, the product is singular, and the distance is the one without
+    # it plus the squared difference of its means, exactly; sqrtm needed an eps here.
+    rng = np.random.default_rng(4)
+    (mu1, sigma1), (mu2, sigma2) = _random_statistics(rng, 16), _random_statistics(rng, 16)
+    reduced = frechet_distance(mu1, sigma1, mu2, sigma2)
+    pad = np.zeros((17, 17))
+    full1, full2 = pad.copy(), pad.copy()
+    full1[:16, :16], full2[:16, :16] = sigma1, sigma2
+    found = frechet_distance(np.append(mu1, 0.5), full1, np.append(mu2, 2.0), full2)
+    assert found == pytest.approx(reduced + 1.5**2, rel=1e-9)
