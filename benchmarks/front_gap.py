@@ -165,7 +165,7 @@ def markdown(result: dict) -> str:
         f"({', '.join(f'{f:.2f}' for f in recipe['fids'])}); front: {result['front_runs']} "
         "finished trials."
         + (
-            f" No costlier: within {result['slack']:.3%} of the recipe's cost."
+            f" No costlier: within {100 * result['slack']:.3g} % of the recipe's cost."
             if result.get("slack", 0) > _COST_SLACK
             else ""
         ),
@@ -193,8 +193,12 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", required=True, metavar="ARCHIVE:SELECTOR")
     parser.add_argument("--costs", default="size_mib,ops_g")
     parser.add_argument("--goal", type=float, default=0.10)
-    parser.add_argument("--slack", type=float, default=_COST_SLACK,
-                        help="relative cost slack of 'no costlier' (default: none)")  # fmt: skip
+    parser.add_argument(
+        "--slack",
+        type=float,
+        default=_COST_SLACK,
+        help="relative cost slack of 'no costlier' (default: float rounding only)",
+    )
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

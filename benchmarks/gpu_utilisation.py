@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_overhead import GpuSampler  # noqa: E402
+from trials_per_gpu_hour import _role, load_archive  # noqa: E402
 
 
 def _alive(pid: int) -> bool:
@@ -46,7 +47,10 @@ def record(args) -> None:
             {"unix": when, "gpu": index, "util_pct": util, "memory_mib": mem}
             for when, index, util, mem in list(sampler.samples)
         ]
-        out.write_text(json.dumps({"period_s": args.period_s, "samples": rows}) + "\n")
+        # Whole or not at all: a machine lost mid-write keeps the previous file.
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps({"period_s": args.period_s, "samples": rows}) + "\n")
+        os.replace(partial, out)
 
     last_save = start
     while True:
@@ -70,7 +74,10 @@ def _phases(archive: Path) -> list[dict]:
     the run's last logging, about 3 s) shifts them later by that much.
     """
     phases = []
-    for run in json.loads((archive / "runs.json").read_text())["runs"]:
+    data = load_archive(archive)
+    for run in data["runs"]:
+        if _role(run, data["experiment"]["name"]) != "trial" or run["status"] != "FINISHED":
+            continue  # the FP reference run has no slot of its own
         metrics = run["metrics"]
         end = run["end_time"]
         train_s, eval_s = metrics.get("train_s"), metrics.get("eval_s")
@@ -87,18 +94,21 @@ def _phases(archive: Path) -> list[dict]:
     return phases
 
 
-def summarise(samples_file: Path, archive: Path) -> dict:
-    """Utilisation over the recording's trials: overall and by trials training/evaluating."""
+def summarise(samples_file: Path, archive: Path, gpu: int = 0) -> dict:
+    """Utilisation of GPU ``gpu`` over the recording's trials: overall and by how many
+    trials were training or evaluating."""
     data = json.loads(Path(samples_file).read_text())
-    samples = data["samples"]
+    samples = [s for s in data["samples"] if s["gpu"] == gpu]
     if len(samples) < 2:
-        raise SystemExit(f"{samples_file}: {len(samples)} sample(s), nothing to summarise")
+        raise SystemExit(
+            f"{samples_file}: {len(samples)} sample(s) of GPU {gpu}, nothing to summarise"
+        )
     first, last = samples[0]["unix"], samples[-1]["unix"]
     # nvidia-smi's own run time adds to the period: the samples' real spacing.
     spacing = (last - first) / (len(samples) - 1)
     # The trials of the recording's time (an archive of a resumed study holds earlier ones).
     phases = [p for p in _phases(archive) if p["eval"][1] >= first and p["train"][0] <= last]
-    result = {"samples": len(samples), "recorded_s": last - first, "spacing_s": spacing,
+    result = {"gpu": gpu, "samples": len(samples), "recorded_s": last - first, "spacing_s": spacing,
               "trials": sorted(p["name"] for p in phases)}  # fmt: skip
     if phases:
         lo = min(p["train"][0] for p in phases)
@@ -132,8 +142,8 @@ def summarise(samples_file: Path, archive: Path) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"{result['samples']} samples over {result['recorded_s']:.0f} s (every "
-        f"{result['spacing_s']:.2f} s); {len(result['trials'])} trials ran in that time."
+        f"GPU {result['gpu']}: {result['samples']} samples over {result['recorded_s']:.0f} s "
+        f"(every {result['spacing_s']:.2f} s); {len(result['trials'])} trials ran in that time."
     ]
     if "window_s" in result:
         lines.append(
@@ -170,9 +180,10 @@ def main() -> None:
     summ = sub.add_parser("summarise", help="the utilisation over a study's trials")
     summ.add_argument("json")
     summ.add_argument("archive", help="the study's run archive (bdm-search export)")
+    summ.add_argument("--gpu", type=int, default=0, help="the GPU index to summarise")
     args = parser.parse_args()
     if args.command == "summarise":
-        print(markdown(summarise(Path(args.json), Path(args.archive))), end="")
+        print(markdown(summarise(Path(args.json), Path(args.archive), args.gpu)), end="")
         return
     if not (args.while_pid or args.duration_s):
         parser.error("give --while-pid or --duration-s: the sampler needs an end")

@@ -18,7 +18,9 @@ the sum of those periods (the first from the study's start; a later one from its
 driver's hand-off to Ray Tune where the parent run records it, else from its first
 trial's start), and the hours between sessions do not count. A trial continued in a
 later session is timed from that attempt's start (``timing/trial_entered_unix``), not
-from its run's first start.
+from its run's first start. What a session spent on attempts that were cut off at its
+end (their trials finished in a later session) is not in any window: the rate counts the
+time of the attempts that finished.
 
 Each finished trial's wall time (its MLflow run, start to end, plus the actor's start
 before it) is split into: ``actor_start`` (Tune's launch, or the actor's creation if
@@ -95,6 +97,12 @@ def trial_split(run: dict, launched_unix: float) -> dict[str, float | None]:
     begun = run["start_time"] / 1000
     if entered:  # the last attempt's run time: its run is reused from an earlier session's
         begun = max(begun, entered + (m.get("timing/run_start_s") or 0.0))
+    elif run["tags"].get("attempt", "1") != "1":
+        raise SystemExit(
+            f"{run['run_name']}: attempt {run['tags']['attempt']} without "
+            "timing/trial_entered_unix, so its last attempt's start is unknown (its run "
+            "started with the first): an archive older than that metric cannot be timed"
+        )
     wall = run["end_time"] / 1000 - begun
     # The driver's hand-off counts only for the attempts it launched (the parent run keeps
     # the latest session's): an earlier session's actor started before it.
@@ -125,30 +133,39 @@ def trial_split(run: dict, launched_unix: float) -> dict[str, float | None]:
     return split
 
 
+#: A pause between trials longer than this separates two device sessions: within one,
+#: a slot's next trial starts seconds after the last one ended (sessions of this project
+#: are hours or days apart).
+SESSION_GAP_S = 600.0
+
+
 def _sessions(trials: list[dict], study_start: float, handoffs: list[float]) -> list[dict]:
-    """The busy periods the trials ran in, each with its window: one per device session."""
+    """The busy periods the trials ran in, each with its window: one per device session.
+
+    A period starts at the study's start or a driver's hand-off to Ray Tune when one lies
+    in the pause before its first trial, else at that trial's start."""
     periods: list[list[dict]] = []
     for trial in sorted(trials, key=lambda t: t["start_unix"]):
-        if periods and trial["start_unix"] < max(t["end_unix"] for t in periods[-1]):
+        if periods and trial["start_unix"] - max(t["end_unix"] for t in periods[-1]) < (
+            SESSION_GAP_S
+        ):
             periods[-1].append(trial)
         else:
             periods.append([trial])
     sessions, previous_end = [], float("-inf")
-    for index, period in enumerate(periods):
+    for period in periods:
         first = min(t["start_unix"] for t in period)
         end = max(t["end_unix"] for t in period)
-        if index == 0:
-            start = min(first, study_start)
-        else:
-            start = min([h for h in handoffs if previous_end < h <= first], default=first)
+        starts = [h for h in (study_start, *handoffs) if previous_end < h <= first]
+        start = min(starts, default=first)
+        starts_within = [t["start_unix"] for t in period]
         sessions.append(
             {
                 "start_unix": start,
                 "end_unix": end,
                 "window_s": round(end - start, 1),
                 "trials": [t["trial"] for t in period],
-                "one_wave": max(t["start_unix"] for t in period)
-                < min(t["end_unix"] for t in period),
+                "one_wave": max(starts_within) < min(t["end_unix"] for t in period),
             }
         )
         previous_end = end

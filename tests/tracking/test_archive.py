@@ -147,7 +147,7 @@ def test_a_finished_study_from_its_archive_grows_by_a_raised_trial_budget(
     # A search spread over sessions, each ending with the stores exported and its trials
     # finished (a session's budget lowered to what it can finish): the next session imports
     # the archive and resumes with the full budget. Only the missing trial runs, under
-    # the same parent run, and the sampler sees the imported trials.
+    # the same parent run, in the same Optuna study (its three trials, numbered on).
     import optuna
     from bdm_support import LRM_STUDY, TINY_STUDY
 

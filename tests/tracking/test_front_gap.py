@@ -91,7 +91,7 @@ def test_slack_admits_a_model_a_few_stored_floats_larger(tool):
         assert row["gap"] == pytest.approx((slack["recipe"]["fid"] - best) / slack["recipe"]["fid"])
     size = slack["gaps"][0]
     assert 0 < size["best"]["size_mib"] / size["recipe"] - 1 < 1e-4
-    assert "within 0.010% of the recipe's cost" in tool.markdown(slack)
+    assert "within 0.01 % of the recipe's cost" in tool.markdown(slack)
     assert "within" not in tool.markdown(strict)
 
 

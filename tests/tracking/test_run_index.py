@@ -60,6 +60,9 @@ def test_the_index_links_each_reported_number_to_its_run(tool):
         "1.751",
         "26.97",
     )
+    # A run the machine lost mid-training: its state, and no FID shown for it.
+    lost = _rows(_section(text, "compiled_s1_partial"))["trial-0003"]
+    assert (lost["status"], lost["FID"], lost["row"]) == ("RUNNING", "-", "binarydm_a8")
     fp = _rows(_section(text, "cifar10_w1a4_s0"))["fp-reference"]
     assert fp["role"] == "reference" and fp["sampler"] == "absent"  # stage 1: eager
     assert (fp["weight_bits"], fp["FID"]) == ("32.000", "20.35")

@@ -98,13 +98,58 @@ def test_a_study_resumed_in_a_later_session_counts_each_sessions_window(tool):
     assert summary["trials_per_gpu_hour"] == pytest.approx(
         10 * 3600 / summary["window_s"], abs=0.01
     )
-    for trial in summary["trials"]:
-        split = trial["split_s"]
-        parts = sum(split[k] or 0.0 for k in tool.PARTS)
-        assert 900 < split["wall"] < 1400 and parts == pytest.approx(split["wall"], abs=0.1)
+    walls = {t["trial"]: t["split_s"] for t in summary["trials"]}
+    # trial-0006: handed to Tune at the session's hand-off, its run ended 1236.2 s later.
+    assert walls["trial-0006"]["wall"] == pytest.approx(1236.2, abs=0.1)
+    assert walls["trial-0006"]["actor_start"] == pytest.approx(17.0, abs=0.1)
+    for split in walls.values():
+        assert 900 < split["wall"] < 1400
         assert 10 < split["actor_start"] < 30  # process start and imports, each session
     assert summary["one_wave"] is False  # two waves: the rates are not summed
     assert first["one_wave"] and second["one_wave"]
+
+
+def _shifted(archive: dict, names: set[str], seconds: float) -> dict:
+    """A copy of ``archive`` with the runs ``names`` moved ``seconds`` in time."""
+    import copy
+
+    moved = copy.deepcopy(archive)
+    for run in moved["runs"]:
+        if run["run_name"] in names:
+            run["start_time"] += seconds * 1000
+            run["end_time"] += seconds * 1000
+            for key in ("timing/actor_created_unix", "timing/trial_entered_unix"):
+                if key in run["metrics"]:
+                    run["metrics"][key] += seconds
+    return moved
+
+
+def test_trials_one_after_another_in_one_session_share_its_window(tool):
+    # Session 12's trials moved to start 5 s after session 11's last ended (as a slot's
+    # next trial would): one session, whose window holds the pause, not two.
+    archive = _archive("cifar10_stage3")
+    summary = tool.summarise([archive], gpus=1.0)
+    first, second = summary["sessions"]
+    late = {f"trial-000{i}" for i in range(5, 10)}
+    starts = {t["trial"]: t["start_unix"] for t in summary["trials"]}
+    shift = first["end_unix"] + 5 - min(starts[name] for name in late)
+    merged = tool.summarise([_shifted(archive, late, shift)], gpus=1.0)
+    (only,) = merged["sessions"]
+    assert only["window_s"] == pytest.approx(first["window_s"] + 5 + second["window_s"], abs=0.5)
+    assert merged["trials_per_gpu_hour"] < summary["trials_per_gpu_hour"]
+
+
+def test_a_later_attempt_without_its_start_time_is_refused(tool):
+    # Without trial_entered_unix a continued trial would be timed from its first attempt,
+    # two days earlier: refused rather than reported as a days-long wall.
+    import copy
+
+    archive = copy.deepcopy(_archive("cifar10_stage3"))
+    run = next(r for r in archive["runs"] if r["run_name"] == "trial-0005")
+    assert run["tags"]["attempt"] == "2"
+    del run["metrics"]["timing/trial_entered_unix"]
+    with pytest.raises(SystemExit, match="trial-0005: attempt 2 without"):
+        tool.summarise([archive], gpus=1.0)
 
 
 def test_a_folder_that_is_not_an_archive_is_refused(tool, tmp_path):
