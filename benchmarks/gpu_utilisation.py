@@ -134,7 +134,7 @@ def summarise(samples_file: Path, archive: Path, gpu: int = 0) -> dict:
             "evaluating": evaluating,
             "seconds": len(values) * spacing,
             "mean_pct": statistics.fmean(values),
-        }  # fmt: skip
+        }
         for (training, evaluating), values in sorted(groups.items(), reverse=True)
     ]
     return result

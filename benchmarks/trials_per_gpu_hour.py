@@ -13,10 +13,10 @@ reference run, where a study has one, counts in the window but not as a trial.
 
 A study resumed over several device sessions (`--resume`, its archive imported again)
 is measured session by session: its finished trials' last attempts fall into busy
-periods (a trial starting after every earlier one ended opens the next), the window is
-the sum of those periods (the first from the study's start; a later one from its
-driver's hand-off to Ray Tune where the parent run records it, else from its first
-trial's start), and the hours between sessions do not count. A trial continued in a
+periods (a pause of over ``SESSION_GAP_S`` with no trial running opens the next), the
+window is the sum of those periods (each from the study's start or a driver's hand-off
+to Ray Tune where one lies in the pause before it, else from its first trial's start),
+and the hours between sessions do not count. A trial continued in a
 later session is timed from that attempt's start (``timing/trial_entered_unix``), not
 from its run's first start. What a session spent on attempts that were cut off at its
 end (their trials finished in a later session) is not in any window: the rate counts the
@@ -158,14 +158,14 @@ def _sessions(trials: list[dict], study_start: float, handoffs: list[float]) -> 
         end = max(t["end_unix"] for t in period)
         starts = [h for h in (study_start, *handoffs) if previous_end < h <= first]
         start = min(starts, default=first)
-        starts_within = [t["start_unix"] for t in period]
         sessions.append(
             {
                 "start_unix": start,
                 "end_unix": end,
                 "window_s": round(end - start, 1),
                 "trials": [t["trial"] for t in period],
-                "one_wave": max(starts_within) < min(t["end_unix"] for t in period),
+                "one_wave": max(t["start_unix"] for t in period)
+                < min(t["end_unix"] for t in period),
             }
         )
         previous_end = end
@@ -222,9 +222,8 @@ def summarise(archives: list[dict], gpus: float) -> dict:
         raise SystemExit("no finished trial in these archives: nothing to measure")
     sessions = _sessions(trials, min(s["start_unix"] for s in studies), handoffs)
     window = sum(s["window_s"] for s in sessions)
-    one_wave = all(s["one_wave"] for s in sessions)
-    if len(sessions) > 1:  # each wave's sums are reported with its session
-        one_wave = False
+    # Rates add up to the card's only for one wave of one session.
+    one_wave = len(sessions) == 1 and sessions[0]["one_wave"]
 
     def mean(key: str) -> float | None:
         values = [t["split_s"][key] for t in trials if t["split_s"][key] is not None]
